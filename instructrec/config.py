@@ -1,0 +1,141 @@
+"""The one configuration object.
+
+Every setting comes from an ``INSTRUCTREC_*`` environment variable (nested with ``__``, e.g.
+``INSTRUCTREC_KAFKA__BROKER``), an optional env file named by ``INSTRUCTREC_CONFIG_FILE``, or the defaults
+below, which suit a single machine on loopback. Build it once at the edge (CLI, worker start-up) and pass it
+down; nothing reads the environment behind the caller's back.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class TopicNames(BaseModel):
+    items: str = "items"
+    clicks: str = "clicks"
+    queries: str = "queries"
+    recommendations: str = "recommendations"
+    feedback: str = "feedback"
+    model_updates: str = "model-updates"
+    dead_letter: str = "dead-letter"
+
+    def all(self) -> list[str]:
+        return list(self.model_dump().values())
+
+
+class KafkaSettings(BaseModel):
+    broker: str = "kafka://127.0.0.1:9092"
+    partitions: int = Field(4, ge=1, description="partition count of every topic (user-keyed topics co-partition)")
+    replication_factor: int = Field(1, ge=1)
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    topics: TopicNames = TopicNames()
+    request_timeout_s: float = Field(30.0, gt=0)
+
+    @property
+    def bootstrap_servers(self) -> str:
+        """The broker list without URL schemes, as aiokafka wants it."""
+        return ",".join(part.split("://", 1)[-1] for part in self.broker.split(","))
+
+    def aiokafka_kwargs(self) -> dict:
+        """Connection and security keyword arguments for aiokafka producers, consumers and admin clients."""
+        kwargs: dict = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "security_protocol": self.security_protocol,
+            "request_timeout_ms": int(self.request_timeout_s * 1000),
+        }
+        if self.security_protocol.startswith("SASL"):
+            kwargs["sasl_mechanism"] = self.sasl_mechanism or "PLAIN"
+            kwargs["sasl_plain_username"] = self.sasl_username
+            kwargs["sasl_plain_password"] = self.sasl_password.get_secret_value() if self.sasl_password else None
+        if self.security_protocol.endswith("SSL"):
+            kwargs["ssl_context"] = self.ssl_context()
+        return kwargs
+
+    def ssl_context(self):
+        import ssl
+
+        context = ssl.create_default_context(cafile=str(self.ssl_cafile) if self.ssl_cafile else None)
+        if self.ssl_certfile:
+            context.load_cert_chain(str(self.ssl_certfile), str(self.ssl_keyfile) if self.ssl_keyfile else None)
+        return context
+
+
+class QdrantSettings(BaseModel):
+    url: str | None = Field(None, description="a Qdrant server; when unset, embedded local mode at `path`")
+    path: Path = Path(".state/qdrant")
+    api_key: SecretStr | None = None
+    collection: str = "items"
+    timeout_s: float = Field(5.0, gt=0)
+
+
+class TritonSettings(BaseModel):
+    url: str = "127.0.0.1:8001"
+    protocol: Literal["grpc", "http"] = "grpc"
+    reranker_model: str = "instructrec_reranker"
+    reranker_version: str = Field("", description="empty: whatever version the server serves")
+    timeout_s: float = Field(2.0, gt=0)
+    retries: int = Field(2, ge=0)
+
+
+class ModelSettings(BaseModel):
+    """Where model weights live: a Hugging Face checkpoint by path or name, and the local artefact folder."""
+
+    checkpoint: str | None = Field(None, description="a seq2seq checkpoint (Flan-T5 in production); None: offline default")
+    artifacts: Path = Path("artifacts")
+    max_history: int = Field(10, ge=1)
+    candidates: int = Field(20, ge=2)
+
+
+class WebSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(6066, ge=0, le=65535)
+    recommend_timeout_s: float = Field(5.0, gt=0)
+
+
+class InfraSettings(BaseModel):
+    """What `instructrec infra up` starts on loopback for tests and the demo; production points elsewhere."""
+
+    kafka_port: int = Field(0, ge=0, le=65535, description="0: any free port")
+    triton_http_port: int = Field(0, ge=0, le=65535, description="0: any free port")
+    triton_grpc_port: int = Field(0, ge=0, le=65535, description="0: any free port")
+    triton_metrics_port: int = Field(0, ge=0, le=65535, description="0: any free port")
+    model_repository: Path | None = Field(None, description="None: deploy/triton of this checkout")
+    models: list[str] = Field(default_factory=lambda: ["health"], description="loaded at start (explicit mode)")
+    noida_db: Path | None = Field(None, description="the noida-db binary; None: the one in the noida-db wheel")
+    tritonserver: Path | None = Field(None, description="None: the tritonserver in the nvidia-pytriton wheel")
+    start_timeout_s: float = Field(60.0, gt=0)
+    stop_timeout_s: float = Field(15.0, gt=0, description="after SIGTERM, before SIGKILL")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="INSTRUCTREC_",
+        env_nested_delimiter="__",
+        env_file=os.environ.get("INSTRUCTREC_CONFIG_FILE"),
+        extra="ignore",
+    )
+
+    state_dir: Path = Field(Path(".state"), description="pids, ports, logs and data of the local infrastructure")
+    kafka: KafkaSettings = KafkaSettings()
+    qdrant: QdrantSettings = QdrantSettings()
+    triton: TritonSettings = TritonSettings()
+    model: ModelSettings = ModelSettings()
+    web: WebSettings = WebSettings()
+    infra: InfraSettings = InfraSettings()
+
+    @field_validator("state_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
