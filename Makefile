@@ -1,0 +1,54 @@
+# InstructRec Stream — developer entry points. `make demo` and `make test` work from a fresh clone.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_VERSION := 2.13.0
+# The stamp records that the venv matches pyproject.toml; a new pyproject re-runs the install.
+STAMP := $(VENV)/.installed
+INSTRUCTREC := $(BIN)/instructrec
+
+# Nothing may wait on a Hugging Face hub that cannot be reached: models load by local path.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: help venv test lint demo clean
+
+help:
+	@echo "make venv   create or refresh $(VENV) (torch $(TORCH_VERSION) CPU first, then the project)"
+	@echo "make test   run the whole test suite (starts and stops its own broker, Triton, Qdrant)"
+	@echo "make lint   ruff check"
+	@echo "make demo   bring the local infrastructure up, check it, take it down"
+	@echo "make clean  stop the local infrastructure and remove state and caches (keeps $(VENV))"
+
+venv: $(STAMP)
+
+# torch goes in first and is pinned by a constraints file for every later install: the CPU wheel comes
+# from the local wheelhouse, and pip must never resolve another (CUDA) build as a dependency.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	echo "torch==$(TORCH_VERSION)" > $(VENV)/constraints.txt
+	$(BIN)/python -m pip install --quiet -c $(VENV)/constraints.txt "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install --quiet -c $(VENV)/constraints.txt -e '.[dev]'
+	touch $@
+
+test: venv
+	$(BIN)/python -m pytest -q tests/
+
+lint: venv
+	$(BIN)/ruff check .
+
+# Whatever fails, the infrastructure comes down again; `infra down` exits non-zero if a process it
+# started survives or Triton's leftovers cannot be removed.
+demo: venv
+	$(INSTRUCTREC) infra up || { $(INSTRUCTREC) infra down; exit 1; }
+	$(INSTRUCTREC) infra status || { $(INSTRUCTREC) infra down; exit 1; }
+	$(INSTRUCTREC) infra down
+
+clean:
+	if [ -x $(INSTRUCTREC) ]; then $(INSTRUCTREC) infra down; fi
+	rm -rf .state .pytest_cache .ruff_cache .hypothesis build dist *.egg-info
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
