@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from instructrec.config import Settings
+from instructrec.data.source import DataFormatError
 from instructrec.infra import COMPONENTS, ComponentStatus, InfraError, Infrastructure
 
 console = Console(soft_wrap=True)  # long paths and URLs stay on one line, copy-pasteable
@@ -113,9 +115,79 @@ def _csv(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
+# ------------------------------------------------------------------------------------------- the method
+
+
+def add_method(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser("train", help="fit the retrievers and instruction-tune the reranker on a dataset")
+    _add_dataset(train)
+    train.add_argument("--checkpoint", default=None,
+                       help="a seq2seq checkpoint, path or hub name (Flan-T5 in production); default: offline MiniLM")
+    train.add_argument("--lora", action="store_true", help="train LoRA adapters instead of every weight")
+    train.add_argument("--retriever", default="sasrec", help="the retriever that feeds the reranker")
+    train.add_argument("--k", type=int, default=20, help="candidates reranked per request")
+    train.add_argument("--minutes", type=float, default=None, help="reranker training budget (wall clock)")
+    train.add_argument("--epochs", type=int, default=None)
+    train.add_argument("--fresh", action="store_true", help="start over instead of resuming an interrupted run")
+    train.set_defaults(handler=method_train)
+
+    evaluate = commands.add_parser("evaluate", help="every method under the full-ranking and sampled protocols")
+    _add_dataset(evaluate)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--json", dest="json_path", default=None, help="also write the results here")
+    evaluate.set_defaults(handler=method_evaluate)
+
+
+def method_train(args: argparse.Namespace, settings: Settings) -> int:
+    from instructrec import experiment
+
+    dataset = _load_dataset(args, settings)
+    config = experiment.PipelineConfig(retriever=args.retriever, k=args.k, checkpoint=args.checkpoint, lora=args.lora)
+    if args.minutes is not None:
+        config.train.max_minutes = args.minutes
+    if args.epochs is not None:
+        config.train.epochs = args.epochs
+    config = experiment.fit(dataset, _artifacts(args, settings), config, resume=not args.fresh)
+    console.print(experiment.summary(config))
+    return 0
+
+
+def method_evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    import orjson
+
+    from instructrec import experiment
+    from instructrec.evaluation.report import tables
+
+    dataset = _load_dataset(args, settings)
+    out = _artifacts(args, settings)
+    config = experiment.PipelineConfig.load(out / "pipeline.json")
+    results = experiment.evaluate(dataset, out, seed=args.seed)
+    for rendered in tables(args.dataset, results, experiment.method_seconds(config)):
+        console.print(rendered)
+    if args.json_path:
+        Path(args.json_path).write_bytes(orjson.dumps({args.dataset: results}, option=orjson.OPT_INDENT_2))
+    return 0
+
+
+def _add_dataset(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", default="ml-latest-small", help="ml-latest-small, ml-100k, or a path")
+    parser.add_argument("--data-root", default=None, help="folder holding the named datasets (default: settings)")
+    parser.add_argument("--artifacts", default=None, help="default: <model.artifacts>/<dataset>")
+
+
+def _load_dataset(args: argparse.Namespace, settings: Settings):
+    from instructrec.data import load
+
+    return load(args.dataset, root=args.data_root or settings.data_root)
+
+
+def _artifacts(args: argparse.Namespace, settings: Settings) -> Path:
+    return Path(args.artifacts) if args.artifacts else settings.model.artifacts / Path(args.dataset).name
+
+
 # ------------------------------------------------------------------------------------------ registration
 
-COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_infra,)
+COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_infra, add_method)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as error:
         errors.print(f"[red]invalid configuration (INSTRUCTREC_* variables):[/] {error}", highlight=False)
         return 2
-    except InfraError as error:
+    except (InfraError, DataFormatError, FileNotFoundError) as error:
         errors.print(f"[red]error:[/] {error}", highlight=False)
         return 2
     except KeyboardInterrupt:

@@ -78,6 +78,11 @@ class QdrantSettings(BaseModel):
     api_key: SecretStr | None = None
     collection: str = "items"
     timeout_s: float = Field(5.0, gt=0)
+    retries: int = Field(3, ge=0, description="retries of a failed call, with exponential backoff")
+    backoff_s: float = Field(0.05, gt=0, description="first retry delay; doubles with each retry")
+    upsert_batch: int = Field(256, ge=1, description="points per upsert request")
+    cf_dim: int = Field(64, ge=1, description="size of the collaborative ('cf') vectors: the retriever's d")
+    max_fetch: int = Field(1000, ge=1, description="most points one search over-fetches before filtering")
 
 
 class TritonSettings(BaseModel):
@@ -104,6 +109,30 @@ class WebSettings(BaseModel):
     recommend_timeout_s: float = Field(5.0, gt=0)
 
 
+class StreamSettings(BaseModel):
+    """The Faust app: state, micro-batching and the bounds of per-user state."""
+
+    app_id: str = Field("instructrec-stream", description="Faust app id: the consumer group and table prefix")
+    store: Literal["rocksdb", "memory"] = Field("rocksdb", description="table store; memory: tests only")
+    data_dir: Path | None = Field(None, description="RocksDB tables; None: <state_dir>/faust/<app_id>-<web port>")
+    dataset: str = Field("ml-latest-small", description="artifacts/<dataset>/ holds the collaborative retriever")
+    batch_size: int = Field(16, ge=1, description="queries per micro-batch (one Triton call)")
+    batch_window_s: float = Field(0.005, gt=0, description="longest wait for a micro-batch to fill")
+    commit_interval_s: float = Field(1.0, gt=0, description="offset commits; shorter: fewer redeliveries")
+    history_size: int = Field(200, ge=1, description="recent items kept per user (and excluded from answers)")
+    explicit_size: int = Field(50, ge=1, description="ratings, dislikes and tags kept per user, each")
+    reviews_size: int = Field(10, ge=1)
+    seen_events: int = Field(512, ge=1, description="click event ids remembered per user (idempotency)")
+    answered_requests: int = Field(256, ge=1, description="request ids remembered per user (deduplication)")
+    impressions: int = Field(5, ge=0, description="recent answers kept per user to join clicks into feedback")
+    canonical_url: str | None = Field(
+        None, description="how other workers reach this one's web server; None: http://<web.host>:<web port>"
+    )
+    rejoin_on_stale_commit: bool = Field(
+        True, description="read a commit's ILLEGAL_GENERATION as REBALANCE_IN_PROGRESS (noida-db; see streams.compat)"
+    )
+
+
 class InfraSettings(BaseModel):
     """What `instructrec infra up` starts on loopback for tests and the demo; production points elsewhere."""
 
@@ -128,11 +157,13 @@ class Settings(BaseSettings):
     )
 
     state_dir: Path = Field(Path(".state"), description="pids, ports, logs and data of the local infrastructure")
+    data_root: Path = Field(Path("data"), description="where named datasets (ml-latest-small, ml-100k) live")
     kafka: KafkaSettings = KafkaSettings()
     qdrant: QdrantSettings = QdrantSettings()
     triton: TritonSettings = TritonSettings()
     model: ModelSettings = ModelSettings()
     web: WebSettings = WebSettings()
+    stream: StreamSettings = StreamSettings()
     infra: InfraSettings = InfraSettings()
 
     @field_validator("state_dir")

