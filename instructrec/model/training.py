@@ -43,7 +43,8 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup: float = 0.05
     candidates: int = 20
-    positions_per_user: int = 4  # training targets per user and epoch
+    positions_per_user: int = 4  # training targets per user and epoch (at most)
+    oversample: int = 4  # positions drawn per kept one: only those whose target was retrieved are kept
     recent_window: int = 40  # drawn from this many most recent training positions
     patience: int = 2
     max_minutes: float = 30.0
@@ -76,7 +77,7 @@ def train(
     title_of, row_of = item_lookups(reranker, dataset)
     tokenizer = reranker.text_tokenizer()
 
-    steps_per_epoch = math.ceil(dataset.n_users * config.positions_per_user / config.batch_size)
+    steps_per_epoch = math.ceil(dataset.n_users * config.positions_per_user / config.batch_size)  # at most
     optimizer = _optimizer(reranker, config)
     total = steps_per_epoch * config.epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_linear(int(total * config.warmup), total))
@@ -148,7 +149,13 @@ def training_examples(
     config: TrainConfig,
     epoch: int,
 ) -> list[Example]:
-    """One epoch of examples: recent targets of every user, with the retriever's candidates as negatives."""
+    """One epoch of examples: recent targets of every user, with the retriever's candidates as negatives.
+
+    Only prefixes whose target the retriever found on its own are kept (as LlamaRec does). Inserting a
+    missed target by hand would make the positive the one candidate that does not look retrieved, and the
+    model learns that shortcut: it then prefers outsiders, and ranks random negatives above real targets.
+    Positions are drawn `oversample` times over so that enough survive.
+    """
     rng = np.random.default_rng([config.seed, epoch])
     jobs = []  # (user, prefix length)
     for user in range(dataset.n_users):
@@ -156,13 +163,17 @@ def training_examples(
         if n < 2:
             continue
         lo = max(1, n - config.recent_window)
-        size = min(config.positions_per_user, n - lo)
+        size = min(config.positions_per_user * config.oversample, n - lo)
         jobs.extend((user, int(t)) for t in rng.choice(np.arange(lo, n), size=size, replace=False))
     retrieved = retrieve([dataset.sequence(u)[:t] for u, t in jobs], config.candidates)
+    kept: dict[int, int] = {}
     examples = []
     for (user, t), cands in zip(jobs, retrieved, strict=True):
         train_part = split.train(user)
         target = train_part[t].item
+        if target not in cands or kept.get(user, 0) >= config.positions_per_user:
+            continue
+        kept[user] = kept.get(user, 0) + 1
         seed = int(rng.integers(2**31))
         examples.append(synthesizer.example(train_part[:t], target, [c for c in cands if c != target], seed=seed))
     return [examples[i] for i in rng.permutation(len(examples))]

