@@ -22,6 +22,7 @@ import pytest
 
 from instructrec.config import InfraSettings, KafkaSettings, QdrantSettings, Settings
 from instructrec.infra import Component, Infrastructure, KafkaState, State, TritonState
+from instructrec.triton_repository import copy_repository, default_repository
 
 # Set while conftest loads, before any test module imports huggingface_hub or transformers (the imports
 # above do not): nothing may wait on a hub that cannot be reached.
@@ -43,9 +44,14 @@ class LocalInfra:
 
     def __init__(self, root: Path):
         self.root = root
-        # Default infra settings whatever the environment says: free ports, the repository's deploy/triton.
+        # Triton serves a copy of deploy/triton (configs and backend code, no weights): tests export model
+        # versions into `model_repository` and load them, and the checkout stays untouched.
+        self.model_repository = copy_repository(default_repository(), root / "model_repository")
+        # Default infra settings whatever the environment says: free ports, that repository copy.
         self.base = Settings(
-            state_dir=root / "state", qdrant=QdrantSettings(path=root / "qdrant"), infra=InfraSettings()
+            state_dir=root / "state",
+            qdrant=QdrantSettings(path=root / "qdrant"),
+            infra=InfraSettings(model_repository=self.model_repository),
         )
         self.infrastructure = Infrastructure(self.base)
         self._lock = threading.Lock()
