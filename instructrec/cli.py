@@ -19,6 +19,7 @@ from rich.table import Table
 from instructrec.config import Settings
 from instructrec.data.source import DataFormatError
 from instructrec.infra import COMPONENTS, ComponentStatus, InfraError, Infrastructure
+from streams.cli import add_stream_commands
 
 console = Console(soft_wrap=True)  # long paths and URLs stay on one line, copy-pasteable
 errors = Console(stderr=True, soft_wrap=True)
@@ -187,7 +188,7 @@ def _artifacts(args: argparse.Namespace, settings: Settings) -> Path:
 
 # ------------------------------------------------------------------------------------------ registration
 
-COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_infra, add_method)
+COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_infra, add_method, add_stream_commands)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -99,6 +99,9 @@ def fit_retrievers(split: LeaveOneOut, out: Path, sasrec: SASRecConfig, verbose:
         model.fit(split, verbose=verbose) if name == "sasrec" else model.fit(split)
         seconds[name] = time.perf_counter() - started
         model.save(out / "retrievers" / name)
+        # the stream maps catalogue ids to the retriever's rows with this
+        ids = [item.id for item in split.dataset.items]
+        (out / "retrievers" / name / "item_ids.json").write_text(json.dumps(ids))
         fitted[name] = model
     started = time.perf_counter()
     blend = Blend([fitted["sasrec"], fitted["cooccurrence"]]).fit(split, fit_components=False)

@@ -1,0 +1,372 @@
+"""Streaming benchmark: end-to-end latency of the query path and throughput of the clicks path, on this machine.
+
+    python benchmarks/stream.py [--json PATH] [--reranker DIR] [--items N] [--duration S] [--triton-timeout S]
+                                [--quick]
+
+Starts its own broker (noida-db) and tritonserver (the infra API) under a temporary state folder, serves the
+trained reranker (`artifacts/<dataset>/reranker/best`, or `--reranker DIR`; else the offline default model,
+which has the same architecture and cost), builds the Qdrant catalogue of ml-latest-small in-process (text
+vectors cached under .state/cache; collaborative vectors when `artifacts/<dataset>/` holds the trained
+retriever), and runs ONE worker process with production settings (RocksDB tables).
+
+Measured:
+- clicks path: every user's first interactions replayed as click events as fast as the producer goes; the
+  rate at which the worker applies them (its `instructrec_events_in_total{topic="clicks"}` counter);
+- query path at 1, 5 and 10 queries/s (Poisson arrivals, half of them with an intention text): latency from
+  the query's send to its recommendation's arrival at a consumer, p50/p99; the non-model overhead, i.e.
+  that latency minus the recommendation's `rerank_ms` (the Triton call: model, queueing and gRPC);
+- the highest sustainable rate: rates go up until answers fall behind (under 95 % of the queries of a step
+  answered within a second of its end) or p99 exceeds one second; `max_qps` is the last rate that kept up,
+  `max_qps_within_slo` the last with p99 ≤ 250 ms.
+JSON keys: rates {"1","5","10": {p50_ms, p99_ms, ...}}, max_qps, max_qps_within_slo, overhead_p99_ms,
+clicks_eps, and details (load average, model, catalogue size, degraded answers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import re
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+REPO = Path(__file__).resolve().parent.parent
+DATASET = "ml-latest-small"
+MODEL = "instructrec_reranker"
+SLO_P99_MS = 250.0
+INTENTION_RATE = 0.5  # share of queries with a text
+
+
+def intentions(dataset, n: int = 5000, seed: int = 0) -> list[str]:
+    """Request texts as users would type them: synthesised from random items (the training synthesis), so
+    they repeat about as often as real needs do ("something funny") and vary like them otherwise."""
+    from instructrec.instructions import specific_intention, vague_intention
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        write = vague_intention if rng.random() < 0.5 else specific_intention
+        text = write(rng.choice(dataset.items), rng)
+        if text:
+            out.append(text)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", dest="json_path", default=None)
+    parser.add_argument("--reranker", type=Path, default=None, help="a saved reranker folder")
+    parser.add_argument("--artifacts", type=Path, default=REPO / "artifacts", help="trained artefacts root")
+    parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--items", type=int, default=None, help="catalogue size (default: the whole 5-core set)")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds per measured rate")
+    parser.add_argument("--clicks-per-user", type=int, default=40)
+    parser.add_argument("--triton-timeout", type=float, default=None,
+                        help="the reranker call's timeout, s (default: the configured one, 2 s); a busy machine "
+                             "needs more for answers to be reranked rather than degraded")  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="shorter steps, smaller catalogue")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.duration, args.items, args.clicks_per_user = 10.0, args.items or 1000, 20
+    console = Console()
+    with tempfile.TemporaryDirectory(prefix="stream-bench-") as tmp:
+        result = run(Path(tmp), args, console)
+    console.print(report(result))
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(result, indent=2))
+        console.print(f"wrote {args.json_path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ set-up
+
+
+def run(root: Path, args, console: Console) -> dict:
+    from instructrec.config import InfraSettings, QdrantSettings, Settings
+    from instructrec.data import load
+    from instructrec.infra import Infrastructure, free_port, run_sync
+    from instructrec.triton_repository import copy_repository, default_repository, export_version
+    from streams.app import ensure_topics
+    from streams.process import WorkerProcess
+
+    dataset = load(DATASET, root=args.data_root)
+    reranker_dir, model_name = reranker_folder(args, root)
+    repository = copy_repository(default_repository(), root / "repository")
+    export_version(reranker_dir, repository, 1, link=True, overwrite=True)
+    base = Settings(
+        state_dir=root / "state",
+        data_root=args.data_root,
+        qdrant=QdrantSettings(path=root / "qdrant"),
+        infra=InfraSettings(model_repository=repository, models=[MODEL], start_timeout_s=300),
+    )
+    infrastructure = Infrastructure(base)
+    with console.status("starting the broker and tritonserver (loading the reranker)…"):
+        state = infrastructure.up(components=["kafka", "triton"])
+    try:
+        settings = state.settings(base)
+        triton = settings.triton
+        if args.triton_timeout:
+            triton = triton.model_copy(update={"timeout_s": args.triton_timeout})
+        settings = settings.model_copy(update={
+            "triton": triton,
+            "model": settings.model.model_copy(update={"artifacts": args.artifacts}),
+            "stream": settings.stream.model_copy(update={"store": "rocksdb", "dataset": DATASET}),
+        })  # fmt: skip
+        run_sync(ensure_topics(settings))
+        with console.status("building the Qdrant catalogue…"):
+            started = time.perf_counter()
+            n_items, collaborative = build_catalog(settings, dataset, args.items, console)
+        console.print(f"catalogue: {n_items} items in {time.perf_counter() - started:.0f} s "
+                      f"(collaborative vectors: {collaborative})")  # fmt: skip
+        worker = WorkerProcess(settings, web_port=free_port(), log=root / "worker.log")
+        with worker:
+            with console.status("starting the worker…"):
+                worker.wait_healthy(300)
+            result = asyncio.run(measure(settings, worker, dataset, args, console))
+        result["details"].update({"reranker": model_name, "catalogue_items": n_items,
+                                  "collaborative_vectors": collaborative,
+                                  "triton_timeout_s": settings.triton.timeout_s})  # fmt: skip
+        return result
+    finally:
+        report_ = infrastructure.down()
+        if not report_.ok:
+            console.print(f"[red]the infrastructure did not stop cleanly: {report_.problems}")
+
+
+def reranker_folder(args, root: Path) -> tuple[Path, str]:
+    trained = args.reranker or args.artifacts / DATASET / "reranker" / "best"
+    if (trained / "reranker.json").is_file():
+        return trained, str(trained)
+    from instructrec.model.reranker import default_model
+
+    default_model().save_pretrained(root / "default-reranker")
+    return root / "default-reranker", "offline default (untrained; same architecture and cost)"
+
+
+def build_catalog(settings, dataset, limit: int | None, console: Console) -> tuple[int, bool]:
+    """Item vectors straight into the worker's Qdrant storage (what the catalog agent would write)."""
+    from instructrec.qdrant import IndexedItem, ItemIndex
+    from instructrec.retrieval.text import TextRetriever
+    from streams.services import load_collaborative
+    from workers.index import item_text
+
+    items = dataset.items[:limit] if limit else dataset.items
+    texts = TextRetriever(cache_dir=REPO / ".state" / "cache").fit_texts([item_text(i) for i in items], DATASET)
+    collaborative = load_collaborative(settings)
+    cf_dim = collaborative.dim if collaborative else settings.qdrant.cf_dim
+    with ItemIndex(settings.qdrant, cf_dim=cf_dim) as index:
+        index.ensure_collection()
+        index.upsert([
+            IndexedItem(item.id, item.display_title, item.genres, item.year, texts.vectors[n],
+                        collaborative.vector_of(item.id) if collaborative else None)
+            for n, item in enumerate(items)
+        ])  # fmt: skip
+    return len(items), collaborative is not None
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+
+
+async def measure(settings, worker, dataset, args, console: Console) -> dict:
+    clicks_eps, users = await measure_clicks(settings, worker, dataset, args.clicks_per_user, console)
+    texts = intentions(dataset)
+    listener = Answers(settings)
+    await listener.start()
+    try:
+        await offered(settings, listener, users, texts, rate=2.0, duration=5.0)  # warm-up, not reported
+        rates: dict[str, dict] = {}
+        overhead: list[float] = []
+        degraded = 0
+        for rate in (1.0, 5.0, 10.0):
+            step = await offered(settings, listener, users, texts, rate, args.duration)
+            rates[f"{rate:g}"] = step.summary()
+            overhead += step.overheads
+            degraded += step.degraded
+            console.print(f"{rate:g} q/s: {rates[f'{rate:g}']}")
+        max_qps, within_slo = await find_max_rate(settings, listener, users, texts, args.duration / 2, rates, console)
+    finally:
+        await listener.stop()
+    return {
+        "rates": {key: rates[key] for key in ("1", "5", "10")},
+        "max_qps": max_qps,
+        "max_qps_within_slo": within_slo,
+        "overhead_p50_ms": _pct(overhead, 50),
+        "overhead_p99_ms": _pct(overhead, 99),
+        "clicks_eps": round(clicks_eps, 1),
+        "steps": rates,
+        "details": {"load_average": os.getloadavg(), "degraded_answers": degraded, "cores": os.cpu_count()},
+    }
+
+
+async def measure_clicks(settings, worker, dataset, per_user: int, console: Console) -> tuple[float, list[str]]:
+    from workers.replay import ReplayConfig, replay, replay_events
+
+    events = replay_events(dataset, ReplayConfig(max_per_user=per_user, query_every=0))
+    before = clicks_in(worker)
+    started = time.perf_counter()
+    sender = asyncio.create_task(replay(settings.kafka, events, progress=False))
+    with console.status(f"clicks path: {len(events)} click events…"):
+        while clicks_in(worker) - before < len(events):
+            await asyncio.sleep(0.1)
+    elapsed = time.perf_counter() - started
+    await sender
+    eps = len(events) / elapsed
+    console.print(f"clicks: {len(events)} events applied in {elapsed:.1f} s = {eps:.0f} events/s")
+    return eps, sorted({e.user_id for e in events})
+
+
+def clicks_in(worker) -> float:
+    with urllib.request.urlopen(worker.url("/metrics"), timeout=5) as response:
+        text = response.read().decode()
+    match = re.search(r'instructrec_events_in_total\{topic="clicks"\} ([0-9.e+]+)', text)
+    return float(match.group(1)) if match else 0.0
+
+
+class Answers:
+    """Every recommendation, with its arrival time (one consumer reading all partitions from the end)."""
+
+    def __init__(self, settings) -> None:
+        self.settings = settings
+        self.arrived: dict[str, tuple[float, object]] = {}
+        self._ready = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        from instructrec.events import Recommendation, decode
+        from workers.producer import consume
+
+        async def run() -> None:
+            async for *_, value in consume(self.settings.kafka, "recommendations", ready=self._ready):
+                now = time.perf_counter()
+                answer = decode(Recommendation, value)
+                self.arrived.setdefault(answer.request_id, (now, answer))
+
+        self._task = asyncio.create_task(run())
+        await asyncio.wait_for(self._ready.wait(), 60)
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+class Step:
+    def __init__(self, rate: float, sent: dict[str, float], listener: Answers, duration: float) -> None:
+        self.rate = rate
+        self.latencies, self.overheads, self.degraded = [], [], 0
+        self.stages: dict[str, list[float]] = {}
+        self.reasons: dict[str, int] = {}
+        for request_id, at in sent.items():
+            if request_id in listener.arrived:
+                arrived, answer = listener.arrived[request_id]
+                latency = (arrived - at) * 1000
+                self.latencies.append(latency)
+                self.overheads.append(max(0.0, latency - answer.timings.get("rerank_ms", 0.0)))
+                self.degraded += answer.degraded
+                for stage, ms in answer.timings.items():
+                    self.stages.setdefault(stage, []).append(ms)
+                if answer.reason:
+                    reason = re.sub(r"[0-9.]+ s\b|\d+", "N", answer.reason)[:120]  # group alike reasons
+                    self.reasons[reason] = self.reasons.get(reason, 0) + 1
+        self.sent = len(sent)
+        self.duration = duration
+
+    @property
+    def kept_up(self) -> bool:
+        return len(self.latencies) >= 0.95 * self.sent and _pct(self.latencies, 99) <= 1000.0
+
+    def summary(self) -> dict:
+        return {
+            "p50_ms": _pct(self.latencies, 50),
+            "p99_ms": _pct(self.latencies, 99),
+            "sent": self.sent,
+            "answered": len(self.latencies),
+            "achieved_qps": round(len(self.latencies) / self.duration, 2),
+            "degraded": self.degraded,
+            "degraded_reasons": self.reasons,
+            "overhead_p50_ms": _pct(self.overheads, 50),
+            "overhead_p99_ms": _pct(self.overheads, 99),
+            # where the worker's time went (its own clock): stage -> [p50, p99] ms
+            "stages_ms": {stage: [_pct(v, 50), _pct(v, 99)] for stage, v in self.stages.items()},
+        }
+
+
+async def offered(settings, listener: Answers, users: list[str], texts: list[str], rate: float, duration: float,
+                  seed: int = 0) -> Step:  # fmt: skip
+    """Send Poisson arrivals at `rate` for `duration` s; wait up to a second (more for slow answers) after."""
+    from instructrec.events import QueryEvent
+    from workers.producer import EventProducer
+
+    rng = random.Random(f"{seed}:{rate}")
+    sent: dict[str, float] = {}
+    async with EventProducer(settings.kafka, linger_ms=0) as producer:
+        start = time.perf_counter()
+        next_at = start
+        while next_at - start < duration:
+            await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+            text = rng.choice(texts) if rng.random() < INTENTION_RATE else None
+            query = QueryEvent(user_id=rng.choice(users), text=text, k=10)
+            sent[query.request_id] = time.perf_counter()
+            await producer.send(query)
+            next_at += rng.expovariate(rate)
+    grace = time.perf_counter() + 1.0
+    while time.perf_counter() < grace + 9.0 and not set(sent) <= set(listener.arrived):
+        await asyncio.sleep(0.05)
+    return Step(rate, sent, listener, duration)
+
+
+async def find_max_rate(settings, listener, users, texts, duration: float, done: dict,
+                        console: Console) -> tuple[float, float]:  # fmt: skip
+    max_qps = within = 0.0
+    for key, summary in done.items():
+        if summary["answered"] >= 0.95 * summary["sent"] and summary["p99_ms"] <= 1000:
+            max_qps = max(max_qps, float(key))
+            if summary["p99_ms"] <= SLO_P99_MS:
+                within = max(within, float(key))
+    for rate in (15.0, 20.0, 30.0, 40.0, 60.0, 80.0):
+        step = await offered(settings, listener, users, texts, rate, duration)
+        done[f"{rate:g}"] = step.summary()
+        console.print(f"{rate:g} q/s: {done[f'{rate:g}']}")
+        if not step.kept_up:
+            break
+        max_qps = rate
+        if _pct(step.latencies, 99) <= SLO_P99_MS:
+            within = rate
+        await asyncio.sleep(2.0)  # let any backlog drain before the next step
+    return max_qps, within
+
+
+def _pct(values: list[float], q: float) -> float:
+    return round(float(np.percentile(values, q)), 1) if values else float("nan")
+
+
+def report(result: dict) -> Table:
+    table = Table(title=f"stream benchmark ({result['details'].get('reranker')})")
+    for column in ("rate q/s", "p50 ms", "p99 ms", "overhead p99 ms", "answered/sent", "degraded"):
+        table.add_column(column, justify="right")
+    for rate, step in result["steps"].items():
+        table.add_row(rate, f"{step['p50_ms']:.1f}", f"{step['p99_ms']:.1f}", f"{step['overhead_p99_ms']:.1f}",
+                      f"{step['answered']}/{step['sent']}", str(step["degraded"]))  # fmt: skip
+    table.caption = (
+        f"max sustainable {result['max_qps']:g} q/s (p99 ≤ {SLO_P99_MS:g} ms up to {result['max_qps_within_slo']:g} q/s)"
+        f" · overhead p99 {result['overhead_p99_ms']} ms at 1–10 q/s · clicks {result['clicks_eps']:.0f} events/s"
+        f" · load {', '.join(f'{x:.2f}' for x in result['details']['load_average'])}"
+    )
+    return table
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""The Faust app: topics, tables and agents, built by a factory (`create_app`) rather than at import time.
+
+- Topics are those of DESIGN §1, with the configured partition count (pre-created by `ensure_topics` before
+  a worker starts). Values are raw bytes: every agent decodes them itself with `instructrec.events.decode`,
+  so that an invalid value becomes a dead letter instead of a serializer crash. Keys are the user id
+  (clicks, queries, recommendations, feedback) — so these topics and the user tables are co-partitioned — or
+  the item id (items).
+- Tables: the user context and the served log, keyed by user id, changelog-backed; RocksDB in production,
+  memory in tests (`settings.stream.store`).
+- At-least-once processing (exactly-once is unreliable on the local broker); duplicates are absorbed by the
+  idempotent context updates and the served log's request ids.
+- The web server binds to `settings.web.host` (loopback by default), never 0.0.0.0 unasked.
+
+Agents that micro-batch (`stream.take_events`) must touch tables inside `processing(event)`: Faust picks the
+changelog partition and the RocksDB shard of a table write from the *current event*, which during a batch is
+whichever event arrived last, not the one being handled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faust
+from faust.streams import _current_event  # see `processing`
+
+from instructrec.config import KafkaSettings, Settings
+from streams.deadletter import DeadLetters
+from streams.metrics import Metrics
+from streams.services import Services
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Topics:
+    items: faust.TopicT
+    clicks: faust.TopicT
+    queries: faust.TopicT
+    recommendations: faust.TopicT
+    feedback: faust.TopicT
+    model_updates: faust.TopicT
+    dead_letter: faust.TopicT
+
+
+@dataclass(frozen=True)
+class Tables:
+    context: Any  # faust Table: user id -> UserContext bytes
+    served: Any  # faust Table: user id -> Served bytes
+
+
+@dataclass
+class StreamApp:
+    """Everything an agent or view needs, passed explicitly (no module-level state)."""
+
+    app: faust.App
+    settings: Settings
+    services: Services
+    topics: Topics
+    tables: Tables
+    metrics: Metrics
+    dead_letters: DeadLetters
+    web_port: int
+
+
+def create_app(settings: Settings, services: Services, *, web_port: int | None = None) -> StreamApp:
+    """The app with every agent and view installed; `web_port` overrides `settings.web.port` (two workers on
+    one machine need two ports)."""
+    from streams import catalog, clicks, queries, web
+
+    if settings.stream.rejoin_on_stale_commit:
+        from streams.compat import rejoin_on_stale_commit
+
+        rejoin_on_stale_commit()
+    port = settings.web.port if web_port is None else web_port
+    app = faust.App(settings.stream.app_id, **faust_options(settings, port))
+    topics = declare_topics(app, settings.kafka)
+    tables = declare_tables(app, settings)
+    metrics = Metrics()
+    stream = StreamApp(
+        app=app,
+        settings=settings,
+        services=services,
+        topics=topics,
+        tables=tables,
+        metrics=metrics,
+        dead_letters=DeadLetters(topics.dead_letter, metrics),
+        web_port=port,
+    )
+    catalog.install(stream)
+    clicks.install(stream)
+    queries.install(stream)
+    web.install(stream)
+    return stream
+
+
+def faust_options(settings: Settings, web_port: int) -> dict[str, Any]:
+    kafka, host = settings.kafka, settings.web.host
+    data_dir = settings.stream.data_dir or Path(settings.state_dir) / "faust" / f"{settings.stream.app_id}-{web_port}"
+    data_dir.mkdir(parents=True, exist_ok=True)  # Faust creates its own folder in it, not the parents
+    return {
+        "broker": kafka.broker,
+        "broker_credentials": broker_credentials(kafka),
+        "broker_commit_interval": settings.stream.commit_interval_s,
+        "topic_partitions": kafka.partitions,
+        "topic_replication_factor": kafka.replication_factor,
+        "processing_guarantee": "at_least_once",
+        "consumer_auto_offset_reset": "earliest",
+        "store": f"{settings.stream.store}://",
+        "datadir": str(data_dir),
+        "web_enabled": True,
+        "web_bind": host,
+        "web_host": host,
+        "web_port": web_port,
+        # Table routing (GET /users/{id}/context on any worker) proxies to the owner's canonical URL.
+        "canonical_url": settings.stream.canonical_url or f"http://{host}:{web_port}",
+        "key_serializer": "raw",
+        "value_serializer": "raw",
+    }
+
+
+def broker_credentials(kafka: KafkaSettings):
+    """The configured SASL/SSL security as Faust credentials (None for plaintext)."""
+    if kafka.security_protocol == "PLAINTEXT":
+        return None
+    context = kafka.ssl_context() if kafka.security_protocol.endswith("SSL") else None
+    if kafka.security_protocol.startswith("SASL"):
+        return faust.SASLCredentials(
+            username=kafka.sasl_username,
+            password=kafka.sasl_password.get_secret_value() if kafka.sasl_password else None,
+            ssl_context=context,
+            mechanism=kafka.sasl_mechanism or "PLAIN",
+        )
+    return faust.SSLCredentials(context)
+
+
+def declare_topics(app: faust.App, kafka: KafkaSettings) -> Topics:
+    names = kafka.topics
+
+    def topic(name: str) -> faust.TopicT:
+        return app.topic(
+            name,
+            key_type=bytes,
+            value_type=bytes,
+            key_serializer="raw",
+            value_serializer="raw",
+            partitions=kafka.partitions,
+            replicas=kafka.replication_factor,
+        )
+
+    return Topics(
+        items=topic(names.items),
+        clicks=topic(names.clicks),
+        queries=topic(names.queries),
+        recommendations=topic(names.recommendations),
+        feedback=topic(names.feedback),
+        model_updates=topic(names.model_updates),
+        dead_letter=topic(names.dead_letter),
+    )
+
+
+def declare_tables(app: faust.App, settings: Settings) -> Tables:
+    from streams import context, served
+
+    def table(name: str, help: str):
+        # Values are our own compact JSON (bytes): the record classes own their format and its evolution.
+        return app.Table(name, default=None, key_type=str, value_type=bytes,
+                         partitions=settings.kafka.partitions, help=help)  # fmt: skip
+
+    return Tables(
+        context=table(context.TABLE, "per-user context: recent items, explicit preferences, intention"),
+        served=table(served.TABLE, "per-user answered request ids and recent impressions"),
+    )
+
+
+@contextlib.contextmanager
+def processing(event: faust.EventT) -> Iterator[None]:
+    """Make `event` Faust's current event while its table reads and writes run (see the module docstring).
+
+    Faust keeps the current event in a context variable of the agent's task; setting it here touches only
+    this task, and the previous value is restored on exit.
+    """
+    token = _current_event.set(weakref.ref(event))
+    try:
+        yield
+    finally:
+        _current_event.reset(token)
+
+
+def send(topic: faust.TopicT, key: str, value: bytes, metrics: Metrics, role: str) -> None:
+    """Queue a message on the app's producer without awaiting it (see `streams.served` for why)."""
+    topic.send_soon(key=key.encode(), value=value)
+    metrics.events_out.labels(role).inc()
+
+
+async def ensure_topics(settings: Settings) -> list[str]:
+    """Pre-create the app's topics with the configured partition count (returns the ones created)."""
+    from instructrec.infra import ensure_topics as create
+
+    return await create(settings.kafka)

@@ -1,0 +1,50 @@
+"""The dead-letter path: an event an agent cannot process goes to the dead-letter topic, with the reason and
+the source topic, partition and offset, and the agent carries on with the next event.
+
+Dead letters are queued on the app's producer like every other output (no await), so an agent that fails
+one event of a micro-batch neither blocks on nor loses the rest of the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+from instructrec.events import DeadLetter, EventError, dead_letter, encode
+from streams.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class Sender(Protocol):
+    def send_soon(self, *, key: Any = None, value: Any = None, **kwargs: Any) -> Any: ...
+
+
+class DeadLetters:
+    def __init__(self, topic: Sender, metrics: Metrics) -> None:
+        self.topic = topic
+        self.metrics = metrics
+
+    def send(
+        self,
+        source_topic: str,
+        partition: int | None,
+        offset: int | None,
+        raw: bytes | str | None,
+        error: BaseException | str,
+    ) -> DeadLetter:
+        letter = dead_letter(source_topic, partition, offset, raw, error)
+        if isinstance(error, EventError):
+            log.info("dead letter from %s[%s]@%s: %s", source_topic, partition, offset, letter.error)
+        else:  # not the event's fault: worth a traceback in the log
+            log.error("dead letter from %s[%s]@%s: %s", source_topic, partition, offset, letter.error,
+                      exc_info=error if isinstance(error, BaseException) else None)  # fmt: skip
+        self.topic.send_soon(key=letter.key.encode(), value=encode(letter))
+        self.metrics.dead_letters.labels(source_topic).inc()
+        self.metrics.events_out.labels("dead-letter").inc()
+        return letter
+
+    def send_event(self, event: Any, error: BaseException | str) -> DeadLetter:
+        """A Faust event (its message gives topic, partition, offset and the raw value)."""
+        message = event.message
+        return self.send(message.topic, message.partition, message.offset, event.value, error)

@@ -1,0 +1,121 @@
+"""A stream worker as a child process, for the integration tests, the benchmark and the demo.
+
+    with WorkerProcess(settings, web_port=free_port(), log=path) as worker:
+        worker.wait_healthy()
+        ... worker.url("/recommend") ...
+    # leaving the block stops it gracefully (SIGTERM), or kills it after `stop_timeout_s`
+
+The child gets the whole `Settings` through `INSTRUCTREC_*` variables (one JSON document per section, secrets
+included: the environment of a child process is readable only by its own user), replacing whatever
+`INSTRUCTREC_*` variables the parent had, so parent and child cannot disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, SecretStr
+
+from instructrec.config import Settings
+
+ENV_PREFIX = "INSTRUCTREC_"
+
+
+def settings_env(settings: Settings, base: dict[str, str] | None = None) -> dict[str, str]:
+    """An environment that rebuilds `settings` in a child process (`Settings()` there)."""
+    env = {k: v for k, v in (base if base is not None else os.environ).items() if not k.startswith(ENV_PREFIX)}
+    for name in type(settings).model_fields:
+        value = _plain(getattr(settings, name))
+        # Sections and collections travel as JSON (pydantic-settings decodes them); scalars as plain text.
+        env[f"{ENV_PREFIX}{name.upper()}"] = json.dumps(value) if isinstance(value, dict | list) else str(value)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    return env
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return {name: _plain(getattr(value, name)) for name in type(value).model_fields}
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+class WorkerProcess:
+    def __init__(self, settings: Settings, *, web_port: int, log: Path, stop_timeout_s: float = 60.0,
+                 loglevel: str = "info") -> None:  # fmt: skip
+        self.settings = settings
+        self.web_port = web_port
+        self.log = log
+        self.stop_timeout_s = stop_timeout_s
+        self.loglevel = loglevel
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.settings.web.host}:{self.web_port}"
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    def start(self) -> WorkerProcess:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "streams.worker", "--web-port", str(self.web_port),
+                   "--loglevel", self.loglevel]  # fmt: skip
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            env=settings_env(self.settings), start_new_session=True)  # fmt: skip
+        return self
+
+    def health(self, timeout_s: float = 2.0) -> dict | None:
+        try:
+            with urllib.request.urlopen(self.url("/health"), timeout=timeout_s) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return json.loads(error.read() or b"{}")
+        except (OSError, ValueError):
+            return None
+
+    def wait_healthy(self, timeout_s: float = 180.0) -> dict:
+        """Until /health says ok and the worker holds partitions (its group has settled)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.process.returncode}; see {self.log}")
+            state = self.health()
+            if state and state.get("status") == "ok" and state["checks"]["kafka"].get("partitions"):
+                return state
+            time.sleep(0.5)
+        raise TimeoutError(f"worker on port {self.web_port} not healthy within {timeout_s:.0f} s; see {self.log}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        """Stop the worker (gracefully with SIGTERM: it finishes in-flight events and commits); its exit code."""
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        self.process.send_signal(sig)
+        try:
+            return self.process.wait(self.stop_timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait(10)
+
+    def __enter__(self) -> WorkerProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,453 @@
+"""The queries agent: a query → the user's context → candidates from Qdrant → the InstructRec instruction →
+the reranker on Triton → a `Recommendation`.
+
+Queries are micro-batched (`stream.take_events(batch_size, within=batch_window_s)`): a batch shares one
+embedding call, one hop to the Qdrant thread and one Triton call. Within a batch each query is handled on its
+own: an invalid query becomes a dead letter, a redelivered one (its request id is in the served log) is
+skipped, and every other query gets exactly one answer, published together with the served-log update (see
+`streams.served`). Nothing drops a query silently:
+- reranker down, slow or its circuit open → the candidates in retrieval order, `degraded` with the reason;
+- Qdrant down (after retries) → the collaborative neighbours of the user's recent items, else popularity,
+  `degraded`;
+- no history and no text (cold start) → popularity, `degraded`;
+- anything unexpected → a dead letter for the query *and* an empty degraded answer, so a caller waiting on
+  the request id hears back at once.
+
+Item ids are strings in the stream; the instruction renderer numbers a request's items locally
+(`LocalItems`), and `encode_request` turns them back into ids and titles for the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from instructrec.events import EventError, QueryEvent, RankedItem, Recommendation, decode, encode
+from instructrec.instructions import Instruction, request_instruction
+from instructrec.qdrant import CandidateFilter, Hit, IndexUnavailable
+from streams.app import processing, send
+from streams.candidates import candidate_filter, fallback, mean_vector, merge, plan_searches, sizes
+from streams.clicks import key_problem
+from streams.context import UserContext
+from streams.served import Impression, Served
+
+if TYPE_CHECKING:
+    from streams.app import StreamApp
+
+log = logging.getLogger(__name__)
+
+NO_MODEL = "retrieval"  # model_version of an answer the reranker did not order
+NO_TEMPLATE = "none"  # template_id of an answer without an instruction
+EXPLICIT_WINDOW = 100  # history items whose ratings and words feed explicit preferences (as in training)
+
+
+class LocalItems:
+    """Request-local dense ints for item ids (the instruction layer works on ints)."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self._index: dict[str, int] = {}
+
+    def index(self, item_id: str) -> int:
+        found = self._index.get(item_id)
+        if found is None:
+            found = self._index[item_id] = len(self.ids)
+            self.ids.append(item_id)
+        return found
+
+
+@dataclass
+class Pending:
+    """One query on its way through a batch."""
+
+    event: Any  # the Faust event
+    query: QueryEvent
+    context: UserContext
+    flt: CandidateFilter
+    rerank_n: int
+    fetch_n: int
+    queue_ms: float
+    intention: np.ndarray | None = None
+    history: np.ndarray | None = None  # the collaborative query vector of the user's recent items
+    hits: list[Hit] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)  # why the answer is degraded (empty: it is not)
+    instruction: Instruction | None = None
+    items: LocalItems = field(default_factory=LocalItems)
+    request: bytes | None = None
+    scores: np.ndarray | None = None
+
+    def degrade(self, reason: str) -> None:
+        if reason not in self.reasons:
+            self.reasons.append(reason)
+
+
+def request_seed(request_id: str) -> int:
+    """A stable seed per request: the same query renders the same instruction in every process."""
+    return zlib.crc32(request_id.encode())
+
+
+# ------------------------------------------------------------------------------------------------ intake
+
+
+def intake(stream: StreamApp, events: Sequence, now: float) -> list[Pending]:
+    """Decode, check, deduplicate and read each query's context (synchronous: table reads)."""
+    settings = stream.settings
+    pending: list[Pending] = []
+    in_batch: set[str] = set()
+    for event in events:
+        try:
+            query = decode(QueryEvent, event.value)
+        except EventError as error:
+            stream.dead_letters.send_event(event, error)
+            continue
+        problem = key_problem(event.key, query.user_id)
+        if problem:
+            stream.dead_letters.send_event(event, problem)
+            continue
+        with processing(event):
+            served = Served.from_bytes(stream.tables.served.get(query.user_id))
+            if served.has_answered(query.request_id) or query.request_id in in_batch:
+                stream.metrics.duplicates.labels("queries").inc()
+                log.info("query %s was answered before: skipping the redelivery", query.request_id)
+                continue
+            in_batch.add(query.request_id)
+            context = UserContext.from_bytes(stream.tables.context.get(query.user_id))
+            if query.text:
+                context.note_intention(query.text, query.ts)
+                stream.tables.context[query.user_id] = context.to_bytes()
+        rerank_n, fetch_n = sizes(query.k, settings.model.candidates)
+        sent_at = event.message.timestamp or now
+        pending.append(Pending(event, query, context, candidate_filter(query, context), rerank_n, fetch_n,
+                               queue_ms=max(0.0, (now - sent_at) * 1000)))  # fmt: skip
+    return pending
+
+
+# -------------------------------------------------------------------------------------------- the stages
+
+
+async def embed(stream: StreamApp, batch: list[Pending]) -> None:
+    """Intention vectors (MiniLM) and collaborative history vectors, in one hop to the model thread."""
+    services = stream.services
+    texts = [p.query.text for p in batch if p.query.text]
+    histories = [p.context.recent(stream.settings.stream.history_size) for p in batch]
+
+    def run():
+        vectors = services.intentions.encode(texts) if texts else None
+        history = services.collaborative.query_vectors(histories) if services.collaborative else [None] * len(batch)
+        return vectors, history
+
+    try:
+        vectors, history = await services.run_model(run)
+    except Exception as error:  # a model failure degrades the answer, it does not lose it
+        log.exception("embedding failed")
+        for p in batch:
+            p.degrade(f"embedding failed: {type(error).__name__}")
+        return
+    rows = iter(vectors if vectors is not None else ())
+    for p, vector in zip(batch, history, strict=True):
+        p.intention = next(rows) if p.query.text else None
+        p.history = vector
+
+
+async def retrieve(stream: StreamApp, batch: list[Pending]) -> None:
+    """Candidates for every query: Qdrant searches (one hop for the batch), merged; fallbacks on failure."""
+    services = stream.services
+    history_text = await _history_text_vectors(stream, batch)
+    plans = []
+    for i, p in enumerate(batch):
+        plans.append(plan_searches(p.intention, p.history, history_text.get(i)))
+    searches = [(s.using, s.vector, p.fetch_n, p.flt) for p, plan in zip(batch, plans, strict=True) for s in plan]
+    results = iter(await services.index.search_many(searches) if searches else ())
+    for p, plan in zip(batch, plans, strict=True):
+        lists, failures = [], []
+        for _ in plan:
+            result = next(results)
+            if isinstance(result, IndexUnavailable):
+                failures.append(result)
+            else:
+                lists.append(result)
+                for hit in result:
+                    services.items.put_hit(hit)
+        p.hits = merge(lists, p.fetch_n)
+        if not plan:
+            p.hits, source = fallback(services, None, p.fetch_n, p.flt)
+            if p.context.history:
+                p.degrade(f"no vectors for the user's recent items (not indexed yet); {source}")
+            else:
+                p.degrade(f"cold start: no history and no request text; {source}")
+        elif failures and len(p.hits) < p.fetch_n:
+            extra, source = fallback(services, p.history, p.fetch_n, p.flt)
+            seen = {h.item_id for h in p.hits}
+            p.hits += [h for h in extra if h.item_id not in seen][: p.fetch_n - len(p.hits)]
+            p.degrade(f"qdrant unavailable ({failures[0]}); {source}")
+
+
+async def _history_text_vectors(stream: StreamApp, batch: list[Pending]) -> dict[int, np.ndarray]:
+    """Without a collaborative query vector (no trained retriever, or none of the user's items known to it),
+    a user's recent items are searched by their mean text vector."""
+    recent = {i: p.context.recent(10) for i, p in enumerate(batch) if p.context.history and p.history is None}
+    if not recent:
+        return {}
+    try:
+        found = await stream.services.index.lookup([x for ids in recent.values() for x in ids], ("text",))
+    except IndexUnavailable:
+        return {}  # the searches will fail the same way and fall back
+    out = {}
+    for i, ids in recent.items():
+        vector = mean_vector([found[x][1]["text"] for x in ids if x in found and "text" in found[x][1]])
+        if vector is not None:
+            out[i] = vector
+    return out
+
+
+async def render(stream: StreamApp, batch: list[Pending]) -> None:
+    """The instruction for each query with at least two candidates, then its wire request (titles resolved
+    through the item cache, the rest in one Qdrant lookup for the batch)."""
+    settings = stream.settings
+    for p in batch:
+        candidates = p.hits[: p.rerank_n]
+        if len(candidates) < 2 or not (p.context.history or p.query.text):
+            continue  # nothing to rank, or nothing to personalise on: the answer is what retrieval found
+        history = p.context.interactions(p.items.index, EXPLICIT_WINDOW)
+        try:
+            p.instruction = request_instruction(
+                history,
+                [p.items.index(h.item_id) for h in candidates],
+                intention=p.query.text,
+                seed=request_seed(p.query.request_id),
+                max_history=settings.model.max_history,
+            )
+        except ValueError as error:
+            p.degrade(f"no instruction: {error}")
+    await _resolve_titles(stream, batch)
+    from instructrec.model.serving import encode_request
+
+    collaborative = stream.services.collaborative
+    for p in batch:
+        if p.instruction is None:
+            continue
+        titles = _titles(stream, p)
+        scores, weight = None, None
+        if collaborative is not None and collaborative.fusion_weight > 0 and p.history is not None:
+            ids = [p.items.ids[c] for c in p.instruction.candidates]
+            scores = _fill_unknown(collaborative.scores(p.history, ids))
+            weight = collaborative.fusion_weight
+        p.request = encode_request(p.instruction, p.items.ids.__getitem__, titles.__getitem__,
+                                   retrieval_scores=scores, fusion_weight=weight)  # fmt: skip
+
+
+async def _resolve_titles(stream: StreamApp, batch: list[Pending]) -> None:
+    cache = stream.services.items
+    for p in batch:
+        for hit in p.hits:
+            cache.put_hit(hit)
+    wanted = [p.items.ids[m.item] for p in batch if p.instruction for m in p.instruction.mentions()]
+    missing = cache.missing(wanted)
+    if not missing:
+        return
+    try:
+        found = await stream.services.index.lookup(missing)
+    except IndexUnavailable as error:
+        log.warning("titles unavailable (%s): rendering item ids instead", error)
+        return
+    for hit, _ in found.values():
+        cache.put_hit(hit)
+
+
+def _titles(stream: StreamApp, p: Pending) -> list[str]:
+    titles = []
+    for item_id in p.items.ids:
+        info = stream.services.items.get(item_id)
+        titles.append(info.title if info and info.title else f"item {item_id}")
+    return titles
+
+
+def _fill_unknown(scores: list[float | None]) -> list[float]:
+    """Retrieval scores for fusion: an item the retriever does not know gets less than the least known one."""
+    known = [s for s in scores if s is not None]
+    floor = (min(known) - 1.0) if known else 0.0
+    return [floor if s is None else s for s in scores]
+
+
+async def rerank(stream: StreamApp, batch: list[Pending]) -> float:
+    """One Triton call for the batch; on any failure every query keeps its retrieval order, degraded.
+    Returns the call's duration in ms."""
+    ready = [p for p in batch if p.request is not None]
+    if not ready:
+        return 0.0
+    triton = stream.settings.triton
+    # The client has its own timeouts, retries and circuit breaker; this bound only guarantees an answer.
+    deadline = triton.timeout_s * (triton.retries + 1) + 1.0
+    started = time.perf_counter()
+    try:
+        scores = await asyncio.wait_for(stream.services.reranker.score([p.request for p in ready]), deadline)
+        if len(scores) != len(ready):
+            raise RuntimeError(f"{len(scores)} score lists for {len(ready)} requests")
+    except Exception as error:  # unavailable, timed out, circuit open, or a bad answer: degrade, never drop
+        reason = f"reranker unavailable: {type(error).__name__}: {error}"[:500]
+        for p in ready:
+            p.degrade(reason)
+        _circuit_gauge(stream)
+        return (time.perf_counter() - started) * 1000
+    _circuit_gauge(stream)
+    for p, row in zip(ready, scores, strict=True):
+        p.scores = np.asarray(row, dtype=np.float64)
+    return (time.perf_counter() - started) * 1000
+
+
+def _circuit_gauge(stream: StreamApp) -> None:
+    breaker = getattr(stream.services.reranker, "breaker", None)
+    if breaker is not None:
+        stream.metrics.reranker_circuit_open.set(1 if getattr(breaker.state, "value", "") == "open" else 0)
+
+
+# ------------------------------------------------------------------------------------------------ answer
+
+
+def ranked(p: Pending) -> list[RankedItem]:
+    """The answer: reranked candidates by model score, topped up (or replaced, if not reranked) by retrieval
+    order; at most k items."""
+    by_id = {h.item_id: h for h in p.hits}
+    out: list[RankedItem] = []
+    if p.instruction is not None and p.scores is not None:
+        ids = [p.items.ids[c] for c in p.instruction.candidates]
+        for position in np.argsort(-p.scores, kind="stable"):
+            item = ids[int(position)]
+            out.append(RankedItem(item_id=item, title=by_id[item].title, score=float(p.scores[position])))
+    chosen = {r.item_id for r in out}
+    for hit in p.hits:
+        if len(out) >= p.query.k:
+            break
+        if hit.item_id not in chosen:
+            out.append(RankedItem(item_id=hit.item_id, title=hit.title, score=float(hit.score)))
+    return out[: p.query.k]
+
+
+def recommendation(p: Pending, model_version: str, timings: dict[str, float]) -> Recommendation:
+    reranked = p.instruction is not None and p.scores is not None
+    if not reranked and not p.reasons:
+        p.degrade("fewer than two candidates: retrieval order")
+    return Recommendation(
+        request_id=p.query.request_id,
+        user_id=p.query.user_id,
+        items=tuple(ranked(p)),
+        model_version=model_version if reranked else NO_MODEL,
+        template_id=p.instruction.template_id if p.instruction else NO_TEMPLATE,
+        degraded=bool(p.reasons),
+        reason="; ".join(p.reasons) if p.reasons else None,
+        timings={k: round(max(0.0, v), 3) for k, v in timings.items()},
+    )
+
+
+def publish(stream: StreamApp, p: Pending, answer: Recommendation, impression: Impression | None) -> None:
+    """Record the request as answered and queue the answer — one synchronous step (see streams.served)."""
+    settings = stream.settings.stream
+    with processing(p.event):
+        served = Served.from_bytes(stream.tables.served.get(p.query.user_id))
+        served.record(p.query.request_id, impression, answered=settings.answered_requests,
+                      impressions=settings.impressions)  # fmt: skip
+        stream.tables.served[p.query.user_id] = served.to_bytes()
+        send(stream.topics.recommendations, p.query.user_id, encode(answer), stream.metrics, "recommendations")
+    if answer.degraded:
+        stream.metrics.degraded.labels(_cause(answer.reason or "")).inc()
+
+
+def _cause(reason: str) -> str:
+    for cause in ("reranker", "qdrant", "cold start", "no vectors", "embedding", "error"):
+        if cause in reason:
+            return cause.replace(" ", "_")
+    return "other"
+
+
+def _impression(stream: StreamApp, p: Pending, answer: Recommendation) -> Impression | None:
+    if p.instruction is None:
+        return None
+    titles = _titles(stream, p)
+    return Impression(
+        request_id=p.query.request_id,
+        instruction=p.instruction.text(titles.__getitem__),
+        candidates=tuple(p.items.ids[c] for c in p.instruction.candidates),
+        served=tuple(i.item_id for i in answer.items),
+        template_id=p.instruction.template_id,
+        model_version=answer.model_version,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ the agent
+
+
+async def answer_batch(stream: StreamApp, events: Sequence) -> int:
+    """Answer a micro-batch of query events; returns how many answers were published."""
+    started, wall = time.perf_counter(), time.time()
+    metrics = stream.metrics
+    metrics.events_in.labels("queries").inc(len(events))
+    batch = intake(stream, events, wall)
+    if not batch:
+        return 0
+    metrics.batch_size.observe(len(batch))
+    marks = {"context_ms": time.perf_counter()}
+    try:
+        await embed(stream, batch)
+        marks["embed_ms"] = time.perf_counter()
+        await retrieve(stream, batch)
+        marks["retrieve_ms"] = time.perf_counter()
+        await render(stream, batch)
+        marks["render_ms"] = time.perf_counter()
+        rerank_ms = await rerank(stream, batch)
+        marks["rerank_ms"] = time.perf_counter()
+    except Exception as error:  # a bug: every query still hears back
+        log.exception("query batch failed")
+        for p in batch:
+            stream.dead_letters.send_event(p.event, error)
+            p.instruction, p.hits = None, []
+            p.degrade(f"error: {type(error).__name__}")
+        rerank_ms = 0.0
+    stages, previous = {}, started
+    for name, at in marks.items():
+        stages[name] = (at - previous) * 1000
+        previous = at
+    stages["rerank_ms"] = rerank_ms if "rerank_ms" in marks else 0.0
+    model_version = _model_version(stream)
+    published = 0
+    for p in batch:
+        total = (time.perf_counter() - started) * 1000
+        timings = {"queue_ms": p.queue_ms, **stages, "total_ms": total}
+        try:
+            answer = recommendation(p, model_version, timings)
+            impression = _impression(stream, p, answer)
+        except Exception as error:  # one query's problem stays that query's
+            stream.dead_letters.send_event(p.event, error)
+            answer = Recommendation(request_id=p.query.request_id, user_id=p.query.user_id, items=(),
+                                    model_version=NO_MODEL, template_id=NO_TEMPLATE, degraded=True,
+                                    reason=f"error: {type(error).__name__}")  # fmt: skip
+            impression = None
+        publish(stream, p, answer, impression)
+        published += 1
+    for name, value in stages.items():
+        metrics.stage_seconds.labels(name.removesuffix("_ms")).observe(value / 1000)
+    metrics.stage_seconds.labels("total").observe((time.perf_counter() - started) * 1000 / 1000)
+    return published
+
+
+def _model_version(stream: StreamApp) -> str:
+    try:
+        return str(stream.services.reranker.model_version) or "unknown"
+    except Exception:  # the version is informative; never let it fail an answer
+        return "unknown"
+
+
+def install(stream: StreamApp) -> None:
+    size, window = stream.settings.stream.batch_size, stream.settings.stream.batch_window_s
+
+    async def queries(events_stream):
+        async for events in events_stream.take_events(size, within=window):
+            await answer_batch(stream, events)
+
+    stream.app.agent(stream.topics.queries, name="queries")(queries)

@@ -1,0 +1,318 @@
+"""The process-local services the agents call: the item index, the text encoder, the collaborative retriever,
+the reranker client, and small caches. Built once per worker (`Services.load`) and passed to `create_app`;
+tests pass fakes with the same shape.
+
+Models run on one dedicated thread (`run_model`): torch releases the GIL, so the event loop keeps consuming,
+heartbeating and answering web requests while a query is embedded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+
+from instructrec.config import Settings
+from instructrec.qdrant import AsyncItemIndex, CandidateFilter, Hit, ItemIndex
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class TextEncoderLike(Protocol):
+    @property
+    def dim(self) -> int: ...
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+class RerankerClient(Protocol):
+    """What the queries agent needs from `instructrec.triton.TritonReranker`."""
+
+    @property
+    def model_version(self) -> str: ...
+
+    async def score(self, requests: Sequence[bytes]) -> list[np.ndarray]: ...
+
+
+# ------------------------------------------------------------------------------------------------- caches
+
+
+@dataclass(frozen=True, slots=True)
+class ItemInfo:
+    title: str
+    categories: tuple[str, ...] = ()
+    year: int | None = None
+
+
+class ItemCache:
+    """Titles and filterable attributes of recently seen items (LRU): what the instruction renderer and the
+    Qdrant-free fallback need, without a round trip per history item."""
+
+    def __init__(self, capacity: int = 50_000) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[str, ItemInfo] = OrderedDict()
+
+    def put(self, item_id: str, info: ItemInfo) -> None:
+        self._items[item_id] = info
+        self._items.move_to_end(item_id)
+        if len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def put_hit(self, hit: Hit) -> None:
+        self.put(hit.item_id, ItemInfo(hit.title, hit.categories, hit.year))
+
+    def get(self, item_id: str) -> ItemInfo | None:
+        info = self._items.get(item_id)
+        if info is not None:
+            self._items.move_to_end(item_id)
+        return info
+
+    def missing(self, item_ids: Iterable[str]) -> list[str]:
+        return [i for i in dict.fromkeys(item_ids) if i not in self._items]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class CachedEncoder:
+    """Intention vectors, remembered (LRU): people phrase needs alike ("something funny"), and embedding one
+    short text costs tens of ms on a busy CPU. Used from the one model thread only, so it needs no lock."""
+
+    def __init__(self, encoder: TextEncoderLike, capacity: int = 10_000) -> None:
+        self.encoder = encoder
+        self.capacity = capacity
+        self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.hits = self.misses = 0
+
+    @property
+    def dim(self) -> int:
+        return self.encoder.dim
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        missing = [t for t in dict.fromkeys(texts) if t not in self._vectors]
+        self.hits += len(texts) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            for text, vector in zip(missing, self.encoder.encode(missing), strict=True):
+                self._vectors[text] = vector
+        out = np.stack([self._vectors[t] for t in texts])
+        for text in texts:
+            self._vectors.move_to_end(text)
+        while len(self._vectors) > self.capacity:
+            self._vectors.popitem(last=False)
+        return out
+
+
+class Popularity:
+    """Most-clicked items: a prior from the trained popularity retriever, plus what this worker has seen
+    on the clicks topic since it started. The answer of last resort (cold start, Qdrant down)."""
+
+    def __init__(self, prior: dict[str, float] | None = None, live_weight: float = 1.0) -> None:
+        self.prior = prior or {}
+        self.live: Counter[str] = Counter()
+        self.live_weight = live_weight
+
+    def count(self, item_id: str) -> None:
+        self.live[item_id] += 1
+
+    def top(self, k: int, flt: CandidateFilter, info: Callable[[str], ItemInfo | None]) -> list[tuple[str, float]]:
+        scores = Counter(self.prior)
+        for item, n in self.live.items():
+            scores[item] += self.live_weight * n
+        out = []
+        for item, score in scores.most_common():
+            known = info(item)
+            if flt.accepts(item, known.categories if known else (), known.year if known else None):
+                out.append((item, float(score)))
+                if len(out) == k:
+                    break
+        return out
+
+
+# ------------------------------------------------------------------------------------- collaborative vectors
+
+
+@dataclass
+class Collaborative:
+    """The trained vector retriever (SASRec) in-process: query vectors for a user's recent items, the item
+    vectors that go into Qdrant's "cf" field, and the retrieval scores the reranker may fuse with its own."""
+
+    retriever: Any  # a VectorRetriever: item_vectors(), query_vectors(histories of dense rows)
+    item_ids: list[str]  # row → catalogue item id
+    fusion_weight: float = 0.0
+    name: str = "sasrec"
+    rows: dict[str, int] = field(init=False)
+    vectors: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.vectors = np.asarray(self.retriever.item_vectors(), dtype=np.float32)
+        if len(self.vectors) != len(self.item_ids):
+            raise ValueError(f"{len(self.vectors)} item vectors but {len(self.item_ids)} item ids")
+        self.rows = {item_id: row for row, item_id in enumerate(self.item_ids)}
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def vector_of(self, item_id: str) -> np.ndarray | None:
+        row = self.rows.get(item_id)
+        return None if row is None else self.vectors[row]
+
+    def known(self, item_ids: Iterable[str]) -> list[int]:
+        return [self.rows[i] for i in item_ids if i in self.rows]
+
+    def query_vectors(self, histories: Sequence[Sequence[str]]) -> list[np.ndarray | None]:
+        """One query vector per history (item ids, oldest first); None when the retriever knows none of them."""
+        rows = [self.known(h) for h in histories]
+        wanted = [i for i, r in enumerate(rows) if r]
+        out: list[np.ndarray | None] = [None] * len(histories)
+        if wanted:
+            vectors = self.retriever.query_vectors([rows[i] for i in wanted])
+            for i, vector in zip(wanted, vectors, strict=True):
+                out[i] = np.asarray(vector, dtype=np.float32)
+        return out
+
+    def scores(self, query: np.ndarray, item_ids: Sequence[str]) -> list[float | None]:
+        return [None if (row := self.rows.get(i)) is None else float(self.vectors[row] @ query) for i in item_ids]
+
+    def neighbours(self, query: np.ndarray, k: int, flt: CandidateFilter,
+                   info: Callable[[str], ItemInfo | None]) -> list[tuple[str, float]]:  # fmt: skip
+        """Top-k items by the query vector without Qdrant (the fallback when it is down)."""
+        scores = self.vectors @ query
+        out = []
+        for row in np.argsort(-scores):
+            item = self.item_ids[int(row)]
+            known = info(item)
+            if flt.accepts(item, known.categories if known else (), known.year if known else None):
+                out.append((item, float(scores[row])))
+                if len(out) == k:
+                    break
+        return out
+
+
+def load_collaborative(settings: Settings) -> Collaborative | None:
+    """The pipeline's retriever from `artifacts/<dataset>/`, when it was trained and is a vector retriever.
+
+    Item ids come from `retrievers/<name>/item_ids.json` when present, else from the reranker's saved ids
+    (`reranker/best/reranker.json`, the same dataset order), else from loading the dataset itself.
+    """
+    from instructrec.retrieval.base import load_retriever
+
+    root = Path(settings.model.artifacts) / settings.stream.dataset
+    name, weight = "sasrec", 0.0
+    if (root / "pipeline.json").is_file():
+        pipeline = json.loads((root / "pipeline.json").read_text())
+        name, weight = pipeline.get("retriever", name), float(pipeline.get("fusion_weight", 0.0))
+    directory = root / "retrievers" / name
+    if not (directory / "config.json").is_file():
+        log.info("no trained retriever at %s: candidates come from text vectors only", directory)
+        return None
+    retriever = load_retriever(directory)
+    if not hasattr(retriever, "item_vectors") or not hasattr(retriever, "query_vectors"):
+        log.info("retriever %s has no vectors: candidates come from text vectors only", name)
+        return None
+    item_ids = _item_ids(root, directory, settings)
+    if item_ids is None:
+        return None
+    return Collaborative(retriever, item_ids, weight, name)
+
+
+def _item_ids(root: Path, directory: Path, settings: Settings) -> list[str] | None:
+    if (directory / "item_ids.json").is_file():
+        return [str(i) for i in json.loads((directory / "item_ids.json").read_text())]
+    meta = root / "reranker" / "best" / "reranker.json"
+    if meta.is_file():
+        ids = json.loads(meta.read_text()).get("item_ids")
+        if ids:
+            return [str(i) for i in ids]
+    try:
+        from instructrec.data import load
+
+        dataset = load(settings.stream.dataset, root=settings.data_root)
+    except (FileNotFoundError, ValueError) as error:
+        log.warning("cannot map the retriever's rows to item ids (%s): not using it", error)
+        return None
+    return [item.id for item in dataset.items]
+
+
+def load_popularity(settings: Settings, collaborative: Collaborative | None) -> Popularity:
+    """Popularity counts of the trained model, when there are counts and item ids to name them with."""
+    directory = Path(settings.model.artifacts) / settings.stream.dataset / "retrievers" / "popularity"
+    if collaborative is None or not (directory / "config.json").is_file():
+        return Popularity()
+    from instructrec.retrieval.popularity import Popularity as Counts
+
+    counts = Counts.load(directory).counts
+    if len(counts) != len(collaborative.item_ids):
+        return Popularity()
+    top = np.argsort(-counts)[:1000]
+    return Popularity({collaborative.item_ids[int(r)]: float(counts[r]) for r in top})
+
+
+# ------------------------------------------------------------------------------------------------ services
+
+
+@dataclass
+class Services:
+    index: AsyncItemIndex
+    encoder: TextEncoderLike
+    reranker: RerankerClient
+    collaborative: Collaborative | None = None
+    popularity: Popularity = field(default_factory=Popularity)
+    items: ItemCache = field(default_factory=ItemCache)
+    intentions: CachedEncoder = field(init=False)  # the encoder behind a cache, for query texts
+    _models: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="models"), repr=False
+    )
+
+    def __post_init__(self) -> None:
+        self.intentions = CachedEncoder(self.encoder)
+
+    async def run_model(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._models, fn, *args)
+
+    @classmethod
+    def load(cls, settings: Settings, reranker: RerankerClient | None = None) -> Services:
+        """Everything from configuration: the Qdrant storage or server, MiniLM, the trained retriever (if
+        any) and the Triton client. Opening embedded Qdrant takes its file lock."""
+        import torch
+
+        from instructrec.retrieval.text import TextEncoder
+
+        # One intra-op thread: a query is a handful of tokens, and the reranker on Triton needs the cores.
+        torch.set_num_threads(1)
+        collaborative = load_collaborative(settings)
+        cf_dim = collaborative.dim if collaborative is not None else settings.qdrant.cf_dim
+        index = ItemIndex(settings.qdrant, cf_dim=cf_dim)
+        index.ensure_collection()
+        if reranker is None:
+            from instructrec.triton import TritonReranker
+
+            reranker = TritonReranker(settings.triton)
+        encoder = TextEncoder()
+        encoder.encode(["warm-up: the first call pays for lazy initialisation"])
+        return cls(
+            index=AsyncItemIndex(index),
+            encoder=encoder,
+            reranker=reranker,
+            collaborative=collaborative,
+            popularity=load_popularity(settings, collaborative),
+        )
+
+    async def close(self) -> None:
+        close = getattr(self.reranker, "close", None)
+        if close is not None:
+            result = close()
+            if asyncio.iscoroutine(result):
+                await result
+        await self.index.close()
+        self._models.shutdown(wait=False)

@@ -1,0 +1,131 @@
+"""Two workers (separate processes, one consumer group): one stops mid-replay and every query is still
+answered exactly once, by whichever worker owns its partition — including the users whose context the
+survivor had to recover from the changelog.
+
+Embedded Qdrant is owned by one process, so each worker gets its own copy of a catalogue built here
+beforehand (a Qdrant server would be shared instead). The reranker model is not loaded in this module:
+answers come degraded in retrieval order, which is immaterial to delivery and keeps the test cheap on two
+busy cores (the pipeline module covers the reranked path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from instructrec.config import Settings
+from instructrec.events import QueryEvent
+from instructrec.infra import free_port
+from instructrec.qdrant import IndexedItem, ItemIndex
+from streams.process import WorkerProcess
+from tests.integration.test_stream_pipeline import DATA_ROOT, TIMEOUT_S, Listener, answers, stream_settings
+from workers.index import item_text
+from workers.producer import EventProducer
+from workers.replay import ReplayConfig, replay, replay_events
+
+pytestmark = pytest.mark.integration
+
+N_ITEMS = 80
+USERS = 8
+QUERIES_PER_USER = 6
+RATE_QPS = 6.0
+
+
+def build_catalog(settings: Settings, dataset, also: set[str]) -> None:
+    """The first N_ITEMS items plus `also` (what the replayed users watched: their history is searched)."""
+    from instructrec.retrieval.text import TextEncoder
+
+    items = [item for n, item in enumerate(dataset.items) if n < N_ITEMS or item.id in also]
+    vectors = TextEncoder().encode([item_text(item) for item in items])
+    with ItemIndex(settings.qdrant) as index:
+        index.ensure_collection()
+        index.upsert([IndexedItem(i.id, i.display_title, i.genres, i.year, vectors[n]) for n, i in enumerate(items)])
+
+
+async def test_stopping_a_worker_mid_replay_loses_and_repeats_no_answer(
+    local_infra, kafka, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from instructrec.data import load
+
+    if not (DATA_ROOT / "ml-latest-small").is_dir():
+        pytest.skip(f"ml-latest-small not found under {DATA_ROOT}")
+    dataset = load("ml-latest-small", root=DATA_ROOT)
+    root = tmp_path_factory.mktemp("failover")
+    base = local_infra.settings
+    # The reranker is absent here: fail fast (no retries) so degraded answers come quickly.
+    base = base.model_copy(update={"triton": base.triton.model_copy(update={"reranker_model": "not-loaded"})})
+    settings = stream_settings(base, root)
+    settings.triton.retries, settings.triton.timeout_s = 0, 2.0
+    clicks = replay_events(dataset, ReplayConfig(users=USERS, max_per_user=12, query_every=0))
+    build_catalog(settings, dataset, {c.item_id for c in clicks})
+    storage = {name: root / f"qdrant-{name}" for name in ("a", "b")}
+    for path in storage.values():
+        shutil.copytree(settings.qdrant.path, path)
+
+    def worker(name: str) -> WorkerProcess:
+        mine = settings.model_copy(update={"qdrant": settings.qdrant.model_copy(update={"path": storage[name]})})
+        return WorkerProcess(mine, web_port=free_port(), log=root / f"worker-{name}.log")
+
+    a, b = worker("a").start(), worker("b").start()
+    try:
+        a.wait_healthy(TIMEOUT_S)
+        b.wait_healthy(TIMEOUT_S)
+        await _settled(a, b, settings.kafka.partitions)
+
+        # Histories first (clicks and queries travel on separate topics), then the queries, paced.
+        await replay(settings.kafka, clicks, progress=False)
+        users = sorted({c.user_id for c in clicks})
+        queries = [QueryEvent(user_id=u, k=5) for _ in range(QUERIES_PER_USER) for u in users]
+        await asyncio.sleep(3.0)
+
+        async with Listener(settings, "recommendations") as listener:
+            async with EventProducer(settings.kafka) as producer:
+                for n, query in enumerate(queries):
+                    if n == len(queries) // 3:
+                        assert b.stop(signal.SIGTERM) == 0  # mid-replay; a graceful stop
+                    await producer.send(query, wait=True)
+                    await asyncio.sleep(1 / RATE_QPS)
+            wanted = {q.request_id for q in queries}
+            await listener.wait_for(lambda: wanted <= set(answers(listener)), timeout_s=TIMEOUT_S)
+            await asyncio.sleep(5.0)  # time for any duplicate to show up
+            got = answers(listener)
+    finally:
+        for process in (a, b):
+            process.stop()
+
+    counts = {request_id: len(got.get(request_id, [])) for request_id in (q.request_id for q in queries)}
+    assert all(n == 1 for n in counts.values()), {r: n for r, n in counts.items() if n != 1}
+    # Every user had a history before the queries: none may look like a cold start, also not the users whose
+    # partitions moved to the survivor (it recovered their context from the changelog).
+    for query in queries:
+        [answer] = got[query.request_id]
+        assert answer.template_id != "none" and not (answer.reason or "").startswith("cold start"), answer
+
+
+async def _settled(a: WorkerProcess, b: WorkerProcess, partitions: int, timeout_s: float = TIMEOUT_S) -> None:
+    """Until the group's rebalance has given both workers some of the user-keyed partitions."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        states = [w.health() for w in (a, b)]
+        held = [s["checks"]["kafka"]["partitions"] if s else 0 for s in states]
+        if all(held) and not any(s["checks"]["kafka"]["rebalancing"] for s in states if s):
+            return
+        await asyncio.sleep(1.0)
+    raise TimeoutError(f"the two workers did not share the {partitions} partitions")
+
+
+def test_storage_copies_are_independent(tmp_path: Path) -> None:
+    """Guard for the set-up above: a copied embedded storage opens on its own (its lock is not shared)."""
+    from instructrec.config import QdrantSettings
+
+    with ItemIndex(QdrantSettings(path=tmp_path / "a"), text_dim=4, cf_dim=2) as index:
+        index.ensure_collection()
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    with ItemIndex(QdrantSettings(path=tmp_path / "a"), text_dim=4, cf_dim=2) as one, \
+            ItemIndex(QdrantSettings(path=tmp_path / "b"), text_dim=4, cf_dim=2) as two:  # fmt: skip
+        assert one.count() == two.count() == 0

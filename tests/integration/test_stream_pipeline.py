@@ -1,0 +1,304 @@
+"""The streaming product end to end: a real worker process on the session's broker, tritonserver serving the
+reranker, and embedded Qdrant — from item, click and query events to recommendations.
+
+The module gets its own topics and consumer group (a run id in every name), so what other tests produce on
+the shared broker never reaches this worker. The reranker is the offline default model (untrained: these
+tests check the plumbing, not ranking quality), exported as a new version into the session's model
+repository; the collaborative retriever is a freshly initialised SASRec saved as artefacts, so the "cf"
+vector path (catalogue vectors, query vectors, fusion) runs for real too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from instructrec import triton_repository
+from instructrec.config import Settings, TopicNames
+from instructrec.events import ClickEvent, DeadLetter, QueryEvent, Recommendation, decode, encode
+from instructrec.infra import free_port, run_sync
+from streams.app import ensure_topics
+from streams.process import WorkerProcess
+from workers.index import index_dataset
+from workers.producer import EventProducer, consume
+from workers.replay import ReplayConfig, replay, replay_events
+
+pytestmark = pytest.mark.integration
+
+DATA_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+MODEL = triton_repository.MODEL_NAME
+N_ITEMS = 120  # embedding is the slow part of indexing (≈ 10–30 items/s on 2 busy cores)
+TIMEOUT_S = 180.0
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def stream_settings(base: Settings, root: Path, *, artifacts: Path | None = None) -> Settings:
+    """`base` (pointed at the session's services) with this module's own topics, group, state and storage."""
+    run = uuid.uuid4().hex[:8]
+    topics = TopicNames(**{role: f"{name}-{run}" for role, name in TopicNames().model_dump().items()})
+    settings = base.model_copy(update={
+        "kafka": base.kafka.model_copy(update={"topics": topics}),
+        "qdrant": base.qdrant.model_copy(update={"url": None, "path": root / "qdrant"}),
+        "stream": base.stream.model_copy(update={"store": "memory", "app_id": f"test-stream-{run}"}),
+        "state_dir": root / "state",
+        "model": base.model.model_copy(update={"artifacts": artifacts or root / "no-artifacts"}),
+        "triton": base.triton.model_copy(update={"timeout_s": 30.0, "retries": 0}),  # a busy CI box is slow
+        "web": base.web.model_copy(update={"recommend_timeout_s": 90.0}),
+    })  # fmt: skip
+    run_sync(ensure_topics(settings))
+    return settings
+
+
+def http(method: str, url: str, body: dict | bytes | None = None, timeout_s: float = 120.0) -> tuple[int, dict]:
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    request = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")
+
+
+class Listener:
+    """Reads a topic from its current end in the background (start it before producing what it should see)."""
+
+    def __init__(self, settings: Settings, role: str) -> None:
+        self.settings, self.role = settings, role
+        self.messages: list[tuple[int, int, bytes | None, bytes | None]] = []
+        self._ready = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    async def __aenter__(self) -> Listener:
+        async def run() -> None:
+            async for message in consume(self.settings.kafka, self.role, ready=self._ready):
+                self.messages.append(message)
+
+        self._task = asyncio.create_task(run())
+        async with asyncio.timeout(60):
+            await self._ready.wait()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def wait_for(self, done, timeout_s: float = TIMEOUT_S) -> None:
+        async with asyncio.timeout(timeout_s):
+            while not done():
+                await asyncio.sleep(0.2)
+
+
+def answers(listener: Listener) -> dict[str, list[Recommendation]]:
+    out: dict[str, list[Recommendation]] = {}
+    for *_, value in listener.messages:
+        answer = decode(Recommendation, value)
+        out.setdefault(answer.request_id, []).append(answer)
+    return out
+
+
+async def ask(settings: Settings, queries: list[QueryEvent]) -> dict[str, list[Recommendation]]:
+    """Produce queries and return their answers (every answer per request id, so duplicates would show)."""
+    wanted = {q.request_id for q in queries}
+    async with Listener(settings, "recommendations") as listener:
+        async with EventProducer(settings.kafka) as producer:
+            await producer.send_all(queries)
+        await listener.wait_for(lambda: wanted <= set(answers(listener)))
+        await asyncio.sleep(1.0)  # a duplicate, if any, would arrive right behind
+    return {r: a for r, a in answers(listener).items() if r in wanted}
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    from instructrec.data import load
+
+    if not (DATA_ROOT / "ml-latest-small").is_dir():
+        pytest.skip(f"ml-latest-small not found under {DATA_ROOT}")
+    return load("ml-latest-small", root=DATA_ROOT)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory, dataset) -> Path:
+    """A SASRec that was never trained (vectors from its initialisation) and popularity counts."""
+    from instructrec.retrieval.popularity import Popularity
+    from instructrec.retrieval.sasrec import SASRec, SASRecConfig, SASRecNet
+
+    root = tmp_path_factory.mktemp("artifacts")
+    folder = root / "ml-latest-small"
+    config = SASRecConfig(n_items=dataset.n_items, max_len=50)
+    SASRec(config=config, net=SASRecNet(config).eval()).save(folder / "retrievers" / "sasrec")
+    (folder / "retrievers" / "sasrec" / "item_ids.json").write_text(json.dumps([i.id for i in dataset.items]))
+    Popularity().fit_sequences([dataset.sequence(u) for u in range(dataset.n_users)], dataset.n_items).save(
+        folder / "retrievers" / "popularity")  # fmt: skip
+    (folder / "pipeline.json").write_text(json.dumps({"retriever": "sasrec", "fusion_weight": 0.3}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def reranker_version(local_infra, triton, tmp_path_factory: pytest.TempPathFactory):
+    """The offline default reranker exported as a new version and loaded into the session's Triton."""
+    from instructrec.model.reranker import default_model
+
+    saved = tmp_path_factory.mktemp("reranker") / "model"
+    default_model().save_pretrained(saved)
+    folder = triton_repository.export_version(saved, local_infra.model_repository, link=True)
+    state = local_infra.start_triton(models=[MODEL])
+    yield folder.name
+    import tritonclient.http as httpclient
+
+    httpclient.InferenceServerClient(state.http_url, network_timeout=TIMEOUT_S).unload_model(MODEL)
+
+
+@pytest.fixture(scope="module")
+def settings(local_infra, kafka, reranker_version, artifacts, tmp_path_factory) -> Settings:
+    base = local_infra.settings
+    base = base.model_copy(update={"stream": base.stream.model_copy(update={"dataset": "ml-latest-small"})})
+    return stream_settings(base, tmp_path_factory.mktemp("stream"), artifacts=artifacts)
+
+
+@pytest.fixture(scope="module")
+def worker(settings: Settings) -> WorkerProcess:
+    with WorkerProcess(settings, web_port=free_port(), log=settings.state_dir / "worker.log") as process:
+        process.wait_healthy(TIMEOUT_S)
+        yield process
+
+
+# ------------------------------------------------------------------------------------------------ tests
+
+
+async def test_the_catalog_is_indexed(worker: WorkerProcess, settings: Settings, dataset) -> None:
+    await index_dataset(settings.kafka, dataset, limit=N_ITEMS, progress=False)
+    async with asyncio.timeout(TIMEOUT_S):
+        while (worker.health() or {}).get("checks", {}).get("qdrant", {}).get("items") != N_ITEMS:
+            await asyncio.sleep(1.0)
+    status, state = http("GET", worker.url("/health"))
+    assert status == 200 and state["checks"]["reranker"]["circuit"] == "closed"
+
+
+async def test_a_replayed_user_gets_recommendations_without_consumed_items(
+    worker: WorkerProcess, settings: Settings, dataset, reranker_version: str
+) -> None:
+    events = replay_events(dataset, ReplayConfig(users=3, max_per_user=25, query_every=0))
+    await replay(settings.kafka, events, progress=False)
+    users = sorted({e.user_id for e in events})
+    consumed = {u: {e.item_id for e in events if e.user_id == u} for u in users}
+    async with asyncio.timeout(TIMEOUT_S):  # clicks and queries are separate topics: let the clicks land
+        for user in users:
+            while len(http("GET", worker.url(f"/users/{user}/context"))[1].get("history", ())) < len(consumed[user]):
+                await asyncio.sleep(0.5)
+
+    queries = [QueryEvent(user_id=u, k=10) for u in users]
+    queries.append(QueryEvent(user_id=users[0], k=5, text="a 1990s sci-fi thriller"))
+    got = await ask(settings, queries)
+    for query in queries:
+        [answer] = got[query.request_id]
+        assert not answer.degraded, answer.reason
+        assert answer.model_version == reranker_version
+        assert len(answer.items) == query.k
+        assert not consumed[query.user_id] & {item.item_id for item in answer.items}
+        assert all(item.title for item in answer.items)
+        expected = "-I2-T3-" if query.text else "-I0-T3-"
+        assert expected in answer.template_id and answer.template_id[:2] in ("P1", "P2")
+        assert answer.timings["rerank_ms"] > 0
+
+
+async def test_post_recommend_and_the_other_views(worker: WorkerProcess, dataset) -> None:
+    user = dataset.users[0]
+    status, answer = http("POST", worker.url("/recommend"), {"user_id": user, "k": 3, "text": "something funny"})
+    assert status == 200 and len(answer["items"]) == 3 and answer["user_id"] == user
+    status, error = http("POST", worker.url("/recommend"), {"user_id": user, "k": "three"})
+    assert status == 400 and error["fields"] == ["k"]
+    assert http("POST", worker.url("/recommend"), b"{not json")[0] == 400
+    status, context = http("GET", worker.url(f"/users/{user}/context"))
+    assert status == 200 and context["intention"] == "something funny" and context["history"]
+    assert http("GET", worker.url("/users/nobody-at-all/context"))[0] == 404
+    with urllib.request.urlopen(worker.url("/metrics")) as response:
+        text = response.read().decode()
+    assert 'instructrec_events_in_total{topic="queries"}' in text and "instructrec_stage_seconds_bucket" in text
+
+
+async def test_bad_events_reach_the_dead_letter_topic_and_agents_keep_running(
+    worker: WorkerProcess, settings: Settings, dataset
+) -> None:
+    bad = {
+        settings.kafka.topics.clicks: (b"u1", b'{"user_id": "u1", "item_id": "1", "kind": "teleport"}'),
+        settings.kafka.topics.queries: (b"u1", b"\x00 not json"),
+        settings.kafka.topics.items: (b"9", b'{"item_id": "9", "title": ""}'),
+    }
+    async with Listener(settings, "dead_letter") as listener:
+        producer = AIOKafkaProducer(**settings.kafka.aiokafka_kwargs())
+        await producer.start()
+        try:
+            sent = {topic: await producer.send_and_wait(topic, key=key, value=value)
+                    for topic, (key, value) in bad.items()}  # fmt: skip
+            # a mis-keyed click: valid, but not partitioned by its user
+            click = ClickEvent(user_id="u2", item_id="1", kind="click")
+            wrong_key = await producer.send_and_wait(settings.kafka.topics.clicks, key=b"u3", value=encode(click))
+        finally:
+            await producer.stop()
+        expected = {(topic, meta.partition, meta.offset) for topic, meta in sent.items()}
+        expected.add((settings.kafka.topics.clicks, wrong_key.partition, wrong_key.offset))
+
+        def letters() -> dict[tuple, DeadLetter]:
+            found = (decode(DeadLetter, value) for *_, value in listener.messages)
+            return {(d.source_topic, d.partition, d.offset): d for d in found}
+
+        await listener.wait_for(lambda: expected <= set(letters()))
+        got = {topic: letters()[(topic, meta.partition, meta.offset)] for topic, meta in sent.items()}
+    topics = settings.kafka.topics
+    assert "field 'kind'" in got[topics.clicks].error
+    assert got[topics.queries].raw_bytes == b"\x00 not json" and "not JSON" in got[topics.queries].error
+    assert "field 'title'" in got[topics.items].error
+    # ... and the agents are still answering
+    status, answer = http("POST", worker.url("/recommend"), {"user_id": dataset.users[1], "k": 2})
+    assert status == 200 and len(answer["items"]) == 2
+
+
+def test_cli_produce_and_subscribe(worker: WorkerProcess, settings: Settings, tmp_path: Path, capsysbinary) -> None:
+    """`instructrec produce` validates JSON lines and sends them; `instructrec subscribe` prints JSON lines."""
+    import argparse
+
+    from streams.cli import add_stream_commands
+
+    parser = argparse.ArgumentParser()
+    add_stream_commands(parser.add_subparsers(dest="command", required=True))
+
+    def cli(*argv: str) -> int:
+        args = parser.parse_args(argv)
+        return args.handler(args, settings)
+
+    lines = tmp_path / "queries.jsonl"
+    lines.write_text('{"user_id": "cli-user", "k": 2, "request_id": "cli-1"}\n{"user_id": "cli-user", "k": 0}\n')
+    assert cli("produce", "queries", "--file", str(lines)) == 1  # one line was invalid: reported, not sent
+    assert cli("subscribe", "recommendations", "--from-beginning", "--key", "cli-user", "--count", "1",
+               "--timeout", str(TIMEOUT_S)) == 0  # fmt: skip
+    [line] = capsysbinary.readouterr().out.splitlines()
+    answer = json.loads(line)
+    assert answer["request_id"] == "cli-1" and answer["user_id"] == "cli-user"
+
+
+async def test_with_the_reranker_unloaded_answers_are_degraded_not_lost(
+    worker: WorkerProcess, local_infra, dataset
+) -> None:
+    import tritonclient.http as httpclient
+
+    triton = httpclient.InferenceServerClient(local_infra.state.triton.http_url, network_timeout=TIMEOUT_S)
+    triton.unload_model(MODEL)
+    for _ in range(3):
+        status, answer = http("POST", worker.url("/recommend"), {"user_id": dataset.users[2], "k": 4})
+        assert status == 200 and answer["degraded"] and "reranker unavailable" in answer["reason"]
+        assert len(answer["items"]) == 4 and answer["model_version"] == "retrieval"
+    triton.load_model(MODEL)  # back for whatever runs next

@@ -1,0 +1,344 @@
+"""The agents' logic without Kafka: the query pipeline (dedup, degraded paths, dead letters) and the clicks
+path (context updates, idempotency, feedback), over in-memory tables, topics and services."""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import numpy as np
+import orjson
+import pytest
+
+from instructrec.config import Settings
+from instructrec.events import (
+    ClickEvent,
+    DeadLetter,
+    FeedbackEvent,
+    QueryEvent,
+    QueryFilters,
+    Recommendation,
+    decode,
+    encode,
+)
+from instructrec.model.serving import decode_request
+from instructrec.qdrant import CandidateFilter, Hit, IndexUnavailable
+from streams import clicks, queries
+from streams.app import StreamApp, Tables, Topics
+from streams.deadletter import DeadLetters
+from streams.metrics import Metrics
+from streams.served import Served
+from streams.services import Collaborative, Popularity, Services
+
+# ------------------------------------------------------------------------------------------------- fakes
+
+CATALOG = {  # item id -> (title, categories, year)
+    f"m{i}": (f"Movie {i}", ("Comedy",) if i % 2 else ("Drama",), 1980 + i) for i in range(40)
+}
+
+
+def _vector(key: str, dim: int = 8) -> np.ndarray:
+    rng = np.random.default_rng(zlib.crc32(key.encode()))
+    v = rng.normal(size=dim).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+class FakeTopic:
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, bytes]] = []
+
+    def send_soon(self, *, key=None, value=None, **kwargs) -> None:
+        self.sent.append((key, value))
+
+
+class FakeTable(dict):
+    pass
+
+
+@dataclass
+class FakeEvent:
+    value: bytes
+    key: bytes | None
+    message: SimpleNamespace
+
+
+def event(e, *, topic: str = "queries", offset: int = 0, key: bytes | None = None) -> FakeEvent:
+    raw = encode(e) if not isinstance(e, bytes) else e
+    k = key if key is not None else (e.key.encode() if not isinstance(e, bytes) else None)
+    return FakeEvent(raw, k, SimpleNamespace(topic=topic, partition=1, offset=offset, timestamp=None))
+
+
+@dataclass
+class FakeIndex:
+    """Brute-force search over CATALOG with both vector kinds; `fail` makes every call unavailable."""
+
+    fail: bool = False
+    calls: int = 0
+
+    def _hits(self, using: str, vector: np.ndarray, k: int, flt: CandidateFilter) -> list[Hit]:
+        scored = []
+        for item_id, (title, cats, year) in CATALOG.items():
+            if flt.accepts(item_id, cats, year):
+                score = float(_vector(f"{using}:{item_id}", len(vector)) @ vector)
+                scored.append(Hit(item_id, score, title, cats, year))
+        return sorted(scored, key=lambda h: -h.score)[:k]
+
+    async def search_many(self, searches):
+        self.calls += 1
+        if self.fail:
+            return [IndexUnavailable("qdrant: down") for _ in searches]
+        return [self._hits(using, vector, k, flt) for using, vector, k, flt in searches]
+
+    async def lookup(self, item_ids, vectors=()):
+        if self.fail:
+            raise IndexUnavailable("qdrant: down")
+        return {i: (Hit(i, 0.0, *CATALOG[i]), {n: _vector(f"{n}:{i}") for n in vectors}) for i in item_ids
+                if i in CATALOG}  # fmt: skip
+
+    async def count(self) -> int:
+        return len(CATALOG)
+
+
+class FakeEncoder:
+    dim = 8
+
+    def encode(self, texts):
+        return np.stack([_vector(f"text:{t}") for t in texts])
+
+
+@dataclass
+class FakeReranker:
+    mode: str = "ok"  # ok | fail | hang
+    model_version: str = "7"
+    seen: list[bytes] = field(default_factory=list)
+
+    async def score(self, requests):
+        self.seen.extend(requests)
+        if self.mode == "fail":
+            raise RuntimeError("circuit open: reranker unavailable")
+        if self.mode == "hang":
+            await asyncio.sleep(60)
+        # Deterministic scores: the reverse of the candidates' item ids, so the order is checkable.
+        return [np.array([-int(i[1:]) for i in decode_request(r).candidate_ids], dtype=np.float32)
+                for r in requests]  # fmt: skip
+
+
+class FakeRetriever:
+    def item_vectors(self):
+        return np.stack([_vector(f"cf:{i}") for i in CATALOG])
+
+    def query_vectors(self, histories):
+        vectors = self.item_vectors()
+        return np.stack([vectors[h].mean(axis=0) for h in histories])
+
+
+def make_stream(*, reranker: FakeReranker | None = None, index: FakeIndex | None = None, collaborative=False,
+                popularity: dict | None = None) -> StreamApp:  # fmt: skip
+    settings = Settings()
+    settings.triton.timeout_s, settings.triton.retries = 0.05, 0
+    services = Services(
+        index=index or FakeIndex(),
+        encoder=FakeEncoder(),
+        reranker=reranker or FakeReranker(),
+        collaborative=Collaborative(FakeRetriever(), list(CATALOG)) if collaborative else None,
+        popularity=Popularity(popularity or {}),
+    )
+    topics = Topics(*(FakeTopic() for _ in range(7)))
+    metrics = Metrics()
+    return StreamApp(app=None, settings=settings, services=services, topics=topics,
+                     tables=Tables(FakeTable(), FakeTable()), metrics=metrics,
+                     dead_letters=DeadLetters(topics.dead_letter, metrics), web_port=0)  # fmt: skip
+
+
+def answers(stream: StreamApp) -> list[Recommendation]:
+    return [decode(Recommendation, value) for _, value in stream.topics.recommendations.sent]
+
+
+def letters(stream: StreamApp) -> list[DeadLetter]:
+    return [decode(DeadLetter, value) for _, value in stream.topics.dead_letter.sent]
+
+
+def watch(stream: StreamApp, user: str, items: list[str], *, request_id: str | None = None) -> None:
+    evs = [event(ClickEvent(event_id=f"{user}-{i}", user_id=user, item_id=item, kind="click", ts=float(i + 1),
+                            request_id=request_id), topic="clicks", offset=i)
+           for i, item in enumerate(items)]  # fmt: skip
+    clicks.handle_batch(stream, evs)
+
+
+# ------------------------------------------------------------------------------------------------- queries
+
+
+async def test_a_query_is_reranked_excludes_consumed_items_and_is_recorded_as_answered() -> None:
+    stream = make_stream()
+    watch(stream, "u1", ["m1", "m2", "m3"])
+    query = QueryEvent(request_id="r1", user_id="u1", k=5)
+    assert await queries.answer_batch(stream, [event(query)]) == 1
+    [answer] = answers(stream)
+    ids = [item.item_id for item in answer.items]
+    assert len(ids) == 5 and not {"m1", "m2", "m3"} & set(ids)
+    assert ids == sorted(ids, key=lambda i: int(i[1:]))  # the fake model's order: lowest id number first
+    assert not answer.degraded and answer.model_version == "7"
+    assert answer.template_id.startswith("P1-I0-T3")
+    assert all(item.title.startswith("Movie") for item in answer.items)
+    assert {"queue_ms", "retrieve_ms", "rerank_ms", "total_ms"} <= set(answer.timings)
+    assert stream.topics.recommendations.sent[0][0] == b"u1"  # keyed by user
+    served = Served.from_bytes(stream.tables.served["u1"])
+    assert served.has_answered("r1") and served.impression("r1").served[:5] == tuple(ids)
+
+
+async def test_a_redelivered_query_never_gets_a_second_answer() -> None:
+    stream = make_stream()
+    watch(stream, "u1", ["m1", "m2"])
+    query = QueryEvent(request_id="r1", user_id="u1")
+    await queries.answer_batch(stream, [event(query, offset=7), event(query, offset=7)])  # twice in a batch
+    await queries.answer_batch(stream, [event(query, offset=7)])  # and again later
+    assert len(answers(stream)) == 1
+    assert stream.metrics.duplicates.labels("queries")._value.get() == 2
+
+
+async def test_reranker_failure_answers_in_retrieval_order_flagged_degraded() -> None:
+    stream = make_stream(reranker=FakeReranker("fail"))
+    watch(stream, "u1", ["m1", "m2"])
+    await queries.answer_batch(stream, [event(QueryEvent(request_id="r1", user_id="u1", k=4))])
+    [answer] = answers(stream)
+    assert answer.degraded and "reranker unavailable" in answer.reason
+    assert answer.model_version == queries.NO_MODEL and len(answer.items) == 4
+    scores = [item.score for item in answer.items]
+    assert scores == sorted(scores, reverse=True)  # retrieval order
+
+
+async def test_a_hanging_reranker_times_out_into_a_degraded_answer() -> None:
+    stream = make_stream(reranker=FakeReranker("hang"))
+    watch(stream, "u1", ["m1"])
+    await asyncio.wait_for(queries.answer_batch(stream, [event(QueryEvent(request_id="r1", user_id="u1"))]), 5)
+    [answer] = answers(stream)
+    assert answer.degraded and "TimeoutError" in answer.reason
+
+
+async def test_qdrant_down_falls_back_to_recent_item_neighbours_then_popularity() -> None:
+    stream = make_stream(index=FakeIndex(fail=True), collaborative=True)
+    watch(stream, "u1", ["m1", "m2"])
+    await queries.answer_batch(stream, [event(QueryEvent(request_id="r1", user_id="u1", k=3))])
+    [answer] = answers(stream)
+    assert answer.degraded and "qdrant unavailable" in answer.reason and "neighbours" in answer.reason
+    assert len(answer.items) == 3 and not {"m1", "m2"} & {i.item_id for i in answer.items}
+
+    stream = make_stream(index=FakeIndex(fail=True), popularity={"m5": 10.0, "m1": 9.0, "m7": 8.0})
+    watch(stream, "u1", ["m1"])
+    await queries.answer_batch(stream, [event(QueryEvent(request_id="r2", user_id="u1", k=3))])
+    [answer] = answers(stream)
+    assert answer.degraded and "popularity" in answer.reason
+    assert [i.item_id for i in answer.items][:2] == ["m5", "m7"]  # consumed m1 left out
+
+
+async def test_cold_start_answers_from_popularity_flagged() -> None:
+    stream = make_stream(popularity={"m3": 5.0, "m4": 4.0})
+    await queries.answer_batch(stream, [event(QueryEvent(request_id="r1", user_id="new"))])
+    [answer] = answers(stream)
+    assert answer.degraded and answer.reason.startswith("cold start")
+    assert [i.item_id for i in answer.items] == ["m3", "m4"]
+
+
+async def test_a_text_query_renders_an_intention_and_applies_filters() -> None:
+    reranker = FakeReranker()
+    stream = make_stream(reranker=reranker, collaborative=True)
+    watch(stream, "u1", ["m1", "m2"])
+    query = QueryEvent(request_id="r1", user_id="u1", text="something light and funny", k=5,
+                       filters=QueryFilters(categories=("Comedy",), year_min=1990))  # fmt: skip
+    await queries.answer_batch(stream, [event(query)])
+    [answer] = answers(stream)
+    assert not answer.degraded and "-I1-" in answer.template_id
+    for item in answer.items:
+        _title, cats, year = CATALOG[item.item_id]
+        assert "Comedy" in cats and year >= 1990
+    request = decode_request(reranker.seen[0])
+    assert "something light and funny" in request.instruction.text(request.titles.__getitem__)
+    assert orjson.loads(stream.tables.context["u1"])["i"] == "something light and funny"  # last intention kept
+
+
+async def test_invalid_and_mis_keyed_queries_become_dead_letters_and_the_rest_is_answered() -> None:
+    stream = make_stream()
+    good = QueryEvent(request_id="r1", user_id="u1", text="a 1990s comedy")
+    batch = [
+        event(b'{"user_id": "u1", "k": "ten"}', offset=3),
+        event(QueryEvent(request_id="r2", user_id="u2"), key=b"someone-else", offset=4),
+        event(good, offset=5),
+    ]
+    await queries.answer_batch(stream, batch)
+    dead = letters(stream)
+    assert [(d.source_topic, d.partition, d.offset) for d in dead] == [("queries", 1, 3), ("queries", 1, 4)]
+    assert "field 'k'" in dead[0].error and "not the user_id" in dead[1].error
+    assert [a.request_id for a in answers(stream)] == ["r1"]
+
+
+async def test_an_unexpected_error_still_answers_every_query() -> None:
+    stream = make_stream()
+
+    async def broken(searches):
+        raise KeyError("bug")
+
+    stream.services.index.search_many = broken
+    watch(stream, "u1", ["m1"])
+    await queries.answer_batch(stream, [event(QueryEvent(request_id="r1", user_id="u1"))])
+    [answer] = answers(stream)
+    assert answer.degraded and answer.items == () and answer.reason.startswith("error")
+    assert len(letters(stream)) == 1
+
+
+# -------------------------------------------------------------------------------------------------- clicks
+
+
+async def test_clicks_update_the_context_once_and_join_served_lists_into_feedback() -> None:
+    stream = make_stream()
+    watch(stream, "u1", ["m1", "m2"])
+    await queries.answer_batch(stream, [event(QueryEvent(request_id="r1", user_id="u1", k=5))])
+    served = [i.item_id for i in answers(stream)[0].items]
+    chosen = served[2]
+    follow = ClickEvent(event_id="c1", user_id="u1", item_id=chosen, kind="click", request_id="r1", ts=10.0)
+    assert clicks.handle_batch(stream, [event(follow, topic="clicks"), event(follow, topic="clicks")]) == 1
+    assert clicks.handle_batch(stream, [event(follow, topic="clicks")]) == 0  # redelivered later
+    [(key, raw)] = stream.topics.feedback.sent
+    feedback = decode(FeedbackEvent, raw)
+    assert key == b"u1" and feedback.positive_item_ids == (chosen,)
+    assert feedback.negative_item_ids == tuple(served[:2])
+    history = orjson.loads(stream.tables.context["u1"])["h"]
+    assert [item for item, _ in history] == ["m1", "m2", chosen]
+
+
+def test_invalid_clicks_are_dead_letters_with_their_origin() -> None:
+    stream = make_stream()
+    applied = clicks.handle_batch(stream, [
+        event(b"\xff\xfe", topic="clicks", offset=11),
+        event(b'{"user_id": "u", "item_id": "m1", "kind": "rating"}', topic="clicks", offset=12, key=b"u"),
+        event(ClickEvent(user_id="u", item_id="m1", kind="click"), topic="clicks", offset=13),
+    ])  # fmt: skip
+    assert applied == 1
+    dead = letters(stream)
+    assert [(d.offset, d.source_topic) for d in dead] == [(11, "clicks"), (12, "clicks")]
+    assert "UTF-8" in dead[0].error and "field 'rating'" in dead[1].error
+    assert dead[0].raw_bytes == b"\xff\xfe"
+
+
+@pytest.mark.parametrize(("key", "ok"), [(b"u1", True), (None, False), (b"u2", False)])
+def test_user_keyed_messages_must_be_keyed_by_the_user(key, ok) -> None:
+    assert (clicks.key_problem(key, "u1") is None) is ok
+
+
+def test_intention_vectors_are_cached() -> None:
+    from streams.services import CachedEncoder
+
+    calls: list[list[str]] = []
+
+    class Counting(FakeEncoder):
+        def encode(self, texts):
+            calls.append(list(texts))
+            return super().encode(texts)
+
+    cache = CachedEncoder(Counting(), capacity=2)
+    first = cache.encode(["funny", "scary", "funny"])
+    assert calls == [["funny", "scary"]] and np.allclose(first[0], first[2])
+    cache.encode(["scary", "sad"])  # "funny" is now the least recently used: evicted
+    cache.encode(["funny"])
+    assert calls[1:] == [["sad"], ["funny"]] and (cache.hits, cache.misses) == (2, 4)

@@ -1,0 +1,71 @@
+"""Candidate filters and merging: consumed and excluded items, categories, years, over-fetch sizes, RRF."""
+
+from __future__ import annotations
+
+import pytest
+
+from instructrec.events import ClickEvent, QueryEvent, QueryFilters
+from instructrec.qdrant import CandidateFilter, Hit, fetch_limits
+from streams.candidates import MAX_RERANKED, candidate_filter, merge, sizes
+from streams.context import UserContext
+
+
+def test_filter_accepts_by_categories_any_exclusions_and_inclusive_years() -> None:
+    f = CandidateFilter(categories=frozenset({"Comedy", "Drama"}), exclude_categories=frozenset({"Horror"}),
+                        year_min=1990, year_max=1999, exclude_ids=frozenset({"seen"}))  # fmt: skip
+    assert f.accepts("a", ("Comedy",), 1990)
+    assert f.accepts("a", ("Drama", "Romance"), 1999)
+    assert not f.accepts("a", ("Action",), 1995)  # none of the wanted categories
+    assert not f.accepts("a", ("Comedy", "Horror"), 1995)  # an excluded one
+    assert not f.accepts("a", ("Comedy",), 1989)
+    assert not f.accepts("a", ("Comedy",), 2000)
+    assert not f.accepts("a", ("Comedy",), None)  # no year cannot satisfy a range
+    assert not f.accepts("seen", ("Comedy",), 1995)
+    assert CandidateFilter().accepts("anything")
+    assert not CandidateFilter(exclude_ids=frozenset({"x"})).constrains_payload
+    assert CandidateFilter(year_max=2000).constrains_payload
+
+
+def test_payload_filter_for_the_slow_path() -> None:
+    f = CandidateFilter(categories=frozenset({"Comedy"}), exclude_categories=frozenset({"Horror"}), year_min=1990)
+    qf = f.payload_filter()
+    assert len(qf.must) == 2 and len(qf.must_not) == 1
+    assert CandidateFilter().payload_filter().must is None
+
+
+def test_fetch_limits_cover_the_excluded_ids_then_grow_to_the_cap() -> None:
+    assert fetch_limits(20, CandidateFilter(), 1000) == [20, 80, 320, 1000]
+    excluded = CandidateFilter(exclude_ids=frozenset(str(i) for i in range(100)))
+    assert fetch_limits(20, excluded, 1000)[0] == 120
+    with_payload = CandidateFilter(exclude_ids=frozenset({"a"}), categories=frozenset({"Drama"}))
+    assert fetch_limits(20, with_payload, 1000)[0] == 84
+    assert fetch_limits(20, CandidateFilter(exclude_ids=frozenset(map(str, range(2000)))), 1000) == [1000]
+
+
+def test_candidate_filter_excludes_consumed_items_unless_asked_not_to() -> None:
+    context = UserContext()
+    context.apply(ClickEvent(user_id="u", item_id="watched", kind="click"))
+    query = QueryEvent(user_id="u", filters=QueryFilters(exclude_item_ids=("nope",), categories=("Drama",),
+                                                         year_min=1980))  # fmt: skip
+    f = candidate_filter(query, context)
+    assert f.exclude_ids == {"watched", "nope"}
+    assert f.categories == {"Drama"} and f.year_min == 1980
+    rewatch = QueryEvent(user_id="u", filters=QueryFilters(exclude_seen=False))
+    assert candidate_filter(rewatch, context).exclude_ids == frozenset()
+
+
+@pytest.mark.parametrize(("k", "candidates", "expected"), [
+    (10, 20, (20, 20)), (24, 20, (24, 24)), (26, 20, (26, 26)), (40, 20, (MAX_RERANKED, 40)), (1, 2, (2, 2)),
+])  # fmt: skip
+def test_sizes(k: int, candidates: int, expected: tuple[int, int]) -> None:
+    assert sizes(k, candidates) == expected
+
+
+def test_merge_is_reciprocal_rank_fusion_and_one_list_passes_through() -> None:
+    text = [Hit("a", 0.9), Hit("b", 0.8), Hit("c", 0.7)]
+    history = [Hit("c", 5.0), Hit("d", 4.0), Hit("a", 3.0)]
+    merged = merge([text, history], 10)
+    assert [h.item_id for h in merged][:2] == ["a", "c"]  # in both lists, near the top of each
+    assert {h.item_id for h in merged} == {"a", "b", "c", "d"}
+    assert merge([text, []], 2) == text[:2]
+    assert merge([], 5) == []

@@ -1,0 +1,115 @@
+"""Batch job: a dataset's interactions as click and query events, in time order.
+
+Every rating becomes a `ClickEvent` (kind "rating", the user's first tag on the item as its text). Before
+every `query_every`-th interaction of a user (once the user has `min_history` items) a `QueryEvent` asks for
+recommendations, and the interaction that follows names that query's request id — as a click on a served
+list would, so the clicks agent can join it into feedback. A share `text_rate` of queries carries an
+intention synthesised from the item the user goes on to choose (the training synthesis, no title leaked).
+
+Ids are derived from the dataset, user and position, so a replay sent twice is absorbed by the stream's
+idempotency (seen event ids, answered request ids). `speed` compresses time: the pause between two events is
+their timestamp gap divided by `speed` (capped by `max_gap_s`); 0 sends as fast as the broker takes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import random
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from instructrec.config import KafkaSettings
+from instructrec.data.dataset import Dataset
+from instructrec.events import ClickEvent, Event, QueryEvent
+from instructrec.instructions import specific_intention, vague_intention
+from instructrec.instructions.render import rng_for
+from workers.producer import EventProducer
+
+_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "instructrec/replay")
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    users: int | None = None  # the first N users (in the dataset's user order); None: all
+    max_per_user: int | None = None  # each user's first M interactions; None: all
+    query_every: int = 10  # 0: no queries
+    min_history: int = 5
+    text_rate: float = 0.5
+    k: int = 10
+    seed: int = 0
+
+
+def _id(*parts: object) -> str:
+    return uuid.uuid5(_NAMESPACE, "/".join(map(str, parts))).hex
+
+
+def replay_events(dataset: Dataset, config: ReplayConfig = ReplayConfig()) -> list[Event]:
+    """Every user's interactions (and queries) merged into one time-ordered list."""
+    users = range(dataset.n_users if config.users is None else min(config.users, dataset.n_users))
+    per_user: list[list[tuple[float, int, int, Event]]] = []
+    for u in users:
+        user_id = dataset.users[u]
+        history = dataset.histories[u][: config.max_per_user] if config.max_per_user else dataset.histories[u]
+        stream: list[tuple[float, int, int, Event]] = []
+        for position, x in enumerate(history):
+            item = dataset.items[x.item]
+            request_id = None
+            if config.query_every and position >= config.min_history and position % config.query_every == 0:
+                request_id = _id(dataset.name, user_id, position, "query")
+                text = _intention(dataset, x.item, config, user_id, position)
+                query = QueryEvent(event_id=_id(dataset.name, user_id, position, "query-event"),
+                                   ts=float(x.timestamp), request_id=request_id, user_id=user_id, text=text,
+                                   k=config.k)  # fmt: skip
+                stream.append((float(x.timestamp), u, 2 * position, query))
+            click = ClickEvent(
+                event_id=_id(dataset.name, user_id, position, "click"),
+                ts=float(x.timestamp),
+                user_id=user_id,
+                item_id=item.id,
+                kind="rating" if x.rating is not None else "click",
+                rating=x.rating,
+                text=x.tags[0] if x.tags else None,
+                request_id=request_id,
+            )
+            stream.append((float(x.timestamp), u, 2 * position + 1, click))
+        per_user.append(stream)
+    # Each user's list is already in time order: merge them (ties: user, then position; query before click).
+    return [event for *_, event in heapq.merge(*per_user, key=lambda entry: entry[:3])]
+
+
+def _intention(dataset: Dataset, item: int, config: ReplayConfig, user_id: str, position: int) -> str | None:
+    rng = rng_for(config.seed, f"replay:{user_id}:{position}")
+    if rng.random() >= config.text_rate:
+        return None
+    write = vague_intention if rng.random() < 0.5 else specific_intention
+    return write(dataset.items[item], random.Random(rng.getrandbits(64)))
+
+
+async def replay(kafka: KafkaSettings, events: Sequence[Event], *, speed: float = 0.0, max_gap_s: float = 1.0,
+                 progress: bool = True) -> int:  # fmt: skip
+    """Send events in order, pacing them by `speed` (0: no pacing); returns how many were sent."""
+    columns = (TextColumn("replay"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    async with EventProducer(kafka) as producer:
+        with Progress(*columns, disable=not progress, transient=False) as bar:
+            task = bar.add_task("events", total=len(events))
+            previous: float | None = None
+            for event in events:
+                if speed > 0 and previous is not None:
+                    pause = min(max(0.0, (event.ts - previous) / speed), max_gap_s)
+                    if pause > 0:
+                        await asyncio.sleep(pause)
+                previous = event.ts
+                await producer.send(event)
+                bar.advance(task)
+    return len(events)
