@@ -135,7 +135,6 @@ def build_reranker(config: PipelineConfig, dataset: Dataset, retriever: Retrieve
 
 def fit(dataset: Dataset, out: Path, config: PipelineConfig, resume: bool = True, verbose: bool = True) -> PipelineConfig:
     """Retrievers, then the reranker on the chosen retriever's candidates, then the fusion weight."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     split = LeaveOneOut(dataset)
     out.mkdir(parents=True, exist_ok=True)
     config.seconds.update(fit_retrievers(split, out, config.sasrec, verbose))

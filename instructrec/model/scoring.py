@@ -24,7 +24,6 @@ def score(
     tokenizer = tokenizer or reranker.text_tokenizer()
     was_training = reranker.training
     reranker.eval()
-    out: list[np.ndarray] = []
     # Similar lengths together: padding is most of the cost of a mixed batch.
     order = sorted(range(len(instructions)), key=lambda i: len(instructions[i].parts))
     by_position: dict[int, np.ndarray] = {}
@@ -35,9 +34,8 @@ def score(
             scores = reranker(batch).float().numpy()
             for row, i in enumerate(chunk):
                 by_position[i] = scores[row, : len(instructions[i].candidates)].copy()
-    out = [by_position[i] for i in range(len(instructions))]
     reranker.train(was_training)
-    return out
+    return [by_position[i] for i in range(len(instructions))]
 
 
 def fuse(rerank: np.ndarray, retrieval: np.ndarray, weight: float) -> np.ndarray:
