@@ -19,6 +19,7 @@ from rich.table import Table
 from instructrec.config import Settings
 from instructrec.data.source import DataFormatError
 from instructrec.infra import COMPONENTS, ComponentStatus, InfraError, Infrastructure
+from instructrec.triton_repository import ExportError, add_export_arguments, export_from_args
 from streams.cli import add_stream_commands
 
 console = Console(soft_wrap=True)  # long paths and URLs stay on one line, copy-pasteable
@@ -186,9 +187,24 @@ def _artifacts(args: argparse.Namespace, settings: Settings) -> Path:
     return Path(args.artifacts) if args.artifacts else settings.model.artifacts / Path(args.dataset).name
 
 
+def add_export(commands: argparse._SubParsersAction) -> None:
+    export = commands.add_parser("export", help="export a trained reranker as a new Triton model version")
+    add_export_arguments(export)
+    export.set_defaults(handler=method_export)
+
+
+def method_export(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        console.print(f"exported {export_from_args(args)}")
+    except ExportError as error:
+        errors.print(f"[red]error:[/] {error}", highlight=False)
+        return 2
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ registration
 
-COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_infra, add_method, add_stream_commands)
+COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_infra, add_method, add_export, add_stream_commands)
 
 
 def build_parser() -> argparse.ArgumentParser:
