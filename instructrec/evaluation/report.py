@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from rich.table import Table
 
-COLUMNS = ("NDCG@1", "NDCG@5", "NDCG@10", "Recall@1", "Recall@5", "Recall@10", "MRR@10", "Recall@20", "Recall@50")
+COLUMNS = (
+    "NDCG@1",
+    "NDCG@5",
+    "NDCG@10",
+    "Recall@1",
+    "Recall@5",
+    "Recall@10",
+    "MRR@10",
+    "Recall@20",
+    "Recall@50",
+)
 PROTOCOLS = (
     ("full", "full ranking, history masked (LlamaRec's protocol)"),
     ("full_unmasked", "full ranking, history not masked"),
@@ -12,8 +22,12 @@ PROTOCOLS = (
 )
 
 
-def tables(dataset: str, results: dict[str, dict[str, dict[str, float]]], seconds: dict[str, float]) -> list[Table]:
-    return [table(f"{dataset} — {title}", results[key], seconds) for key, title in PROTOCOLS if key in results]
+def tables(
+    dataset: str, results: dict[str, dict[str, dict[str, float]]], seconds: dict[str, float]
+) -> list[Table]:
+    return [
+        table(f"{dataset} — {title}", results[key], seconds) for key, title in PROTOCOLS if key in results
+    ]
 
 
 def table(title: str, rows: dict[str, dict[str, float]], seconds: dict[str, float]) -> Table:

@@ -5,7 +5,7 @@ transformers from that path only (no hub). Sentence vectors are the attention-ma
 states, L2-normalised, so cosine similarity is the dot product (Qdrant: Distance.COSINE or DOT alike).
 
 An item's text is its title and year, genres and most frequent tags. A history's query vector is the mean of
-its last items' vectors, re-normalised; a free-text intention is embedded directly. Item vectors are cached
+its last 5 items' vectors, re-normalised (weak for next-item prediction, NDCG@10 ≈ .02: it is for intentions); a free-text intention is embedded directly. Item vectors are cached
 as .npy keyed by dataset, model and a hash of the texts, since embedding a catalogue takes a while on CPU.
 """
 
@@ -83,7 +83,7 @@ class TextRetriever:
     def __init__(
         self,
         model_path: str | None = None,
-        history_last: int = 10,
+        history_last: int = 5,  # validation Recall@50 on ml-latest-small: 1 → .098, 5 → .105, 10 → .097
         cache_dir: str | Path | None = None,
         vectors: np.ndarray | None = None,
     ) -> None:

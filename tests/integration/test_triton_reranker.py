@@ -163,3 +163,23 @@ async def test_hot_swap_to_version_2_and_unload(
         assert await reranker.is_ready()
     for scores, expected in zip(got, in_process(Reranker.from_pretrained(saved["v2"]), batch), strict=True):
         np.testing.assert_allclose(scores, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+async def test_an_unreachable_server_is_retried_then_trips_the_circuit(protocol: str) -> None:
+    """No server at all (a free port): transient errors, bounded retries, then the breaker fails fast."""
+    from instructrec.infra import free_port
+    from instructrec.triton import CircuitBreaker, CircuitOpen
+
+    settings = TritonSettings(url=f"127.0.0.1:{free_port()}", protocol=protocol, timeout_s=2.0, retries=1)
+    async with TritonReranker(
+        settings, breaker=CircuitBreaker(failure_threshold=2, reset_timeout_s=60)
+    ) as reranker:
+        assert not await reranker.is_ready()
+        with pytest.raises(RerankerUnavailable, match="after 2 attempt"):
+            await reranker.score_one(b"{}")
+        assert reranker.breaker.state is BreakerState.OPEN
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(CircuitOpen):
+            await reranker.score_one(b"{}")
+        assert asyncio.get_running_loop().time() - started < 0.05  # refused without touching the network

@@ -154,7 +154,9 @@ def test_reranked_with_history_masked():
 
 def _toy_users(n_users=30, n_items=60, seed=0):
     rng = np.random.default_rng(seed)
-    sequences = [rng.choice(n_items, size=rng.integers(5, 20), replace=False).tolist() for _ in range(n_users)]
+    sequences = [
+        rng.choice(n_items, size=rng.integers(5, 20), replace=False).tolist() for _ in range(n_users)
+    ]
     return sequences, [s[-1] for s in sequences], [s[:-1] for s in sequences], n_items
 
 

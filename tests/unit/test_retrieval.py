@@ -128,7 +128,9 @@ def cycle_sasrec():
 def test_sasrec_learns_a_deterministic_next_item(cycle_sasrec):
     curve = [entry["loss"] for entry in cycle_sasrec.log["curve"]]
     assert curve[-1] < 0.5 * curve[0]
-    histories = [[(start + t) % N_CYCLE for t in range(length)] for start in range(N_CYCLE) for length in (3, 8)]
+    histories = [
+        [(start + t) % N_CYCLE for t in range(length)] for start in range(N_CYCLE) for length in (3, 8)
+    ]
     predicted = cycle_sasrec.score(histories).argmax(axis=1)
     expected = [(h[-1] + 1) % N_CYCLE for h in histories]
     assert predicted.tolist() == expected
@@ -152,7 +154,9 @@ def test_sasrec_save_load_round_trip(cycle_sasrec, tmp_path):
 
 def test_sasrec_early_stops_on_validation_and_is_seeded():
     split = toy_split(cycle_sequences(n_users=30), N_CYCLE)
-    config = dict(d=16, blocks=1, heads=1, max_len=20, lr=5e-3, batch_size=16, epochs=6, eval_every=2, patience=1)
+    config = dict(
+        d=16, blocks=1, heads=1, max_len=20, lr=5e-3, batch_size=16, epochs=6, eval_every=2, patience=1
+    )
     a = SASRec(SASRecConfig(**config)).fit(split)
     b = SASRec(SASRecConfig(**config)).fit(split)
     assert a.log["best_valid_ndcg10"] is not None and a.log["train_seconds"] >= 0
