@@ -371,41 +371,50 @@ class TritonReranker:
         return results
 
     async def score_one(self, request: bytes) -> np.ndarray:
+        """One request's scores under the failure policy of the module docstring."""
         self.stats.calls += 1
         attempts = self.settings.retries + 1
-        for attempt in range(attempts):
-            try:
-                self.breaker.acquire()
-            except CircuitOpen:
-                self.stats.rejected += 1
-                self.stats.failures += 1
-                raise
-            self.stats.attempts += 1
+        for attempt in range(1, attempts + 1):
+            self._admit()
             try:
                 scores, version = await self._infer(request)
             except asyncio.CancelledError:
                 self.breaker.release()
                 raise
-            except Exception as error:  # classified below: request, transient or server error
-                kind = classify(error)
-                if kind == "request":
-                    self.breaker.record_success()  # the server is healthy; the request is not
-                    self.stats.malformed += 1
-                    raise RerankerRequestError(str(error)) from error
-                self.breaker.record_failure()
-                if kind == "transient" and attempt + 1 < attempts:
-                    self.stats.retries += 1
-                    await self._sleep(self.backoff.delay(attempt, self._rng))
-                    continue
-                self.stats.failures += 1
-                raise RerankerUnavailable(
-                    f"reranker call failed after {attempt + 1} attempt(s): {_describe(error)}"
-                ) from error
+            except Exception as error:  # sorted by `_after_failure`: it raises unless a retry is due
+                await self._after_failure(error, attempt, attempts)
+                continue
             self.breaker.record_success()
             if version:
                 self._model_version = version
             return np.asarray(scores, dtype=np.float32)
-        raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
+        raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
+
+    def _admit(self) -> None:
+        try:
+            self.breaker.acquire()
+        except CircuitOpen:
+            self.stats.rejected += 1
+            self.stats.failures += 1
+            raise
+        self.stats.attempts += 1
+
+    async def _after_failure(self, error: Exception, attempt: int, attempts: int) -> None:
+        """Raise what the caller should see, or wait out the backoff when the error is worth a retry."""
+        kind = classify(error)
+        if kind == "request":
+            self.breaker.record_success()  # the server answered: it is healthy, the request is not
+            self.stats.malformed += 1
+            raise RerankerRequestError(str(error)) from error
+        self.breaker.record_failure()
+        if kind == "transient" and attempt < attempts:
+            self.stats.retries += 1
+            await self._sleep(self.backoff.delay(attempt - 1, self._rng))
+            return
+        self.stats.failures += 1
+        raise RerankerUnavailable(
+            f"reranker call failed after {attempt} attempt(s): {_describe(error)}"
+        ) from error
 
     async def _infer(self, request: bytes) -> tuple[np.ndarray, str]:
         timeout_s = self.settings.timeout_s

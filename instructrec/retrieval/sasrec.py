@@ -10,6 +10,10 @@ dot products with the item embeddings: the item vectors can go straight into a v
 
 Sequences are right-padded (item index + 1, 0 = padding) and positions count from the first item shown, so a
 causal mask alone keeps real positions from ever seeing padding. Longer sequences keep their last `max_len`.
+
+On ml-latest-small the defaults train in ~8 min on one CPU thread (early stop near epoch 30-45; on a shared
+CPU use torch.set_num_threads(1): two threads spin-waiting against other processes ran 10x slower) and
+reach validation NDCG@10 .072/.075 (seeds 0/1), test .060/.056, full ranking with the history masked.
 """
 
 from __future__ import annotations
