@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     dataset = load(args.dataset, root=args.data_root)
     out = Path(args.artifacts or REPO / "artifacts" / args.dataset)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)  # logs get the whole table, not 80 columns
     console.print(dataset.describe())
     if not (args.reuse and (out / "pipeline.json").exists()):
         config = experiment.PipelineConfig()

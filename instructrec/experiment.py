@@ -80,6 +80,20 @@ def candidates_fn(retriever: Retriever, chunk: int = 1024):
     return retrieve
 
 
+def prior_fn(retriever: Retriever, chunk: int = 1024):
+    """(histories, candidate lists) → the retriever's scores of those candidates: the prior the reranker is
+    trained against, on the same scale as the scores `tune_fusion` and the evaluation fuse with."""
+
+    def prior(histories: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        out: list[np.ndarray] = []
+        for start in range(0, len(histories), chunk):
+            scores = retriever.score(histories[start : start + chunk])
+            out.extend(row[list(cands)] for row, cands in zip(scores, candidates[start : start + chunk], strict=True))
+        return out
+
+    return prior
+
+
 # -- fitting -----------------------------------------------------------------------------------------
 
 
@@ -144,7 +158,7 @@ def fit(dataset: Dataset, out: Path, config: PipelineConfig, resume: bool = True
     reranker = build_reranker(config, dataset, retriever)
     synthesizer = Synthesizer(dataset, SynthesisConfig(n_candidates=config.k))
     result = train(reranker, dataset, split, candidates_fn(retriever), synthesizer, config.train,
-                   out / "reranker", resume=resume)
+                   out / "reranker", resume=resume, prior=prior_fn(retriever))
     config.seconds["reranker"] = result.seconds
     best = Reranker.from_pretrained(out / "reranker" / "best")
     config.fusion_weight = tune_fusion(best, dataset, split, retriever, config.k)

@@ -7,6 +7,12 @@ listwise cross-entropy for matching and reranking (T2, T3), a two-way choice for
 logistic loss for pointwise (T0). Validation reranks each user's retrieved candidates for the held-out
 item; training stops early when validation NDCG@10 stops improving, keeping the best checkpoint.
 
+With a `prior` (the retriever's scores of the candidates) the reranker learns a residual: its logits plus
+`prior_weight` × the retriever's log-softmax go into the listwise loss, the same product of experts that
+serving computes (`scoring.fuse`). The gradient then goes to the lists the retriever orders badly, instead of
+spending a small model's capacity on relearning what the collaborative retriever already knows; validation
+measures the same fused order.
+
 Resumable: `last/` holds the latest model and `trainer.pt` the optimiser, schedule, epoch and best score.
 """
 
@@ -28,10 +34,12 @@ from instructrec.data.dataset import Dataset
 from instructrec.data.split import LeaveOneOut, Stage
 from instructrec.instructions import YES, Example, Instruction, Synthesizer, Task, request_instruction
 from instructrec.model.reranker import Reranker
-from instructrec.model.scoring import score
+from instructrec.model.scoring import fuse, score
 
 # Retrieval for training and validation: histories -> top-k items per history (history excluded).
 Candidates = Callable[[Sequence[Sequence[int]], int], list[list[int]]]
+# The retriever's scores of given candidates: (histories, candidate lists) -> one score array per list.
+Prior = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]]], list[np.ndarray]]
 
 
 @dataclass
@@ -50,6 +58,8 @@ class TrainConfig:
     max_minutes: float = 30.0
     seed: int = 0
     grad_clip: float = 1.0
+    prior_weight: float = 1.0  # weight of the retriever's log-softmax in the trained product of experts
+    random_negatives: int = 4  # of a list's negatives, this many are random unseen items (see training_examples)
 
 
 @dataclass
@@ -70,6 +80,7 @@ def train(
     config: TrainConfig,
     out: str | Path,
     resume: bool = True,
+    prior: Prior | None = None,
 ) -> TrainResult:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -89,11 +100,12 @@ def train(
         schedule.load_state_dict(saved["schedule"])
         state = saved["state"]
 
-    valid = validation_set(dataset, split, retrieve, synthesizer, config.candidates, "valid")
+    weight = config.prior_weight if prior is not None else 0.0
+    valid = validation_set(dataset, split, retrieve, synthesizer, config.candidates, "valid", prior)
     started = time.perf_counter() - state["seconds"]
     with _progress() as progress:
         for epoch in range(state["epoch"], config.epochs):
-            examples = training_examples(dataset, split, retrieve, synthesizer, config, epoch)
+            examples, priors = training_examples(dataset, split, retrieve, synthesizer, config, epoch, prior)
             task = progress.add_task(f"epoch {epoch + 1}/{config.epochs}", total=len(examples))
             reranker.train()
             losses = []
@@ -102,7 +114,7 @@ def train(
                     break  # the budget holds mid-epoch too: validate and keep what was learned
                 chunk = examples[start : start + config.batch_size]
                 batch = tokenizer.collate([e.instruction for e in chunk], title_of, row_of)
-                loss = example_loss(reranker(batch, train=True), chunk)
+                loss = example_loss(reranker(batch, train=True), chunk, priors[start : start + config.batch_size], weight)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(reranker.parameters(), config.grad_clip)
@@ -112,7 +124,7 @@ def train(
                 progress.update(task, advance=len(chunk), description=f"epoch {epoch + 1} loss {np.mean(losses[-50:]):.3f}")
                 if not progress.console.is_terminal and len(losses) % 50 == 0:  # logs get a line now and then
                     progress.console.print(f"epoch {epoch + 1} step {len(losses)}: loss {np.mean(losses[-50:]):.4f}")
-            ndcg = rerank_ndcg10(reranker, valid, title_of, row_of)
+            ndcg = rerank_ndcg10(reranker, valid, title_of, row_of, weight)
             state["seconds"] = time.perf_counter() - started
             state["history"].append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "valid_ndcg10": ndcg,
                                      "seconds": round(state["seconds"], 1)})
@@ -148,13 +160,21 @@ def training_examples(
     synthesizer: Synthesizer,
     config: TrainConfig,
     epoch: int,
-) -> list[Example]:
-    """One epoch of examples: recent targets of every user, with the retriever's candidates as negatives.
+    prior: Prior | None = None,
+) -> tuple[list[Example], list[np.ndarray | None]]:
+    """One epoch of examples: recent targets of every user, with the retriever's candidates as negatives;
+    beside each, the retriever's scores of its instruction's candidates (in instruction order) when `prior`
+    is given.
 
     Only prefixes whose target the retriever found on its own are kept (as LlamaRec does). Inserting a
     missed target by hand would make the positive the one candidate that does not look retrieved, and the
     model learns that shortcut: it then prefers outsiders, and ranks random negatives above real targets.
     Positions are drawn `oversample` times over so that enough survive.
+
+    Retrieved negatives alone teach a selection bias: the target is usually less popular than the other
+    retrieved items, so a model trained only on them learns "prefer the obscure", which ranks random
+    negatives first (the sampled protocol measured it: NDCG@1 .016, below chance). The lowest-ranked
+    `random_negatives` retrieved negatives are swapped for random items the user has not seen.
     """
     rng = np.random.default_rng([config.seed, epoch])
     jobs = []  # (user, prefix length)
@@ -165,31 +185,64 @@ def training_examples(
         lo = max(1, n - config.recent_window)
         size = min(config.positions_per_user * config.oversample, n - lo)
         jobs.extend((user, int(t)) for t in rng.choice(np.arange(lo, n), size=size, replace=False))
-    retrieved = retrieve([dataset.sequence(u)[:t] for u, t in jobs], config.candidates)
+    histories = [dataset.sequence(u)[:t] for u, t in jobs]
+    retrieved = retrieve(histories, config.candidates)
     kept: dict[int, int] = {}
-    examples = []
-    for (user, t), cands in zip(jobs, retrieved, strict=True):
+    examples, kept_histories = [], []
+    for (user, t), history, cands in zip(jobs, histories, retrieved, strict=True):
         train_part = split.train(user)
         target = train_part[t].item
         if target not in cands or kept.get(user, 0) >= config.positions_per_user:
             continue
         kept[user] = kept.get(user, 0) + 1
         seed = int(rng.integers(2**31))
-        examples.append(synthesizer.example(train_part[:t], target, [c for c in cands if c != target], seed=seed))
-    return [examples[i] for i in rng.permutation(len(examples))]
+        negatives = [c for c in cands if c != target]
+        if config.random_negatives:
+            negatives = negatives[: max(1, len(negatives) - config.random_negatives)]
+            negatives += _unseen(rng, dataset.n_items, {*history, target, *negatives}, config.random_negatives)
+        examples.append(synthesizer.example(train_part[:t], target, negatives, seed=seed))
+        kept_histories.append(history)
+    priors: list[np.ndarray | None] = [None] * len(examples)
+    if prior is not None and examples:
+        priors = list(prior(kept_histories, [e.instruction.candidates for e in examples]))
+    order = rng.permutation(len(examples))
+    return [examples[i] for i in order], [priors[i] for i in order]
 
 
-def example_loss(scores: torch.Tensor, examples: Sequence[Example]) -> torch.Tensor:
-    """Listwise cross-entropy for choices among candidates; logistic loss on the yes/no margin for T0."""
+def _unseen(rng: np.random.Generator, n_items: int, seen: set[int], n: int) -> list[int]:
+    """`n` distinct random items outside `seen` (fewer when the catalogue has no more)."""
+    out: list[int] = []
+    for item in rng.permutation(n_items):
+        if len(out) == n:
+            break
+        if int(item) not in seen:
+            out.append(int(item))
+    return out
+
+
+def example_loss(
+    scores: torch.Tensor,
+    examples: Sequence[Example],
+    priors: Sequence[np.ndarray | None] | None = None,
+    prior_weight: float = 0.0,
+) -> torch.Tensor:
+    """Listwise cross-entropy for choices among candidates; logistic loss on the yes/no margin for T0.
+
+    A choice among candidates with a prior is scored as the product of experts `logits + prior_weight ×
+    log_softmax(prior)`; T0 (one candidate, nothing to compare) always stands alone."""
     losses = []
-    for row, example in zip(scores, examples, strict=True):
+    priors = priors if priors is not None else [None] * len(examples)
+    for row, example, prior in zip(scores, examples, priors, strict=True):
         ins = example.instruction
         if ins.task == Task.T0:
             label = torch.tensor(1.0 if example.answer == YES else 0.0)
             losses.append(F.binary_cross_entropy_with_logits(row[0], label))
-        else:
-            target = torch.tensor([ins.labels.index(example.answer)])
-            losses.append(F.cross_entropy(row[: len(ins.candidates)].unsqueeze(0), target))
+            continue
+        logits = row[: len(ins.candidates)]
+        if prior is not None and prior_weight:
+            logits = logits + prior_weight * torch.log_softmax(torch.as_tensor(prior, dtype=logits.dtype), dim=0)
+        target = torch.tensor([ins.labels.index(example.answer)])
+        losses.append(F.cross_entropy(logits.unsqueeze(0), target))
     return torch.stack(losses).mean()
 
 
@@ -197,6 +250,7 @@ def example_loss(scores: torch.Tensor, examples: Sequence[Example]) -> torch.Ten
 class EvalSet:
     instructions: list[Instruction]
     targets: list[int]  # target item per user (it may be missing from the candidates)
+    priors: list[np.ndarray] | None = None  # the retriever's scores of each instruction's candidates
 
 
 def validation_set(
@@ -206,19 +260,25 @@ def validation_set(
     synthesizer: Synthesizer,
     k: int,
     stage: Stage,
+    prior: Prior | None = None,
 ) -> EvalSet:
     """Sequential recommendation (no request text) over each user's retrieved top-k for `stage`, rendered as
     a live request would be."""
-    retrieved = retrieve(split.histories(stage), k)
+    histories = split.histories(stage)
+    retrieved = retrieve(histories, k)
     instructions = [
         request_instruction(split.history(u, stage), cands, seed=u, max_history=synthesizer.config.max_history)
         for u, cands in enumerate(retrieved)
     ]
-    return EvalSet(instructions, split.targets(stage))
+    priors = prior(histories, [ins.candidates for ins in instructions]) if prior is not None else None
+    return EvalSet(instructions, split.targets(stage), priors)
 
 
-def rerank_ndcg10(reranker: Reranker, evalset: EvalSet, title_of, row_of) -> float:
+def rerank_ndcg10(reranker: Reranker, evalset: EvalSet, title_of, row_of, prior_weight: float = 0.0) -> float:
+    """NDCG@10 of the reranked candidates (fused with the prior when a weight and priors are given)."""
     scores = score(reranker, evalset.instructions, title_of, row_of)
+    if prior_weight and evalset.priors is not None:
+        scores = [fuse(s, p, prior_weight) for s, p in zip(scores, evalset.priors, strict=True)]
     gains = []
     for ins, s, target in zip(evalset.instructions, scores, evalset.targets, strict=True):
         if target not in ins.candidates:

