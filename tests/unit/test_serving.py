@@ -547,3 +547,14 @@ async def test_model_version_from_metadata_and_model_control() -> None:
     assert await reranker.is_ready()
     assert await reranker.refresh_model_version() == "12"  # the newest ready version, numerically
     assert await reranker.load_model() == "12"
+
+
+def test_auto_dtype_is_the_devices_native_precision(monkeypatch) -> None:
+    assert ServingOptions(dtype="auto", device="cuda:0").torch_dtype == "float16"
+    assert ServingOptions(dtype="auto", quantize="int8").torch_dtype == "float32"  # int8 runs over float32
+    assert ServingOptions(dtype="bfloat16").torch_dtype == "bfloat16"  # an explicit choice stands
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert ServingOptions(dtype="auto").torch_dtype == "bfloat16"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert ServingOptions(dtype="auto").torch_dtype == "float32"  # emulated bfloat16 would be slow
