@@ -125,6 +125,9 @@ class StreamSettings(BaseModel):
     seen_events: int = Field(512, ge=1, description="click event ids remembered per user (idempotency)")
     answered_requests: int = Field(256, ge=1, description="request ids remembered per user (deduplication)")
     impressions: int = Field(5, ge=0, description="recent answers kept per user to join clicks into feedback")
+    recovery_stall_s: float = Field(
+        30.0, gt=0, description="restart a table recovery that has received no changelog event for this long"
+    )
     canonical_url: str | None = Field(
         None, description="how other workers reach this one's web server; None: http://<web.host>:<web port>"
     )

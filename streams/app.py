@@ -71,7 +71,7 @@ class StreamApp:
 def create_app(settings: Settings, services: Services, *, web_port: int | None = None) -> StreamApp:
     """The app with every agent and view installed; `web_port` overrides `settings.web.port` (two workers on
     one machine need two ports)."""
-    from streams import catalog, clicks, queries, web
+    from streams import catalog, clicks, queries, recovery, web
 
     if settings.stream.rejoin_on_stale_commit:
         from streams.compat import rejoin_on_stale_commit
@@ -96,6 +96,7 @@ def create_app(settings: Settings, services: Services, *, web_port: int | None =
     clicks.install(stream)
     queries.install(stream)
     web.install(stream)
+    recovery.install(stream)
     return stream
 
 

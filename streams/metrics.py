@@ -31,6 +31,8 @@ class Metrics:
         self.recommend_seconds = Histogram("instructrec_recommend_seconds", "POST /recommend end to end",
                                            ["outcome"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.catalog_items = Counter("instructrec_catalog_items_indexed", "items written to Qdrant", registry=r)
+        self.recovery_restarts = Counter("instructrec_recovery_restarts", "stalled table recoveries restarted",
+                                         registry=r)  # fmt: skip
         self.reranker_circuit_open = Gauge("instructrec_reranker_circuit_open",
                                            "1 while the reranker circuit breaker is open", registry=r)  # fmt: skip
 
