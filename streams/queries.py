@@ -76,6 +76,7 @@ class Pending:
     queue_ms: float
     intention: np.ndarray | None = None
     history: np.ndarray | None = None  # the collaborative query vector of the user's recent items
+    prior: np.ndarray | None = None  # the pipeline retriever's scores of the catalogue, for fusion
     hits: list[Hit] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)  # why the answer is degraded (empty: it is not)
     instruction: Instruction | None = None
@@ -140,20 +141,26 @@ async def embed(stream: StreamApp, batch: list[Pending]) -> None:
 
     def run():
         vectors = services.intentions.encode(texts) if texts else None
-        history = services.collaborative.query_vectors(histories) if services.collaborative else [None] * len(batch)
-        return vectors, history
+        collaborative = services.collaborative
+        if collaborative is None:
+            return vectors, [None] * len(batch), [None] * len(batch)
+        history = collaborative.query_vectors(histories)
+        fused = collaborative.fusion_weight > 0
+        priors = collaborative.catalogue_scores(histories, history) if fused else [None] * len(batch)
+        return vectors, history, priors
 
     try:
-        vectors, history = await services.run_model(run)
+        vectors, history, priors = await services.run_model(run)
     except Exception as error:  # a model failure degrades the answer, it does not lose it
         log.exception("embedding failed")
         for p in batch:
             p.degrade(f"embedding failed: {type(error).__name__}")
         return
     rows = iter(vectors if vectors is not None else ())
-    for p, vector in zip(batch, history, strict=True):
+    for p, vector, prior in zip(batch, history, priors, strict=True):
         p.intention = next(rows) if p.query.text else None
         p.history = vector
+        p.prior = prior
 
 
 async def retrieve(stream: StreamApp, batch: list[Pending]) -> None:
@@ -235,9 +242,9 @@ async def render(stream: StreamApp, batch: list[Pending]) -> None:
             continue
         titles = _titles(stream, p)
         scores, weight = None, None
-        if collaborative is not None and collaborative.fusion_weight > 0 and p.history is not None:
+        if collaborative is not None and collaborative.fusion_weight > 0 and p.prior is not None:
             ids = [p.items.ids[c] for c in p.instruction.candidates]
-            scores = _fill_unknown(collaborative.scores(p.history, ids))
+            scores = _fill_unknown(collaborative.scores(p.prior, ids))
             weight = collaborative.fusion_weight
         p.request = encode_request(p.instruction, p.items.ids.__getitem__, titles.__getitem__,
                                    retrieval_scores=scores, fusion_weight=weight)  # fmt: skip

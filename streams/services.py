@@ -143,13 +143,16 @@ class Popularity:
 
 @dataclass
 class Collaborative:
-    """The trained vector retriever (SASRec) in-process: query vectors for a user's recent items, the item
-    vectors that go into Qdrant's "cf" field, and the retrieval scores the reranker may fuse with its own."""
+    """The trained retrievers in-process: query vectors for a user's recent items and the item vectors that
+    go into Qdrant's "cf" field (the vector retriever, SASRec), and the retrieval scores the reranker fuses
+    with its own — the pipeline's retriever (`scorer`, e.g. the blend it was trained against) when it is not
+    the vector retriever itself."""
 
     retriever: Any  # a VectorRetriever: item_vectors(), query_vectors(histories of dense rows)
     item_ids: list[str]  # row → catalogue item id
     fusion_weight: float = 0.0
     name: str = "sasrec"
+    scorer: Any = None  # a Retriever scoring the whole catalogue: score(histories of rows) → [users × items]
     rows: dict[str, int] = field(init=False)
     vectors: np.ndarray = field(init=False)
 
@@ -181,8 +184,23 @@ class Collaborative:
                 out[i] = np.asarray(vector, dtype=np.float32)
         return out
 
-    def scores(self, query: np.ndarray, item_ids: Sequence[str]) -> list[float | None]:
-        return [None if (row := self.rows.get(i)) is None else float(self.vectors[row] @ query) for i in item_ids]
+    def catalogue_scores(self, histories: Sequence[Sequence[str]], queries: Sequence[np.ndarray | None]
+                         ) -> list[np.ndarray | None]:  # fmt: skip
+        """Retrieval scores of every known item per history (None when the retriever knows none of the
+        history): the pipeline retriever's when there is one, else the query vector's dot products."""
+        if self.scorer is None:
+            return [None if q is None else self.vectors @ q for q in queries]
+        rows = [self.known(h) for h in histories]
+        wanted = [i for i, r in enumerate(rows) if r]
+        out: list[np.ndarray | None] = [None] * len(histories)
+        if wanted:
+            for i, scores in zip(wanted, self.scorer.score([rows[i] for i in wanted]), strict=True):
+                out[i] = np.asarray(scores, dtype=np.float32)
+        return out
+
+    def scores(self, catalogue: np.ndarray, item_ids: Sequence[str]) -> list[float | None]:
+        """`catalogue_scores` of these items (None for an item the retriever does not know)."""
+        return [None if (row := self.rows.get(i)) is None else float(catalogue[row]) for i in item_ids]
 
     def neighbours(self, query: np.ndarray, k: int, flt: CandidateFilter,
                    info: Callable[[str], ItemInfo | None]) -> list[tuple[str, float]]:  # fmt: skip
@@ -217,13 +235,19 @@ def load_collaborative(settings: Settings) -> Collaborative | None:
         log.info("no trained retriever at %s: candidates come from text vectors only", directory)
         return None
     retriever = load_retriever(directory)
-    if not hasattr(retriever, "item_vectors") or not hasattr(retriever, "query_vectors"):
+    # A blend is not a vector retriever: its vector component feeds Qdrant, the blend scores for fusion.
+    vector = next((r for r in [retriever, *getattr(retriever, "components", [])] if _has_vectors(r)), None)
+    if vector is None:
         log.info("retriever %s has no vectors: candidates come from text vectors only", name)
         return None
     item_ids = _item_ids(root, directory, settings)
     if item_ids is None:
         return None
-    return Collaborative(retriever, item_ids, weight, name)
+    return Collaborative(vector, item_ids, weight, name, scorer=None if vector is retriever else retriever)
+
+
+def _has_vectors(retriever: Any) -> bool:
+    return hasattr(retriever, "item_vectors") and hasattr(retriever, "query_vectors")
 
 
 def _item_ids(root: Path, directory: Path, settings: Settings) -> list[str] | None:

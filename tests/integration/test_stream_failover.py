@@ -47,9 +47,11 @@ def build_catalog(settings: Settings, dataset, also: set[str]) -> None:
         index.upsert([IndexedItem(i.id, i.display_title, i.genres, i.year, vectors[n]) for n, i in enumerate(items)])
 
 
-# Passed in two full-suite runs, then timed out once (all answers not in within 180 s after the SIGTERM)
-# under a 5+ load average; the cause (group settling on noida-db after the stop?) is not found yet. It runs
-# on every CI and shows XPASS/XFAIL; the streaming issue stays open until it is made reliable.
+# A timeout here was traced (2026-11-23, 1 run in 3 at load 4) to the survivor stuck in Faust's table recovery
+# after the rebalance: changelog partitions sought and resumed, no event ever received. streams.recovery now
+# restarts such a recovery after `recovery_stall_s`; 11 runs since passed, none stalled, so the rescue itself
+# is not yet observed. Until it is, a timeout reports XFAIL with the survivor's log; a duplicate or lost
+# answer (an assertion error) fails.
 @pytest.mark.xfail(strict=False, reason="intermittent: answers after a mid-replay stop can miss 180 s", raises=TimeoutError)
 async def test_stopping_a_worker_mid_replay_loses_and_repeats_no_answer(
     local_infra, kafka, tmp_path_factory: pytest.TempPathFactory

@@ -185,3 +185,33 @@ def test_text_retriever_ranks_the_matching_text_first(tmp_path):
     cached = TextRetriever(cache_dir=tmp_path, model_path="/nonexistent").fit_texts(texts, "toy")
     assert np.array_equal(cached.item_vectors(), vectors)
     assert model.score([[1]]).argmax() == 1
+
+
+def test_the_stream_loads_a_blend_as_its_vector_component_plus_blend_scores(tmp_path):
+    """The pipeline's blend is not a vector retriever: the stream puts SASRec's vectors in Qdrant and fuses
+    the reranker with the blend's own scores, the prior the reranker was trained against."""
+    import json
+
+    from instructrec.config import Settings
+    from streams.services import load_collaborative
+
+    sequences = cycle_sequences(n_users=30, length=8)
+    split = toy_split(sequences, N_CYCLE)
+    sasrec = SASRec(SASRecConfig(d=16, blocks=1, heads=2, max_len=10, batch_size=16, epochs=2)).fit(split)
+    blend = Blend([sasrec, CoOccurrence(window=1, last=1).fit(split)], weights=[1.0, 0.5])
+    root = tmp_path / "artifacts" / "toy"
+    blend.save(root / "retrievers" / "blend")
+    ids = [f"m{i}" for i in range(N_CYCLE)]
+    (root / "retrievers" / "blend" / "item_ids.json").write_text(json.dumps(ids))
+    (root / "pipeline.json").write_text(json.dumps({"retriever": "blend", "fusion_weight": 1.5}))
+    settings = Settings(model={"artifacts": tmp_path / "artifacts"}, stream={"dataset": "toy"})
+
+    collaborative = load_collaborative(settings)
+    assert collaborative is not None and collaborative.fusion_weight == 1.5
+    assert collaborative.dim == 16  # SASRec's vectors go to Qdrant
+    history = ["m1", "m2", "m3", "unknown"]
+    (query,) = collaborative.query_vectors([history])
+    (prior,) = collaborative.catalogue_scores([history], [query])
+    np.testing.assert_allclose(prior, blend.score([[1, 2, 3]])[0], rtol=1e-5)  # the blend's, not SASRec's
+    assert collaborative.scores(prior, ["m4", "unknown"]) == [pytest.approx(float(prior[4])), None]
+    assert collaborative.catalogue_scores([["unknown"]], [None]) == [None]
