@@ -42,6 +42,9 @@ class KafkaSettings(BaseModel):
     ssl_keyfile: Path | None = None
     topics: TopicNames = TopicNames()
     request_timeout_s: float = Field(30.0, gt=0)
+    empty_fetch_pause_s: float = Field(
+        0.005, ge=0, description="pause after an empty fetch answered before its max wait (noida-db; streams.compat); 0: off"
+    )
 
     @property
     def bootstrap_servers(self) -> str:

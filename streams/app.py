@@ -77,6 +77,10 @@ def create_app(settings: Settings, services: Services, *, web_port: int | None =
         from streams.compat import rejoin_on_stale_commit
 
         rejoin_on_stale_commit()
+    if settings.kafka.empty_fetch_pause_s:
+        from streams.compat import pause_after_empty_fetch
+
+        pause_after_empty_fetch(settings.kafka.empty_fetch_pause_s)
     port = settings.web.port if web_port is None else web_port
     app = faust.App(settings.stream.app_id, **faust_options(settings, port))
     topics = declare_topics(app, settings.kafka)

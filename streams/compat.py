@@ -1,5 +1,7 @@
-"""A compatibility shim for brokers that answer an offset commit made during a rebalance with
-ILLEGAL_GENERATION (noida-db, the local broker) where Kafka answers REBALANCE_IN_PROGRESS.
+"""Compatibility shims for the local broker (noida-db), each harmless against a real Kafka.
+
+1. `rejoin_on_stale_commit`: an offset commit made during a rebalance is answered ILLEGAL_GENERATION
+(noida-db) where Kafka answers REBALANCE_IN_PROGRESS.
 
 Why it matters: when a worker leaves the group, the survivor's next periodic commit races the rebalance.
 On ILLEGAL_GENERATION aiokafka forgets its member id and rejoins as a new member; noida-db then keeps the
@@ -11,18 +13,28 @@ a heartbeat.
 It is safe against a real Kafka: a member whose generation is truly stale rejoins with its old id, the
 coordinator answers UNKNOWN_MEMBER_ID, and aiokafka resets then — one extra round trip. The commit itself
 still fails either way (at-least-once: its events are delivered again and absorbed as duplicates).
+
+2. `pause_after_empty_fetch`: noida-db answers a fetch at once when there is nothing to read, ignoring the
+request's max wait (measured: 16,416 empty fetches in 4 s, 0.17 ms each, for one idle consumer). aiokafka
+then fetches again immediately, so every idle consumer spins a core — on this 2-core machine the worker
+and a listener took the CPU Triton needed, and reranking ran 2.2x slower inside the stream than alone. The
+shim waits `pause_s` after an empty answer that came back before the max wait; a record arriving meanwhile
+waits at most `pause_s` longer. A real Kafka holds an empty fetch for its max wait, so it never triggers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
+import time
 
 log = logging.getLogger(__name__)
 
 ILLEGAL_GENERATION = 22
 REBALANCE_IN_PROGRESS = 27
 _OFFSET_COMMIT = 8  # Kafka API key
+_FETCH = 1  # Kafka API key
 
 
 def rejoin_on_stale_commit() -> None:
@@ -50,3 +62,38 @@ def _translated(partition: tuple) -> tuple:
         log.info("offset commit during a rebalance answered ILLEGAL_GENERATION: rejoining with the same member id")
         return (number, REBALANCE_IN_PROGRESS, *rest)
     return partition
+
+
+def pause_after_empty_fetch(pause_s: float) -> None:
+    """Install the empty-fetch pause (process-wide; the first installation's pause holds)."""
+    from aiokafka.client import AIOKafkaClient
+
+    if getattr(AIOKafkaClient.send, "_instructrec_shim", False) or pause_s <= 0:
+        return
+    original = AIOKafkaClient.send
+
+    @functools.wraps(original)
+    async def send(self, node_id, request, *args, **kwargs):
+        started = time.monotonic()
+        response = await original(self, node_id, request, *args, **kwargs)
+        if getattr(request, "API_KEY", None) == _FETCH and _empty(response):
+            left = _max_wait_ms(request) / 1000 - (time.monotonic() - started)
+            if left > 0:
+                await asyncio.sleep(min(pause_s, left))
+        return response
+
+    send._instructrec_shim = True
+    AIOKafkaClient.send = send
+
+
+def _max_wait_ms(request) -> int:
+    """The fetch's max wait: aiokafka's FetchRequest builder keeps it private; a built struct has it public."""
+    return int(getattr(request, "_max_wait_ms", None) or getattr(request, "max_wait_time", 0) or 0)
+
+
+def _empty(response) -> bool:
+    """No records and no error in any partition of a fetch response (the records are each entry's last field)."""
+    topics = getattr(response, "topics", None)
+    if topics is None:
+        return False
+    return all(not partition[-1] and partition[1] == 0 for _, partitions in topics for partition in partitions)

@@ -85,7 +85,10 @@ async def consume(
     """(partition, offset, key, value) of every message on a topic's partitions, outside any consumer group:
     from the start or only what arrives from now on; stops after `idle_timeout_s` without a message.
     `ready` is set once the start positions are fixed (produce after it to be sure to see the messages)."""
+    from streams.compat import pause_after_empty_fetch
+
     topic = topic_of(kafka, role)
+    pause_after_empty_fetch(kafka.empty_fetch_pause_s)  # an idle subscriber must not spin a core
     consumer = AIOKafkaConsumer(**kafka.aiokafka_kwargs(), group_id=None, enable_auto_commit=False,
                                 fetch_max_wait_ms=100)  # fmt: skip
     await consumer.start()
