@@ -174,7 +174,9 @@ def training_examples(
     Retrieved negatives alone teach a selection bias: the target is usually less popular than the other
     retrieved items, so a model trained only on them learns "prefer the obscure", which ranks random
     negatives first (the sampled protocol measured it: NDCG@1 .016, below chance). The lowest-ranked
-    `random_negatives` retrieved negatives are swapped for random items the user has not seen.
+    `random_negatives` retrieved negatives are swapped for random items the user has not seen, so lists also
+    hold items no retriever would propose. With a prior that is not enough to fix the reranker *alone* (the
+    prior already sinks random items, so the residual need not; measured .020): the product always runs fused.
     """
     rng = np.random.default_rng([config.seed, epoch])
     jobs = []  # (user, prefix length)
