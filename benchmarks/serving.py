@@ -370,36 +370,35 @@ def in_process(reranker_dir: Path, workload: Workload, sizes: Sizes, console: Co
     scorer.score([request])  # warm-up
 
     out: dict = {}
-    foreign = ForeignCpu().__enter__()  # the whole in-process part
-    with console.status("FLOPs, matmul probe and in-process timing…"):
-        decoded = decode_request(request)
-        batch = scorer.tokenizer.collate([decoded.instruction], decoded.titles.__getitem__, lambda _: 0)
-        flops = flop_count(reranker, batch)
-        out["gflops_per_request"] = round(flops / 1e9, 3)
-        out["encoder_tokens"], out["decoder_tokens"] = (
-            int(batch.enc_ids.shape[1]),
-            int(batch.dec_ids.shape[1]),
-        )
-        forward_s = median_seconds(lambda: forward(reranker, batch), repeat=20)
-        out["forward_ms"] = round(forward_s * 1000, 1)
-        out["decode_collate_ms"] = round(
-            median_seconds(lambda: collate(scorer, request), repeat=50) * 1000, 2
-        )
-        out["achieved_gflops"] = round(flops / forward_s / 1e9, 1)
-        out["matmul_gflops"] = round(matmul_gflops(), 1)
-        out["matmul_gflops_model_shape"] = round(matmul_gflops(batch.enc_ids.shape[1], 384, 1536), 1)
-        per_request = {}
-        for size in (1, 4, 16):
-            chunk = workload.requests[:size]
-            per_request[str(size)] = round(
-                median_seconds(lambda c=chunk: scorer.score(c), repeat=5) / size * 1000, 1
+    with ForeignCpu() as foreign:  # the whole in-process part
+        with console.status("FLOPs, matmul probe and in-process timing…"):
+            decoded = decode_request(request)
+            batch = scorer.tokenizer.collate([decoded.instruction], decoded.titles.__getitem__, lambda _: 0)
+            flops = flop_count(reranker, batch)
+            out["gflops_per_request"] = round(flops / 1e9, 3)
+            out["encoder_tokens"], out["decoder_tokens"] = (
+                int(batch.enc_ids.shape[1]),
+                int(batch.dec_ids.shape[1]),
             )
-        out["in_process_ms_per_request_by_batch"] = per_request
-    with console.status("generate-then-parse with the same model…"):
-        out.update(versus_generate(reranker, scorer, workload, sizes))
-    with console.status("int8 and bfloat16 against float32…"):
-        out["precision"] = precision_study(reranker, workload, sizes)
-    foreign.__exit__(None, None, None)
+            forward_s = median_seconds(lambda: forward(reranker, batch), repeat=20)
+            out["forward_ms"] = round(forward_s * 1000, 1)
+            out["decode_collate_ms"] = round(
+                median_seconds(lambda: collate(scorer, request), repeat=50) * 1000, 2
+            )
+            out["achieved_gflops"] = round(flops / forward_s / 1e9, 1)
+            out["matmul_gflops"] = round(matmul_gflops(), 1)
+            out["matmul_gflops_model_shape"] = round(matmul_gflops(batch.enc_ids.shape[1], 384, 1536), 1)
+            per_request = {}
+            for size in (1, 4, 16):
+                chunk = workload.requests[:size]
+                per_request[str(size)] = round(
+                    median_seconds(lambda c=chunk: scorer.score(c), repeat=5) / size * 1000, 1
+                )
+            out["in_process_ms_per_request_by_batch"] = per_request
+        with console.status("generate-then-parse with the same model…"):
+            out.update(versus_generate(reranker, scorer, workload, sizes))
+        with console.status("int8 and bfloat16 against float32…"):
+            out["precision"] = precision_study(reranker, workload, sizes)
     out["foreign_cores_in_process"] = foreign.cores
     return out
 

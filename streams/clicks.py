@@ -15,7 +15,7 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from instructrec.events import ClickEvent, EventError, decode, encode
+from instructrec.events import ClickEvent, encode
 from streams.app import processing, send
 from streams.context import ContextLimits, UserContext
 from streams.served import Served, feedback_for
@@ -29,31 +29,15 @@ CLICKS_BATCH = 500
 CLICKS_WINDOW_S = 0.05
 
 
-def key_problem(key: bytes | None, user_id: str) -> str | None:
-    """Why a user-keyed message's key is wrong, or None when it is the user id."""
-    if key is None:
-        return f"no message key: user-keyed topics must be keyed by user_id ({user_id!r})"
-    if key != user_id.encode():
-        return f"message key {key[:64]!r} is not the user_id {user_id!r}: user-keyed topics are keyed by user_id"
-    return None
-
-
 def handle_batch(stream: StreamApp, events: Sequence) -> int:
     """Apply a batch; returns how many clicks changed a context. Synchronous: no await between a user's read
     and write, so the queries agent (same event loop) never sees half an update."""
     stream.metrics.events_in.labels("clicks").inc(len(events))
     by_user: dict[str, list[tuple[object, ClickEvent]]] = {}
     for event in events:
-        try:
-            click = decode(ClickEvent, event.value)
-        except EventError as error:
-            stream.dead_letters.send_event(event, error)
-            continue
-        problem = key_problem(event.key, click.user_id)
-        if problem:
-            stream.dead_letters.send_event(event, problem)
-            continue
-        by_user.setdefault(click.user_id, []).append((event, click))
+        click = stream.dead_letters.admit_user_event(event, ClickEvent)
+        if click is not None:
+            by_user.setdefault(click.user_id, []).append((event, click))
 
     limits = ContextLimits.from_settings(stream.settings.stream)
     applied = 0

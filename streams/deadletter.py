@@ -8,12 +8,16 @@ one event of a micro-batch neither blocks on nor loses the rest of the batch.
 from __future__ import annotations
 
 import logging
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
-from instructrec.events import DeadLetter, EventError, dead_letter, encode
+from pydantic import BaseModel
+
+from instructrec.events import DeadLetter, EventError, dead_letter, decode, encode
 from streams.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+E = TypeVar("E", bound=BaseModel)
 
 
 class Sender(Protocol):
@@ -48,3 +52,27 @@ class DeadLetters:
         """A Faust event (its message gives topic, partition, offset and the raw value)."""
         message = event.message
         return self.send(message.topic, message.partition, message.offset, event.value, error)
+
+    def admit_user_event(self, event: Any, schema: type[E]) -> E | None:
+        """The event decoded as `schema` (which has a `user_id`) when it is valid and keyed by its user id;
+        otherwise None, and the event has gone to the dead-letter topic with the reason."""
+        try:
+            record = decode(schema, event.value)
+        except EventError as error:
+            self.send_event(event, error)
+            return None
+        problem = key_problem(event.key, record.user_id)
+        if problem:
+            self.send_event(event, problem)
+            return None
+        return record
+
+
+def key_problem(key: bytes | None, user_id: str) -> str | None:
+    """Why a user-keyed message's key is wrong, or None when it is the user id (user-keyed topics must be
+    keyed by it: a message keyed otherwise lands on a partition that the user's other events never reach)."""
+    if key is None:
+        return f"no message key: user-keyed topics must be keyed by user_id ({user_id!r})"
+    if key != user_id.encode():
+        return f"message key {key[:64]!r} is not the user_id {user_id!r}: user-keyed topics are keyed by user_id"
+    return None

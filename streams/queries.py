@@ -29,12 +29,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from instructrec.events import EventError, QueryEvent, RankedItem, Recommendation, decode, encode
+from instructrec.events import QueryEvent, RankedItem, Recommendation, encode
 from instructrec.instructions import Instruction, request_instruction
 from instructrec.qdrant import CandidateFilter, Hit, IndexUnavailable
 from streams.app import processing, send
 from streams.candidates import candidate_filter, fallback, mean_vector, merge, plan_searches, sizes
-from streams.clicks import key_problem
 from streams.context import UserContext
 from streams.served import Impression, Served
 
@@ -103,14 +102,8 @@ def intake(stream: StreamApp, events: Sequence, now: float) -> list[Pending]:
     pending: list[Pending] = []
     in_batch: set[str] = set()
     for event in events:
-        try:
-            query = decode(QueryEvent, event.value)
-        except EventError as error:
-            stream.dead_letters.send_event(event, error)
-            continue
-        problem = key_problem(event.key, query.user_id)
-        if problem:
-            stream.dead_letters.send_event(event, problem)
+        query = stream.dead_letters.admit_user_event(event, QueryEvent)
+        if query is None:
             continue
         with processing(event):
             served = Served.from_bytes(stream.tables.served.get(query.user_id))

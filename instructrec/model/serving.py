@@ -421,7 +421,7 @@ class ServingOptions:
 
 def native_dtype(device: str) -> str:
     """The fastest precision that keeps the ranking on `device`: float16 on a GPU; bfloat16 on a CPU with
-    native bfloat16 matmuls (AVX512-BF16 or AMX: 1.3x faster on the dev machine, Kendall tau .98 against
+    native bfloat16 matmuls (AVX512-BF16 or AMX: 1.5x faster on the dev machine, Kendall tau .98 against
     float32 on real requests, benchmarks/serving.py); float32 elsewhere, where bfloat16 would be emulated."""
     import torch
 

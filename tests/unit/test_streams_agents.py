@@ -25,7 +25,7 @@ from instructrec.events import (
 )
 from instructrec.model.serving import decode_request
 from instructrec.qdrant import CandidateFilter, Hit, IndexUnavailable
-from streams import clicks, queries
+from streams import clicks, deadletter, queries
 from streams.app import StreamApp, Tables, Topics
 from streams.deadletter import DeadLetters
 from streams.metrics import Metrics
@@ -323,7 +323,7 @@ def test_invalid_clicks_are_dead_letters_with_their_origin() -> None:
 
 @pytest.mark.parametrize(("key", "ok"), [(b"u1", True), (None, False), (b"u2", False)])
 def test_user_keyed_messages_must_be_keyed_by_the_user(key, ok) -> None:
-    assert (clicks.key_problem(key, "u1") is None) is ok
+    assert (deadletter.key_problem(key, "u1") is None) is ok
 
 
 def test_intention_vectors_are_cached() -> None:
