@@ -58,8 +58,9 @@ def _plain(value: Any) -> Any:
 
 class WorkerProcess:
     def __init__(self, settings: Settings, *, web_port: int, log: Path, stop_timeout_s: float = 60.0,
-                 loglevel: str = "info") -> None:  # fmt: skip
+                 loglevel: str = "info", env: dict[str, str] | None = None) -> None:  # fmt: skip
         self.settings = settings
+        self.env = env or {}  # extra environment for the child, over the settings' own variables
         self.web_port = web_port
         self.log = log
         self.stop_timeout_s = stop_timeout_s
@@ -79,7 +80,8 @@ class WorkerProcess:
                    "--loglevel", self.loglevel]  # fmt: skip
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env=settings_env(self.settings), start_new_session=True)  # fmt: skip
+                                            env={**settings_env(self.settings), **self.env},
+                                            start_new_session=True)  # fmt: skip
         return self
 
     def health(self, timeout_s: float = 2.0) -> dict | None:

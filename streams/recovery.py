@@ -8,10 +8,13 @@ minutes, the worker never leaves recovery, and the queries of every partition it
 Recovery restarts on Faust's own signal for "another rebalance started": fresh highwaters, a new seek to
 the tables' persisted offsets, the partitions resumed again — what a rebalance would do, without moving any
 partition. A recovery that is making progress (its remaining changelog events go down) is left alone.
+tests/integration/test_stream_failover.py injects the stall into a worker and checks that it answers from
+the recovered tables.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -41,21 +44,37 @@ class Progress:
 
 
 def install(stream: StreamApp) -> None:
+    """Watch from the first partition assignment on. (Not an `app.timer`: Faust starts timers only after the
+    first recovery has completed, so a timer cannot rescue the recovery a fresh worker starts with.)"""
     stall_s = stream.settings.stream.recovery_stall_s
+    interval_s = max(1.0, stall_s / 5)
     progress = Progress()
+    running: list[asyncio.Future] = []  # the watchdog, once started
 
-    @stream.app.timer(interval=max(1.0, stall_s / 5))
-    async def recovery_watchdog() -> None:
-        recovery = stream.app.tables.recovery
-        now = time.monotonic()
-        if not recovery.in_recovery:
-            progress.reset(now)
-            return
-        remaining = recovery.active_remaining_total()
-        if progress.stalled(remaining, now, stall_s):
-            progress.restarts += 1
-            stream.metrics.recovery_restarts.inc()
-            log.warning("table recovery stalled: %d changelog events outstanding and none received for %.0f s; "
-                        "restarting recovery (restart %d)", remaining, now - progress.since, progress.restarts)  # fmt: skip
-            progress.reset(now)
-            recovery.signal_recovery_start.set()
+    async def watch() -> None:
+        app = stream.app
+        while not app.should_stop:
+            await app.sleep(interval_s)  # returns early when the app stops
+            check(stream, progress, stall_s)
+
+    @stream.app.on_partitions_assigned.connect
+    async def start_watchdog(app, assigned, **kwargs) -> None:
+        if not running:
+            running.append(app.add_future(watch()))
+
+
+def check(stream: StreamApp, progress: Progress, stall_s: float) -> None:
+    """One look at the recovery: restart it if it has stalled."""
+    recovery = stream.app.tables.recovery
+    now = time.monotonic()
+    if not recovery.in_recovery:
+        progress.reset(now)
+        return
+    remaining = recovery.active_remaining_total()
+    if progress.stalled(remaining, now, stall_s):
+        progress.restarts += 1
+        stream.metrics.recovery_restarts.inc()
+        log.warning("table recovery stalled: %d changelog events outstanding and none received for %.0f s; "
+                    "restarting recovery (restart %d)", remaining, now - progress.since, progress.restarts)  # fmt: skip
+        progress.reset(now)
+        recovery.signal_recovery_start.set()

@@ -179,7 +179,8 @@ async def health(stream: StreamApp, replies: Replies) -> dict[str, dict[str, Any
     checks: dict[str, dict[str, Any]] = {}
     assignment = app.consumer.assignment() if app.consumer else set()
     checks["kafka"] = {"ok": bool(assignment) or not app.rebalancing, "partitions": len(assignment),
-                       "rebalancing": bool(app.rebalancing)}  # fmt: skip
+                       "rebalancing": bool(app.rebalancing),
+                       "recovering": bool(app.tables.recovery.in_recovery)}  # fmt: skip
     checks["replies"] = {"ok": replies.ready.is_set()}
     try:
         count = await asyncio.wait_for(stream.services.index.count(), HEALTH_TIMEOUT_S)

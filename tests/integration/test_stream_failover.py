@@ -14,6 +14,7 @@ import asyncio
 import shutil
 import signal
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,15 @@ from instructrec.events import QueryEvent
 from instructrec.infra import free_port, tail
 from instructrec.qdrant import IndexedItem, ItemIndex
 from streams.process import WorkerProcess
-from tests.integration.test_stream_pipeline import DATA_ROOT, TIMEOUT_S, Listener, answers, stream_settings
+from tests.integration.test_stream_pipeline import (
+    DATA_ROOT,
+    TIMEOUT_S,
+    Listener,
+    answers,
+    ask,
+    http,
+    stream_settings,
+)
 from workers.index import item_text
 from workers.producer import EventProducer
 from workers.replay import ReplayConfig, replay, replay_events
@@ -48,11 +57,9 @@ def build_catalog(settings: Settings, dataset, also: set[str]) -> None:
 
 
 # A timeout here was traced (2026-11-23, 1 run in 3 at load 4) to the survivor stuck in Faust's table recovery
-# after the rebalance: changelog partitions sought and resumed, no event ever received. streams.recovery now
-# restarts such a recovery after `recovery_stall_s`; 11 runs since passed, none stalled, so the rescue itself
-# is not yet observed. Until it is, a timeout reports XFAIL with the survivor's log; a duplicate or lost
-# answer (an assertion error) fails.
-@pytest.mark.xfail(strict=False, reason="intermittent: answers after a mid-replay stop can miss 180 s", raises=TimeoutError)
+# after the rebalance: changelog partitions sought and resumed, no event ever received. streams.recovery
+# restarts such a recovery; test_a_stalled_table_recovery_is_restarted below injects that stall and checks
+# the rescue.
 async def test_stopping_a_worker_mid_replay_loses_and_repeats_no_answer(
     local_infra, kafka, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -135,6 +142,91 @@ async def _settled(a: WorkerProcess, b: WorkerProcess, partitions: int, timeout_
             return
         await asyncio.sleep(1.0)
     raise TimeoutError(f"the two workers did not share the {partitions} partitions")
+
+
+# The stall behind the failover test's past timeout, injected into a worker process (as its sitecustomize):
+# the first table recovery seeks its changelog partitions and never resumes them, so no changelog event
+# arrives: "No event received for active tp … since recovery start", as seen under load.
+STALL_FAULT = '''
+import faust.transport.consumer as _consumer
+
+_resume = _consumer.Consumer.resume_partitions
+_fired = []
+
+
+def resume_partitions(self, tps):
+    tps = set(tps)
+    changelog = {tp for tp in tps if tp.topic.endswith("-changelog")}
+    if changelog and not _fired:
+        _fired.append(changelog)
+        print(f"FAULT INJECTED: changelog partitions not resumed: {sorted(changelog)}", flush=True)
+        tps -= changelog
+    _resume(self, tps)
+
+
+_consumer.Consumer.resume_partitions = resume_partitions
+'''
+STALL_S = 3.0
+
+
+async def test_a_stalled_table_recovery_is_restarted(
+    local_infra, kafka, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A worker whose table recovery receives nothing restarts it (streams.recovery) and then answers with the
+    recovered contexts; without the watchdog it would stay in recovery and answer nothing."""
+    from instructrec.data import load
+
+    if not (DATA_ROOT / "ml-latest-small").is_dir():
+        pytest.skip(f"ml-latest-small not found under {DATA_ROOT}")
+    dataset = load("ml-latest-small", root=DATA_ROOT)
+    root = tmp_path_factory.mktemp("stall")
+    base = local_infra.settings
+    base = base.model_copy(update={"triton": base.triton.model_copy(update={"reranker_model": "not-loaded"})})
+    settings = stream_settings(base, root)
+    settings.triton.retries, settings.triton.timeout_s = 0, 2.0
+    settings.stream.recovery_stall_s = STALL_S
+    clicks = replay_events(dataset, ReplayConfig(users=4, max_per_user=12, query_every=0))
+    build_catalog(settings, dataset, {c.item_id for c in clicks})
+    users = sorted({c.user_id for c in clicks})
+    consumed = {u: {c.item_id for c in clicks if c.user_id == u} for u in users}
+
+    # A first worker builds the users' contexts, so the changelog holds them.
+    with WorkerProcess(settings, web_port=free_port(), log=root / "first.log") as first:
+        first.wait_healthy(TIMEOUT_S)
+        await replay(settings.kafka, clicks, progress=False)
+        async with asyncio.timeout(TIMEOUT_S):
+            for user in users:
+                while len(http("GET", first.url(f"/users/{user}/context"))[1].get("history", ())) < len(consumed[user]):
+                    await asyncio.sleep(0.5)
+
+    # Its successor keeps tables in memory, so it must recover every context, and its recovery is sabotaged.
+    fault = root / "fault"
+    fault.mkdir()
+    (fault / "sitecustomize.py").write_text(STALL_FAULT)
+    with WorkerProcess(settings, web_port=free_port(), log=root / "second.log", env={"PYTHONPATH": str(fault)}) as second:
+        second.wait_healthy(TIMEOUT_S)
+        queries = [QueryEvent(user_id=u, k=5) for u in users]
+        got = await ask(settings, queries)
+        metrics = _metrics(second)
+    log = second.log.read_text()
+    assert "FAULT INJECTED" in log, tail(second.log, 40)
+    assert "table recovery stalled" in log, tail(second.log, 40)  # the fault did stall the recovery
+    assert _sample(metrics, "instructrec_recovery_restarts_total") >= 1
+    for query in queries:  # answered once, from the recovered context: its history, none of what it consumed
+        [answer] = got[query.request_id]
+        assert answer.template_id != "none" and not (answer.reason or "").startswith("cold start"), answer
+        assert not {i.item_id for i in answer.items} & consumed[query.user_id]
+
+
+def _metrics(worker: WorkerProcess) -> str:
+    with urllib.request.urlopen(worker.url("/metrics"), timeout=10) as response:
+        return response.read().decode()
+
+
+def _sample(exposition: str, name: str) -> float:
+    values = [float(line.split()[-1]) for line in exposition.splitlines() if line.startswith(name)]
+    assert values, f"no {name} in /metrics"
+    return sum(values)
 
 
 def test_storage_copies_are_independent(tmp_path: Path) -> None:
