@@ -182,7 +182,12 @@ def serve_and_measure(
 ) -> dict:
     from instructrec.config import InfraSettings, Settings
     from instructrec.infra import Infrastructure
-    from instructrec.triton_repository import copy_repository, default_repository, export_version
+    from instructrec.triton_repository import (
+        copy_repository,
+        default_repository,
+        export_version,
+        set_parameters,
+    )
 
     repository = copy_repository(default_repository(), root / "repository")
     export_version(reranker_dir, repository, 1, link=True, overwrite=True)
@@ -203,17 +208,6 @@ def serve_and_measure(
         report = infrastructure.down(components=["triton"])
         if not report.ok:
             console.print(f"[red]tritonserver did not stop cleanly: {report.problems}")
-
-
-def set_parameters(config_path: Path, values: dict[str, str]) -> None:
-    """Change the string values of existing `parameters` entries of a config.pbtxt."""
-    config = config_path.read_text()
-    for key, value in values.items():
-        pattern = rf'(key: "{key}"\s*value: \{{ string_value: )"[^"]*"'
-        config, found = re.subn(pattern, rf'\1"{value}"', config)
-        if not found:
-            raise SystemExit(f"{config_path} has no parameter {key!r}")
-    config_path.write_text(config)
 
 
 def add_unbatched_model(repository: Path, reranker_dir: Path) -> None:

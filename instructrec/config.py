@@ -121,6 +121,9 @@ class StreamSettings(BaseModel):
     dataset: str = Field("ml-latest-small", description="artifacts/<dataset>/ holds the collaborative retriever")
     batch_size: int = Field(16, ge=1, description="queries per micro-batch (one Triton call)")
     batch_window_s: float = Field(0.005, gt=0, description="longest wait for a micro-batch to fill")
+    query_concurrency: int = Field(
+        2, ge=1, description="query micro-batches in flight at once: one's Triton call overlaps the next's retrieval"
+    )
     commit_interval_s: float = Field(1.0, gt=0, description="offset commits; shorter: fewer redeliveries")
     history_size: int = Field(200, ge=1, description="recent items kept per user (and excluded from answers)")
     explicit_size: int = Field(50, ge=1, description="ratings, dislikes and tags kept per user, each")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -115,6 +116,17 @@ def copy_repository(source: str | Path, target: str | Path) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+
+
+def set_parameters(config_path: str | Path, values: dict[str, str]) -> None:
+    """Change the string values of existing `parameters` entries of a config.pbtxt."""
+    config = Path(config_path).read_text()
+    for key, value in values.items():
+        pattern = rf'(key: "{key}"\s*value: \{{ string_value: )"[^"]*"'
+        config, found = re.subn(pattern, rf'\1"{value}"', config)
+        if not found:
+            raise ExportError(f"{config_path} has no parameter {key!r}")
+    Path(config_path).write_text(config)
 
 
 def _backend_source() -> Path:

@@ -22,7 +22,7 @@ import contextlib
 import logging
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,9 @@ class StreamApp:
     metrics: Metrics
     dead_letters: DeadLetters
     web_port: int
+    # Request ids being answered right now: the query actors run concurrently, and a redelivered query must
+    # not be answered while its first delivery is still on its way (the served log knows only finished ones).
+    in_flight: set[str] = field(default_factory=set)
 
 
 def create_app(settings: Settings, services: Services, *, web_port: int | None = None) -> StreamApp:

@@ -100,18 +100,17 @@ def intake(stream: StreamApp, events: Sequence, now: float) -> list[Pending]:
     """Decode, check, deduplicate and read each query's context (synchronous: table reads)."""
     settings = stream.settings
     pending: list[Pending] = []
-    in_batch: set[str] = set()
     for event in events:
         query = stream.dead_letters.admit_user_event(event, QueryEvent)
         if query is None:
             continue
         with processing(event):
             served = Served.from_bytes(stream.tables.served.get(query.user_id))
-            if served.has_answered(query.request_id) or query.request_id in in_batch:
+            if served.has_answered(query.request_id) or query.request_id in stream.in_flight:
                 stream.metrics.duplicates.labels("queries").inc()
                 log.info("query %s was answered before: skipping the redelivery", query.request_id)
                 continue
-            in_batch.add(query.request_id)
+            stream.in_flight.add(query.request_id)
             context = UserContext.from_bytes(stream.tables.context.get(query.user_id))
             if query.text:
                 context.note_intention(query.text, query.ts)
@@ -389,8 +388,14 @@ async def answer_batch(stream: StreamApp, events: Sequence) -> int:
     metrics = stream.metrics
     metrics.events_in.labels("queries").inc(len(events))
     batch = intake(stream, events, wall)
-    if not batch:
-        return 0
+    try:
+        return await _answer(stream, batch, started) if batch else 0
+    finally:
+        stream.in_flight.difference_update(p.query.request_id for p in batch)
+
+
+async def _answer(stream: StreamApp, batch: list[Pending], started: float) -> int:
+    metrics = stream.metrics
     metrics.batch_size.observe(len(batch))
     marks = {"context_ms": time.perf_counter()}
     try:
@@ -444,10 +449,14 @@ def _model_version(stream: StreamApp) -> str:
 
 
 def install(stream: StreamApp) -> None:
-    size, window = stream.settings.stream.batch_size, stream.settings.stream.batch_window_s
+    """`query_concurrency` actors share the topic: while one waits on Triton, the next batch is retrieved and
+    rendered (and, with several Triton instances, reranked). Offsets are still committed only up to the
+    oldest unfinished query, so a crash redelivers rather than loses."""
+    settings = stream.settings.stream
+    size, window = settings.batch_size, settings.batch_window_s
 
     async def queries(events_stream):
         async for events in events_stream.take_events(size, within=window):
             await answer_batch(stream, events)
 
-    stream.app.agent(stream.topics.queries, name="queries")(queries)
+    stream.app.agent(stream.topics.queries, name="queries", concurrency=settings.query_concurrency)(queries)

@@ -68,6 +68,10 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def served(local_infra, triton: TritonState, saved: dict[str, Path]) -> Iterator[TritonState]:
     triton_repository.export_version(saved["v1"], local_infra.model_repository, 1, link=True, overwrite=True)
+    # The wire, the batching and the versions are checked for exact scores, so these tests serve float32.
+    # The CPU default (int8) trades exactness for speed; benchmarks/serving.py measures what that costs.
+    config = local_infra.model_repository / MODEL / "config.pbtxt"
+    triton_repository.set_parameters(config, {"quantize": "none", "dtype": "float32"})
     state = local_infra.start_triton(
         models=[MODEL]
     )  # explicit model control: loads it into the running server

@@ -198,6 +198,29 @@ async def test_a_redelivered_query_never_gets_a_second_answer() -> None:
     assert stream.metrics.duplicates.labels("queries")._value.get() == 2
 
 
+async def test_a_redelivery_during_the_first_answer_is_skipped_by_a_concurrent_batch() -> None:
+    """The query actors run concurrently: a redelivered query that reaches the second actor while the first
+    is still waiting on the reranker is a duplicate, though the served log does not know it yet."""
+    gate = asyncio.Event()
+
+    class SlowReranker(FakeReranker):
+        async def score(self, requests):
+            await gate.wait()
+            return await super().score(requests)
+
+    stream = make_stream(reranker=SlowReranker())
+    watch(stream, "u1", ["m1", "m2"])
+    query = QueryEvent(request_id="r1", user_id="u1")
+    first = asyncio.create_task(queries.answer_batch(stream, [event(query, offset=7)]))
+    while not stream.in_flight:
+        await asyncio.sleep(0)
+    assert await queries.answer_batch(stream, [event(query, offset=7)]) == 0  # the redelivery, meanwhile
+    gate.set()
+    assert await first == 1
+    assert len(answers(stream)) == 1 and not stream.in_flight
+    assert stream.metrics.duplicates.labels("queries")._value.get() == 1
+
+
 async def test_reranker_failure_answers_in_retrieval_order_flagged_degraded() -> None:
     stream = make_stream(reranker=FakeReranker("fail"))
     watch(stream, "u1", ["m1", "m2"])
