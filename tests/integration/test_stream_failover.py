@@ -45,6 +45,20 @@ QUERIES_PER_USER = 6
 RATE_QPS = 6.0
 
 
+def without_reranker(local_infra, root: Path) -> tuple[object, Settings]:
+    """ml-latest-small, and this module's stream settings with the reranker absent: the client fails fast (no
+    retries), so degraded answers come quickly."""
+    from instructrec.data import load
+
+    if not (DATA_ROOT / "ml-latest-small").is_dir():
+        pytest.skip(f"ml-latest-small not found under {DATA_ROOT}")
+    base = local_infra.settings
+    base = base.model_copy(update={"triton": base.triton.model_copy(update={"reranker_model": "not-loaded"})})
+    settings = stream_settings(base, root)
+    settings.triton.retries, settings.triton.timeout_s = 0, 2.0
+    return load("ml-latest-small", root=DATA_ROOT), settings
+
+
 def build_catalog(settings: Settings, dataset, also: set[str]) -> None:
     """The first N_ITEMS items plus `also` (what the replayed users watched: their history is searched)."""
     from instructrec.retrieval.text import TextEncoder
@@ -63,17 +77,8 @@ def build_catalog(settings: Settings, dataset, also: set[str]) -> None:
 async def test_stopping_a_worker_mid_replay_loses_and_repeats_no_answer(
     local_infra, kafka, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    from instructrec.data import load
-
-    if not (DATA_ROOT / "ml-latest-small").is_dir():
-        pytest.skip(f"ml-latest-small not found under {DATA_ROOT}")
-    dataset = load("ml-latest-small", root=DATA_ROOT)
     root = tmp_path_factory.mktemp("failover")
-    base = local_infra.settings
-    # The reranker is absent here: fail fast (no retries) so degraded answers come quickly.
-    base = base.model_copy(update={"triton": base.triton.model_copy(update={"reranker_model": "not-loaded"})})
-    settings = stream_settings(base, root)
-    settings.triton.retries, settings.triton.timeout_s = 0, 2.0
+    dataset, settings = without_reranker(local_infra, root)
     clicks = replay_events(dataset, ReplayConfig(users=USERS, max_per_user=12, query_every=0))
     build_catalog(settings, dataset, {c.item_id for c in clicks})
     storage = {name: root / f"qdrant-{name}" for name in ("a", "b")}
@@ -174,16 +179,8 @@ async def test_a_stalled_table_recovery_is_restarted(
 ) -> None:
     """A worker whose table recovery receives nothing restarts it (streams.recovery) and then answers with the
     recovered contexts; without the watchdog it would stay in recovery and answer nothing."""
-    from instructrec.data import load
-
-    if not (DATA_ROOT / "ml-latest-small").is_dir():
-        pytest.skip(f"ml-latest-small not found under {DATA_ROOT}")
-    dataset = load("ml-latest-small", root=DATA_ROOT)
     root = tmp_path_factory.mktemp("stall")
-    base = local_infra.settings
-    base = base.model_copy(update={"triton": base.triton.model_copy(update={"reranker_model": "not-loaded"})})
-    settings = stream_settings(base, root)
-    settings.triton.retries, settings.triton.timeout_s = 0, 2.0
+    dataset, settings = without_reranker(local_infra, root)
     settings.stream.recovery_stall_s = STALL_S
     clicks = replay_events(dataset, ReplayConfig(users=4, max_per_user=12, query_every=0))
     build_catalog(settings, dataset, {c.item_id for c in clicks})
