@@ -155,11 +155,12 @@ def reranker_version(local_infra, triton, tmp_path_factory: pytest.TempPathFacto
     saved = tmp_path_factory.mktemp("reranker") / "model"
     default_model().save_pretrained(saved)
     folder = triton_repository.export_version(saved, local_infra.model_repository, link=True)
-    state = local_infra.start_triton(models=[MODEL])
+    local_infra.start_triton(models=[MODEL])
     yield folder.name
     import tritonclient.http as httpclient
 
-    httpclient.InferenceServerClient(state.http_url, network_timeout=TIMEOUT_S).unload_model(MODEL)
+    url = local_infra.state.triton.http_url  # a test may have restarted Triton on other ports
+    httpclient.InferenceServerClient(url, network_timeout=TIMEOUT_S).unload_model(MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -290,15 +291,27 @@ def test_cli_produce_and_subscribe(worker: WorkerProcess, settings: Settings, tm
     assert answer["request_id"] == "cli-1" and answer["user_id"] == "cli-user"
 
 
-async def test_with_the_reranker_unloaded_answers_are_degraded_not_lost(
+async def test_with_the_reranker_unloaded_or_triton_stopped_answers_are_degraded_not_lost(
     worker: WorkerProcess, local_infra, dataset
 ) -> None:
     import tritonclient.http as httpclient
 
+    def degraded_answers(n: int) -> list[dict]:
+        out = []
+        for _ in range(n):
+            status, answer = http("POST", worker.url("/recommend"), {"user_id": dataset.users[2], "k": 4})
+            assert status == 200 and answer["degraded"] and "reranker unavailable" in answer["reason"], answer
+            assert len(answer["items"]) == 4 and answer["model_version"] == "retrieval"
+            out.append(answer)
+        return out
+
     triton = httpclient.InferenceServerClient(local_infra.state.triton.http_url, network_timeout=TIMEOUT_S)
     triton.unload_model(MODEL)
-    for _ in range(3):
-        status, answer = http("POST", worker.url("/recommend"), {"user_id": dataset.users[2], "k": 4})
-        assert status == 200 and answer["degraded"] and "reranker unavailable" in answer["reason"]
-        assert len(answer["items"]) == 4 and answer["model_version"] == "retrieval"
-    triton.load_model(MODEL)  # back for whatever runs next
+    degraded_answers(3)
+    # The whole server down: connections refused, then the client's circuit opens; answers keep coming.
+    report = local_infra.infrastructure.down(components=["triton"])
+    assert report.ok, report.problems
+    try:
+        degraded_answers(3)
+    finally:
+        local_infra.start_triton(models=[MODEL])  # back (on new ports) for the modules that run next
