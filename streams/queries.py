@@ -108,7 +108,7 @@ def intake(stream: StreamApp, events: Sequence, now: float) -> list[Pending]:
             served = Served.from_bytes(stream.tables.served.get(query.user_id))
             if served.has_answered(query.request_id) or query.request_id in stream.in_flight:
                 stream.metrics.duplicates.labels("queries").inc()
-                log.info("query %s was answered before: skipping the redelivery", query.request_id)
+                log.info("query %s is answered or being answered: skipping the redelivery", query.request_id)
                 continue
             stream.in_flight.add(query.request_id)
             context = UserContext.from_bytes(stream.tables.context.get(query.user_id))

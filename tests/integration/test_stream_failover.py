@@ -6,6 +6,12 @@ Embedded Qdrant is owned by one process, so each worker gets its own copy of a c
 beforehand (a Qdrant server would be shared instead). The reranker model is not loaded in this module:
 answers come degraded in retrieval order, which is immaterial to delivery and keeps the test cheap on two
 busy cores (the pipeline module covers the reranked path).
+
+The stop is graceful (SIGTERM). A crash (SIGKILL) cannot be tested against the local broker: noida-db never
+expires a dead member's session (two plain aiokafka consumers, 10 s session timeout: 45 s after one was
+killed the survivor still held only its own partitions), so a killed worker's partitions are never
+reassigned and their queries wait. Kafka reassigns them after the session timeout, and the survivor then
+skips what the served log already records.
 """
 
 from __future__ import annotations
