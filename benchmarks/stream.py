@@ -14,7 +14,9 @@ Measured:
   rate at which the worker applies them (its `instructrec_events_in_total{topic="clicks"}` counter);
 - query path at 1, 5 and 10 queries/s (Poisson arrivals, half of them with an intention text): latency from
   the query's send to its recommendation's arrival at a consumer, p50/p99; the non-model overhead, i.e.
-  that latency minus the recommendation's `rerank_ms` (the Triton call: model, queueing and gRPC);
+  that latency minus the recommendation's `rerank_ms` (the Triton call: model, queueing and gRPC); and
+  what Triton itself reports per request (mean queueing and execution), so the rest of `rerank_ms` is the
+  transport and the client;
 - the highest sustainable rate: rates go up until answers fall behind (under 95 % of the queries of a step
   answered within a second of its end) or p99 exceeds one second; `max_qps` is the last rate that kept up,
   `max_qps_within_slo` the last with p99 ≤ 250 ms.
@@ -135,7 +137,7 @@ def run(root: Path, args, console: Console) -> dict:
         with worker:
             with console.status("starting the worker…"):
                 worker.wait_healthy(300)
-            result = asyncio.run(measure(settings, worker, dataset, args, console))
+            result = asyncio.run(measure(settings, worker, dataset, args, console, state.triton.http_url))
         result["details"].update({"reranker": model_name, "catalogue_items": n_items,
                                   "collaborative_vectors": collaborative,
                                   "triton_timeout_s": settings.triton.timeout_s})  # fmt: skip
@@ -180,7 +182,7 @@ def build_catalog(settings, dataset, limit: int | None, console: Console) -> tup
 # ------------------------------------------------------------------------------------------------ measuring
 
 
-async def measure(settings, worker, dataset, args, console: Console) -> dict:
+async def measure(settings, worker, dataset, args, console: Console, triton_url: str) -> dict:
     clicks_eps, users = await measure_clicks(settings, worker, dataset, args.clicks_per_user, console)
     texts = intentions(dataset)
     listener = Answers(settings)
@@ -191,8 +193,9 @@ async def measure(settings, worker, dataset, args, console: Console) -> dict:
         overhead: list[float] = []
         degraded = 0
         for rate in (1.0, 5.0, 10.0):
+            before = await triton_stats(triton_url)
             step = await offered(settings, listener, users, texts, rate, args.duration)
-            rates[f"{rate:g}"] = step.summary()
+            rates[f"{rate:g}"] = {**step.summary(), "triton": inside_triton(before, await triton_stats(triton_url))}
             overhead += step.overheads
             degraded += step.degraded
             console.print(f"{rate:g} q/s: {rates[f'{rate:g}']}")
@@ -349,16 +352,43 @@ async def find_max_rate(settings, listener, users, texts, duration: float, done:
     return max_qps, within
 
 
+async def triton_stats(url: str) -> dict:
+    from tritonclient.http.aio import InferenceServerClient
+
+    async with InferenceServerClient(url) as client:
+        stats = await client.get_inference_statistics(MODEL)
+    return stats["model_stats"][0]
+
+
+def inside_triton(before: dict, after: dict) -> dict:
+    """Mean time per request inside Triton between two statistics snapshots: waiting for an instance, and the
+    backend's execution (decode, collate, forward, output); the rest of `rerank_ms` is gRPC and the client."""
+    requests = max(1, after["inference_stats"]["success"]["count"] - before["inference_stats"]["success"]["count"])
+
+    def mean_ms(*names: str) -> float:
+        ns = sum(after["inference_stats"][n]["ns"] - before["inference_stats"][n]["ns"] for n in names)
+        return round(ns / requests / 1e6, 1)
+
+    executions = max(1, after["execution_count"] - before["execution_count"])
+    return {"queue_ms": mean_ms("queue"), "compute_ms": mean_ms("compute_input", "compute_infer", "compute_output"),
+            "mean_batch": round((after["inference_count"] - before["inference_count"]) / executions, 2)}  # fmt: skip
+
+
 def _pct(values: list[float], q: float) -> float:
     return round(float(np.percentile(values, q)), 1) if values else float("nan")
 
 
 def report(result: dict) -> Table:
     table = Table(title=f"stream benchmark ({result['details'].get('reranker')})")
-    for column in ("rate q/s", "p50 ms", "p99 ms", "overhead p99 ms", "answered/sent", "degraded"):
+    columns = ("rate q/s", "p50 ms", "p99 ms", "overhead p99 ms", "rerank p50", "in Triton ms",
+               "answered/sent", "degraded")  # fmt: skip
+    for column in columns:
         table.add_column(column, justify="right")
     for rate, step in result["steps"].items():
+        inside = step.get("triton")
         table.add_row(rate, f"{step['p50_ms']:.1f}", f"{step['p99_ms']:.1f}", f"{step['overhead_p99_ms']:.1f}",
+                      f"{step['stages_ms'].get('rerank_ms', [float('nan')])[0]:.1f}",
+                      f"{inside['queue_ms']} + {inside['compute_ms']}" if inside else "—",
                       f"{step['answered']}/{step['sent']}", str(step["degraded"]))  # fmt: skip
     table.caption = (
         f"max sustainable {result['max_qps']:g} q/s (p99 ≤ {SLO_P99_MS:g} ms up to {result['max_qps_within_slo']:g} q/s)"
