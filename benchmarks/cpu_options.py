@@ -68,8 +68,8 @@ def quality(args, console: Console) -> dict:
 
     from instructrec.data import load
     from instructrec.data.split import LeaveOneOut
-    from instructrec.evaluation import ranking_metrics, reranked_ranks, top_k
-    from instructrec.experiment import PipelineConfig, rerank
+    from instructrec.evaluation import ranking_metrics, reranked_ranks
+    from instructrec.experiment import PipelineConfig, rerank_top_k
     from instructrec.model.reranker import Reranker
     from instructrec.model.scoring import fuse
     from instructrec.model.serving import ServingOptions, prepare
@@ -83,15 +83,13 @@ def quality(args, console: Console) -> dict:
     for stage in ("test",) if args.quick else ("valid", "test"):
         histories, targets = split.histories(stage), split.targets(stage)
         first = retriever.score(histories)
-        candidates = top_k(first, config.k, histories)
-        base = np.take_along_axis(first, candidates, axis=1)
         out[stage], reference = {}, None
         for name, fields in PRECISIONS.items():
             with console.status(f"{stage}: scoring every user in {name}…"):
                 reranker = prepare(Reranker.from_pretrained(args.artifacts / "reranker" / "best"), ServingOptions(**fields))
                 started = time.perf_counter()
                 with torch.inference_mode():
-                    scores = rerank(reranker, dataset, split, stage, candidates).astype(np.float64)
+                    candidates, scores, base = rerank_top_k(reranker, dataset, split, stage, first, config.k)
                 seconds = time.perf_counter() - started
             fused = fuse(scores, base, config.fusion_weight)
             metrics = ranking_metrics(reranked_ranks(first, candidates, fused, targets, histories))
@@ -119,8 +117,7 @@ def latency(args, console: Console) -> list[dict]:
 
 def probe(args, fields: dict, samples: int) -> dict:
     """Median latency of one request after each idle gap, in this (fresh) process."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from serving import Workload  # the serving benchmark's real instructions
+    from serving import Workload  # the sibling serving benchmark's real instructions
 
     from instructrec.model.serving import ServingOptions, load_scorer
 

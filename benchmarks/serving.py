@@ -244,15 +244,15 @@ async def measure_served(state, workload: Workload, sizes: Sizes, console: Conso
         out["p99_ms"] = round(float(np.percentile(latencies, 99)) * 1000, 1)
         out["mean_ms"] = round(float(np.mean(latencies)) * 1000, 1)
         out["latency_requests"] = len(latencies)
-        out["server_per_request_ms"] = await server_breakdown(state, MODEL)
+        out["server_per_request_ms"] = per_request_ms(await model_stats(state.http_url))
         out["model_version"] = reranker.model_version
 
         out["throughput"], out["mean_batch_size"] = {}, {}
         for concurrency in CONCURRENCY:
             with console.status(f"throughput at {concurrency} concurrent…"), ForeignCpu(state.pid) as foreign:
-                before = await _model_stats(state, MODEL)
+                before = await model_stats(state.http_url)
                 out["throughput"][str(concurrency)] = await throughput(reranker, requests, concurrency, sizes)
-                after = await _model_stats(state, MODEL)
+                after = await model_stats(state.http_url)
             out["mean_batch_size"][str(concurrency)] = mean_batch_size(before, after)
             out["foreign_cores"][f"throughput_{concurrency}"] = foreign.cores
 
@@ -325,24 +325,28 @@ async def throughput(reranker, requests: list[bytes], concurrency: int, sizes: S
     return round(total / (time.perf_counter() - started), 2)
 
 
-async def _model_stats(state, model: str) -> dict:
+async def model_stats(http_url: str, model: str = MODEL) -> dict:
+    """The model's cumulative statistics snapshot from Triton (HTTP)."""
     from tritonclient.http.aio import InferenceServerClient
 
-    async with InferenceServerClient(state.http_url) as client:
+    async with InferenceServerClient(http_url) as client:
         stats = await client.get_inference_statistics(model)
     return stats["model_stats"][0]
 
 
-async def server_breakdown(state, model: str) -> dict:
-    """Mean time per request inside Triton so far: queueing, and the backend's execute (all of the Python
-    backend's work: input transfer to the stub, decode, collate, forward, output) split as Triton reports it."""
-    stats = await _model_stats(state, model)
-    inference = stats["inference_stats"]
-    count = max(1, inference["success"]["count"])
-    return {
-        name: round(inference[name]["ns"] / count / 1e6, 2)
-        for name in ("queue", "compute_input", "compute_infer", "compute_output")
-    }
+STAGES = ("queue", "compute_input", "compute_infer", "compute_output")
+
+
+def per_request_ms(after: dict, before: dict | None = None) -> dict[str, float]:
+    """Mean time per request inside Triton between two snapshots (without `before`: since the model loaded):
+    queueing, and the backend's execute (all of the Python backend's work: input transfer to the stub, decode,
+    collate, forward, output) split as Triton reports it."""
+
+    def total(snapshot: dict | None, name: str, field: str = "ns") -> int:
+        return snapshot["inference_stats"][name][field] if snapshot else 0
+
+    count = max(1, total(after, "success", "count") - total(before, "success", "count"))
+    return {name: round((total(after, name) - total(before, name)) / count / 1e6, 2) for name in STAGES}
 
 
 def mean_batch_size(before: dict, after: dict) -> float:

@@ -42,6 +42,11 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 from rich.table import Table
+from serving import (  # sibling script: how Triton's statistics are read
+    mean_batch_size,
+    model_stats,
+    per_request_ms,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 DATASET = "ml-latest-small"
@@ -193,9 +198,9 @@ async def measure(settings, worker, dataset, args, console: Console, triton_url:
         overhead: list[float] = []
         degraded = 0
         for rate in (1.0, 5.0, 10.0):
-            before = await triton_stats(triton_url)
+            before = await model_stats(triton_url)
             step = await offered(settings, listener, users, texts, rate, args.duration)
-            rates[f"{rate:g}"] = {**step.summary(), "triton": inside_triton(before, await triton_stats(triton_url))}
+            rates[f"{rate:g}"] = {**step.summary(), "triton": inside_triton(before, await model_stats(triton_url))}
             overhead += step.overheads
             degraded += step.degraded
             console.print(f"{rate:g} q/s: {rates[f'{rate:g}']}")
@@ -352,26 +357,12 @@ async def find_max_rate(settings, listener, users, texts, duration: float, done:
     return max_qps, within
 
 
-async def triton_stats(url: str) -> dict:
-    from tritonclient.http.aio import InferenceServerClient
-
-    async with InferenceServerClient(url) as client:
-        stats = await client.get_inference_statistics(MODEL)
-    return stats["model_stats"][0]
-
-
 def inside_triton(before: dict, after: dict) -> dict:
     """Mean time per request inside Triton between two statistics snapshots: waiting for an instance, and the
     backend's execution (decode, collate, forward, output); the rest of `rerank_ms` is gRPC and the client."""
-    requests = max(1, after["inference_stats"]["success"]["count"] - before["inference_stats"]["success"]["count"])
-
-    def mean_ms(*names: str) -> float:
-        ns = sum(after["inference_stats"][n]["ns"] - before["inference_stats"][n]["ns"] for n in names)
-        return round(ns / requests / 1e6, 1)
-
-    executions = max(1, after["execution_count"] - before["execution_count"])
-    return {"queue_ms": mean_ms("queue"), "compute_ms": mean_ms("compute_input", "compute_infer", "compute_output"),
-            "mean_batch": round((after["inference_count"] - before["inference_count"]) / executions, 2)}  # fmt: skip
+    ms = per_request_ms(after, before)
+    return {"queue_ms": round(ms["queue"], 1), "compute_ms": round(sum(v for k, v in ms.items() if k != "queue"), 1),
+            "mean_batch": mean_batch_size(before, after)}  # fmt: skip
 
 
 def _pct(values: list[float], q: float) -> float:

@@ -208,13 +208,28 @@ def rerank(
     return out
 
 
+def rerank_top_k(
+    reranker: Reranker,
+    dataset: Dataset,
+    split: LeaveOneOut,
+    stage: Stage,
+    retrieval: np.ndarray,
+    k: int,
+    mask_history: bool = True,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pipeline on `stage`: from the retriever's catalogue scores [users × items], each user's top-k
+    candidates, the reranker's scores of them, and the retriever's own (the two sides `fuse` combines)."""
+    candidates = top_k(retrieval, k, split.histories(stage), mask_history=mask_history)
+    reranked = rerank(reranker, dataset, split, stage, candidates, seed=seed)
+    return candidates, reranked, np.take_along_axis(retrieval, candidates, axis=1)
+
+
 def tune_fusion(reranker: Reranker, dataset: Dataset, split: LeaveOneOut, retriever: Retriever, k: int) -> float:
     """The fusion weight with the best validation NDCG@10 (0 means the reranker alone)."""
     histories, targets = split.histories("valid"), split.targets("valid")
     retrieval = retriever.score(histories)
-    candidates = top_k(retrieval, k, histories)
-    reranked = rerank(reranker, dataset, split, "valid", candidates)
-    first = np.take_along_axis(retrieval, candidates, axis=1)
+    candidates, reranked, first = rerank_top_k(reranker, dataset, split, "valid", retrieval, k)
     best_weight, best = 0.0, -1.0
     for weight in FUSION_GRID:
         fused = fuse(reranked, first, weight)
@@ -249,9 +264,7 @@ def evaluate(dataset: Dataset, out: Path, seed: int = 0, n_negatives: int = 19) 
     results["full"]["retriever"] = results["full"][config.retriever]
     results["sampled"]["retriever"] = results["sampled"][config.retriever]
     for mask in (True, False):
-        candidates = top_k(first, config.k, histories, mask_history=mask)
-        reranked = rerank(reranker, dataset, split, "test", candidates, seed=seed)
-        base = np.take_along_axis(first, candidates, axis=1)
+        candidates, reranked, base = rerank_top_k(reranker, dataset, split, "test", first, config.k, mask, seed)
         fused = fuse(reranked, base, config.fusion_weight)
         key = "full" if mask else "full_unmasked"
         results[key]["instructrec"] = ranking_metrics(reranked_ranks(first, candidates, fused, targets, histories, mask))
