@@ -20,7 +20,7 @@ export TRANSFORMERS_OFFLINE := 1
 help:
 	@echo "make venv   create or refresh $(VENV) (torch $(TORCH_VERSION) CPU first, then the project)"
 	@echo "make test   run the whole test suite (starts and stops its own broker, Triton, Qdrant)"
-	@echo "make lint   ruff check"
+	@echo "make lint   ruff check, ruff format --check, the architecture contract (lint-imports)"
 	@echo "make demo   bring the local infrastructure up, check it, take it down"
 	@echo "make clean  stop the local infrastructure and remove state and caches (keeps $(VENV))"
 
@@ -40,6 +40,8 @@ test: venv
 
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-logo
 
 # Whatever fails, the infrastructure comes down again; `infra down` exits non-zero if a process it
 # started survives or Triton's leftovers cannot be removed.

@@ -43,12 +43,16 @@ SETTINGS = [
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--json", dest="json_path", default=None)
     parser.add_argument("--artifacts", type=Path, default=REPO / "artifacts" / "ml-latest-small")
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--quick", action="store_true", help="test split only, fewer latency samples")
-    parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # one latency setting (child process)
+    parser.add_argument(
+        "--probe", default=None, help=argparse.SUPPRESS
+    )  # one latency setting (child process)
     args = parser.parse_args(argv)
     if args.probe:
         print(json.dumps(probe(args, json.loads(args.probe), 5 if args.quick else 15)))
@@ -66,19 +70,22 @@ def quality(args, console: Console) -> dict:
     import numpy as np
     import torch
 
+    from instructrec.artifacts import Artifacts
     from instructrec.data import load
     from instructrec.data.split import LeaveOneOut
     from instructrec.evaluation import ranking_metrics, reranked_ranks
     from instructrec.experiment import PipelineConfig, rerank_top_k
     from instructrec.model.reranker import Reranker
     from instructrec.model.scoring import fuse
-    from instructrec.model.serving import ServingOptions, prepare
     from instructrec.retrieval.base import load_retriever
+    from instructrec.serving.options import ServingOptions
+    from instructrec.serving.scorer import prepare
 
-    config = PipelineConfig.load(args.artifacts / "pipeline.json")
+    layout = Artifacts(args.artifacts)
+    config = PipelineConfig.load(layout.pipeline)
     dataset = load(args.artifacts.name, root=args.data_root)
     split = LeaveOneOut(dataset)
-    retriever = load_retriever(args.artifacts / "retrievers" / config.retriever)
+    retriever = load_retriever(layout.retriever(config.retriever))
     out: dict = {}
     for stage in ("test",) if args.quick else ("valid", "test"):
         histories, targets = split.histories(stage), split.targets(stage)
@@ -86,7 +93,7 @@ def quality(args, console: Console) -> dict:
         out[stage], reference = {}, None
         for name, fields in PRECISIONS.items():
             with console.status(f"{stage}: scoring every user in {name}…"):
-                reranker = prepare(Reranker.from_pretrained(args.artifacts / "reranker" / "best"), ServingOptions(**fields))
+                reranker = prepare(Reranker.from_pretrained(layout.best_reranker), ServingOptions(**fields))
                 started = time.perf_counter()
                 with torch.inference_mode():
                     candidates, scores, base = rerank_top_k(reranker, dataset, split, stage, first, config.k)
@@ -107,8 +114,17 @@ def latency(args, console: Console) -> list[dict]:
     rows = []
     for label, fields, env in SETTINGS:
         with console.status(f"latency after idle gaps: {label}…"):
-            command = [sys.executable, __file__, "--probe", json.dumps(fields), "--artifacts", str(args.artifacts),
-                       "--data-root", str(args.data_root), *(["--quick"] if args.quick else [])]  # fmt: skip
+            command = [
+                sys.executable,
+                __file__,
+                "--probe",
+                json.dumps(fields),
+                "--artifacts",
+                str(args.artifacts),
+                "--data-root",
+                str(args.data_root),
+                *(["--quick"] if args.quick else []),
+            ]
             clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
             done = subprocess.run(command, env={**clean, **env}, capture_output=True, text=True, check=True)
         rows.append({"setting": label, **json.loads(done.stdout.strip().splitlines()[-1])})
@@ -117,12 +133,16 @@ def latency(args, console: Console) -> list[dict]:
 
 def probe(args, fields: dict, samples: int) -> dict:
     """Median latency of one request after each idle gap, in this (fresh) process."""
-    from serving import Workload  # the sibling serving benchmark's real instructions
+    from harness import Workload  # the serving benchmark's real instructions
 
-    from instructrec.model.serving import ServingOptions, load_scorer
+    from instructrec.artifacts import Artifacts
+    from instructrec.serving.options import ServingOptions
+    from instructrec.serving.scorer import load_scorer
 
     workload = Workload.build(str(args.data_root), 40)
-    scorer = load_scorer(args.artifacts / "reranker" / "best", ServingOptions(omp_wait_policy="", **fields))
+    scorer = load_scorer(
+        Artifacts(args.artifacts).best_reranker, ServingOptions(omp_wait_policy="", **fields)
+    )
 
     def one(i: int) -> float:
         started = time.perf_counter()
@@ -147,8 +167,10 @@ def report(result: dict) -> Table:
     table.add_column("value", justify="right")
     for stage, by_precision in result["quality"].items():
         for name, m in by_precision.items():
-            table.add_row(f"{stage}, {name}: fused NDCG@10 · Recall@10 · top-1 = float32's",
-                          f"{m['ndcg10']:.4f} · {m['recall10']:.4f} · {m['top1_agreement']:.3f}")  # fmt: skip
+            table.add_row(
+                f"{stage}, {name}: fused NDCG@10 · Recall@10 · top-1 = float32's",
+                f"{m['ndcg10']:.4f} · {m['recall10']:.4f} · {m['top1_agreement']:.3f}",
+            )
     gaps = " / ".join(f"{g:g}" for g in GAPS_S)
     for row in result["latency"]:
         values = " / ".join(f"{v:.1f}" for v in row["ms_after_gap"].values())

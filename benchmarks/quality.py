@@ -26,10 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from instructrec import experiment
+    from instructrec.artifacts import Artifacts
     from instructrec.data import load
     from instructrec.evaluation.report import tables
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--dataset", default="ml-latest-small")
     parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--artifacts", default=None, help="default: artifacts/<dataset>")
@@ -39,15 +42,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     dataset = load(args.dataset, root=args.data_root)
-    out = Path(args.artifacts or REPO / "artifacts" / args.dataset)
+    out = (
+        Artifacts(Path(args.artifacts)) if args.artifacts else Artifacts.of(REPO / "artifacts", args.dataset)
+    )
     console = Console(width=None if sys.stdout.isatty() else 200)  # logs get the whole table, not 80 columns
     console.print(dataset.describe())
-    if not (args.reuse and (out / "pipeline.json").exists()):
+    if not (args.reuse and out.trained):
         config = experiment.PipelineConfig()
         if args.minutes is not None:
             config.train.max_minutes = args.minutes
         experiment.fit(dataset, out, config, resume=args.reuse)
-    config = experiment.PipelineConfig.load(out / "pipeline.json")
+    config = experiment.PipelineConfig.load(out.pipeline)
     results = experiment.evaluate(dataset, out)
 
     seconds = experiment.method_seconds(config)

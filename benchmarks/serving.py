@@ -31,7 +31,6 @@ import copy
 import difflib
 import json
 import os
-import random
 import re
 import signal
 import sys
@@ -40,8 +39,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from harness import ForeignCpu, Workload  # the benchmarks' shared library module
 from rich.console import Console
 from rich.table import Table
+
+from instructrec.adapters.triton.statistics import mean_batch_size, model_stats, per_request_ms
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "instructrec_reranker"
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     console = Console(width=max(Console().width, 120))  # the table stays readable when piped to a file
 
-    from instructrec.model.serving import ServingOptions, set_omp_wait_policy
+    from instructrec.serving.options import ServingOptions, set_omp_wait_policy
 
     set_omp_wait_policy(ServingOptions().omp_wait_policy)  # in process as in the backend (before torch loads)
     import torch
@@ -87,8 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="serving-bench-") as tmp:
         root = Path(tmp)
         reranker_dir = args.reranker or save_default_model(root / "default-reranker")
-        results: dict = {"threads": threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
-                         "load_average_start": round(os.getloadavg()[0], 2)}  # fmt: skip
+        results: dict = {
+            "threads": threads,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+            "load_average_start": round(os.getloadavg()[0], 2),
+        }
         overrides = {
             key: value for key, value in (("dtype", args.dtype), ("quantize", args.quantize)) if value
         }
@@ -120,48 +125,6 @@ class Sizes:
         return cls(latency=20, throughput=32, generate=1, quality=10)
 
 
-# --------------------------------------------------------------------------------------------- workload
-
-
-class Workload:
-    """Real instructions over ml-latest-small and their wire form."""
-
-    def __init__(self, dataset, instructions) -> None:
-        from instructrec.model.serving import encode_request
-
-        self.dataset = dataset
-        self.instructions = instructions
-        self.ids = [item.id for item in dataset.items]
-        self.titles = [item.display_title for item in dataset.items]
-        self.requests = [
-            encode_request(ins, self.ids.__getitem__, self.titles.__getitem__) for ins in instructions
-        ]
-
-    @classmethod
-    def build(cls, data_root: str, n: int, seed: int = 0) -> Workload:
-        from instructrec.data import load
-        from instructrec.instructions import request_instruction
-
-        dataset = load("ml-latest-small", root=data_root)
-        rng = random.Random(seed)
-        instructions = []
-        while len(instructions) < n:
-            user = rng.randrange(dataset.n_users)
-            history = dataset.histories[user]
-            seen = {x.item for x in history}
-            negatives = set()
-            while len(negatives) < 19:
-                item = rng.randrange(dataset.n_items)
-                if item not in seen:
-                    negatives.add(item)
-            candidates = [history[-1].item, *sorted(negatives)]
-            instructions.append(request_instruction(history[-11:-1], candidates, seed=len(instructions)))
-        return cls(dataset, instructions)
-
-    def title_of(self, item: int) -> str:
-        return self.titles[item]
-
-
 def save_default_model(path: Path) -> Path:
     from instructrec.model.reranker import default_model
 
@@ -180,14 +143,14 @@ def serve_and_measure(
     console: Console,
     overrides: dict[str, str],
 ) -> dict:
-    from instructrec.config import InfraSettings, Settings
-    from instructrec.infra import Infrastructure
-    from instructrec.triton_repository import (
+    from instructrec.adapters.triton.repository import (
         copy_repository,
         default_repository,
         export_version,
         set_parameters,
     )
+    from instructrec.config import InfraSettings, Settings
+    from instructrec.infra import Infrastructure
 
     repository = copy_repository(default_repository(), root / "repository")
     export_version(reranker_dir, repository, 1, link=True, overwrite=True)
@@ -212,7 +175,7 @@ def serve_and_measure(
 
 def add_unbatched_model(repository: Path, reranker_dir: Path) -> None:
     """The same backend and weights under another name, with dynamic batching removed from its config."""
-    from instructrec.triton_repository import export_version
+    from instructrec.adapters.triton.repository import export_version
 
     config = (repository / MODEL / "config.pbtxt").read_text()
     config = re.sub(r"dynamic_batching\s*\{[^}]*\}", "", config)
@@ -223,8 +186,8 @@ def add_unbatched_model(repository: Path, reranker_dir: Path) -> None:
 
 
 async def measure_served(state, workload: Workload, sizes: Sizes, console: Console) -> dict:
+    from instructrec.adapters.triton.client import TritonReranker
     from instructrec.config import TritonSettings
-    from instructrec.triton import TritonReranker
 
     requests = workload.requests
     settings = TritonSettings(url=state.grpc_url, protocol="grpc", timeout_s=60, retries=0)
@@ -244,15 +207,15 @@ async def measure_served(state, workload: Workload, sizes: Sizes, console: Conso
         out["p99_ms"] = round(float(np.percentile(latencies, 99)) * 1000, 1)
         out["mean_ms"] = round(float(np.mean(latencies)) * 1000, 1)
         out["latency_requests"] = len(latencies)
-        out["server_per_request_ms"] = per_request_ms(await model_stats(state.http_url))
+        out["server_per_request_ms"] = per_request_ms(await model_stats(state.http_url, MODEL))
         out["model_version"] = reranker.model_version
 
         out["throughput"], out["mean_batch_size"] = {}, {}
         for concurrency in CONCURRENCY:
             with console.status(f"throughput at {concurrency} concurrent…"), ForeignCpu(state.pid) as foreign:
-                before = await model_stats(state.http_url)
+                before = await model_stats(state.http_url, MODEL)
                 out["throughput"][str(concurrency)] = await throughput(reranker, requests, concurrency, sizes)
-                after = await model_stats(state.http_url)
+                after = await model_stats(state.http_url, MODEL)
             out["mean_batch_size"][str(concurrency)] = mean_batch_size(before, after)
             out["foreign_cores"][f"throughput_{concurrency}"] = foreign.cores
 
@@ -271,46 +234,6 @@ async def measure_served(state, workload: Workload, sizes: Sizes, console: Conso
     return out
 
 
-class ForeignCpu:
-    """How many cores other processes kept busy while a phase ran: the machine is shared, so every figure
-    says how shared it was. Ours: this process and the tritonserver session (server and backend stubs)."""
-
-    def __init__(self, server_pid: int | None = None) -> None:
-        self.server_pid = server_pid
-        self.cores = 0.0
-
-    def __enter__(self) -> ForeignCpu:
-        self._start = (time.perf_counter(), _machine_busy_ticks(), self._own_ticks())
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        elapsed = time.perf_counter() - self._start[0]
-        busy = _machine_busy_ticks() - self._start[1]
-        own = self._own_ticks() - self._start[2]
-        self.cores = round(max(0.0, busy - own) / os.sysconf("SC_CLK_TCK") / elapsed, 2)
-
-    def _own_ticks(self) -> int:
-        total = 0
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:  # exited meanwhile
-                continue
-            pid, session = int(entry.name), int(fields[3])
-            if pid == os.getpid() or (self.server_pid is not None and session == self.server_pid):
-                total += int(fields[11]) + int(fields[12])  # utime + stime, all threads
-        return total
-
-
-def _machine_busy_ticks() -> int:
-    """All CPUs' busy time: /proc/stat's first line less idle and iowait."""
-    fields = Path("/proc/stat").read_text().split()[1:9]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields)
-    return user + nice + system + irq + softirq + steal
-
-
 async def throughput(reranker, requests: list[bytes], concurrency: int, sizes: Sizes) -> float:
     """Requests per second with `concurrency` requests always in flight."""
     total = max(sizes.throughput, 3 * concurrency)
@@ -325,42 +248,13 @@ async def throughput(reranker, requests: list[bytes], concurrency: int, sizes: S
     return round(total / (time.perf_counter() - started), 2)
 
 
-async def model_stats(http_url: str, model: str = MODEL) -> dict:
-    """The model's cumulative statistics snapshot from Triton (HTTP)."""
-    from tritonclient.http.aio import InferenceServerClient
-
-    async with InferenceServerClient(http_url) as client:
-        stats = await client.get_inference_statistics(model)
-    return stats["model_stats"][0]
-
-
-STAGES = ("queue", "compute_input", "compute_infer", "compute_output")
-
-
-def per_request_ms(after: dict, before: dict | None = None) -> dict[str, float]:
-    """Mean time per request inside Triton between two snapshots (without `before`: since the model loaded):
-    queueing, and the backend's execute (all of the Python backend's work: input transfer to the stub, decode,
-    collate, forward, output) split as Triton reports it."""
-
-    def total(snapshot: dict | None, name: str, field: str = "ns") -> int:
-        return snapshot["inference_stats"][name][field] if snapshot else 0
-
-    count = max(1, total(after, "success", "count") - total(before, "success", "count"))
-    return {name: round((total(after, name) - total(before, name)) / count / 1e6, 2) for name in STAGES}
-
-
-def mean_batch_size(before: dict, after: dict) -> float:
-    """Requests per forward pass between two statistics snapshots."""
-    executions = after["execution_count"] - before["execution_count"]
-    return round((after["inference_count"] - before["inference_count"]) / max(1, executions), 2)
-
-
 # ------------------------------------------------------------------------------------------- in process
 
 
 def in_process(reranker_dir: Path, workload: Workload, sizes: Sizes, console: Console) -> dict:
     from instructrec.model.reranker import Reranker
-    from instructrec.model.serving import ServingScorer, decode_request
+    from instructrec.serving.scorer import ServingScorer
+    from instructrec.serving.wire import decode_request
 
     reranker = Reranker.from_pretrained(reranker_dir).eval()
     scorer = ServingScorer(reranker)
@@ -409,7 +303,7 @@ def forward(reranker, batch) -> None:
 
 
 def collate(scorer, request: bytes) -> None:
-    from instructrec.model.serving import decode_request
+    from instructrec.serving.wire import decode_request
 
     decoded = decode_request(request)
     scorer.tokenizer.collate([decoded.instruction], decoded.titles.__getitem__, lambda _: 0)
@@ -512,7 +406,7 @@ def parse_ranking(text: str, titles: list[str]) -> list[int]:
 def precision_study(reranker, workload: Workload, sizes: Sizes) -> dict:
     import torch
 
-    from instructrec.model.serving import ServingScorer, quantize_int8
+    from instructrec.serving.scorer import ServingScorer, quantize_int8
 
     requests = workload.requests[: sizes.quality]
     variants = {
@@ -520,8 +414,10 @@ def precision_study(reranker, workload: Workload, sizes: Sizes) -> dict:
         "int8": ServingScorer(quantize_int8(copy.deepcopy(reranker))),
         "bfloat16": ServingScorer(copy.deepcopy(reranker).to(torch.bfloat16)),
     }
-    scores = {name: [s for i in range(0, len(requests), 8) for s in scorer.score(requests[i : i + 8])]
-              for name, scorer in variants.items()}  # fmt: skip
+    scores = {
+        name: [s for i in range(0, len(requests), 8) for s in scorer.score(requests[i : i + 8])]
+        for name, scorer in variants.items()
+    }
     out = {}
     for name, scorer in variants.items():
         scorer.score(requests[:2])
@@ -589,15 +485,22 @@ def report(results: dict) -> Table:
         ("inside Triton per request (ms)", json.dumps(results["server_per_request_ms"]), ""),
     ]
     for name, figures in results["precision"].items():
-        rows.append((f"{name}: ms · tau · top-10 · top-1",
-                     f"{figures['ms_per_request']} · {figures['kendall_tau']} · {figures['top10_overlap']} · "
-                     f"{figures['top1_agreement']}", ""))  # fmt: skip
+        rows.append(
+            (
+                f"{name}: ms · tau · top-10 · top-1",
+                f"{figures['ms_per_request']} · {figures['kendall_tau']} · {figures['top10_overlap']} · "
+                f"{figures['top1_agreement']}",
+                "",
+            )
+        )
     foreign = {**results["foreign_cores"], "in_process": results["foreign_cores_in_process"]}
     rows.append(("cores other processes used, by phase", json.dumps(foreign), "0 on a quiet machine"))
     for row in rows:
         table.add_row(*row)
-    table.caption = (f"load average {results['load_average_start']} → {results['load_average_end']} · "
-                     f"{results['threads']} threads")  # fmt: skip
+    table.caption = (
+        f"load average {results['load_average_start']} → {results['load_average_end']} · "
+        f"{results['threads']} threads"
+    )
     return table
 
 

@@ -42,11 +42,9 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 from rich.table import Table
-from serving import (  # sibling script: how Triton's statistics are read
-    mean_batch_size,
-    model_stats,
-    per_request_ms,
-)
+
+from instructrec.adapters.triton.statistics import mean_batch_size, model_stats, per_request_ms
+from instructrec.artifacts import Artifacts
 
 REPO = Path(__file__).resolve().parent.parent
 DATASET = "ml-latest-small"
@@ -73,17 +71,25 @@ def intentions(dataset, n: int = 5000, seed: int = 0) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--json", dest="json_path", default=None)
     parser.add_argument("--reranker", type=Path, default=None, help="a saved reranker folder")
     parser.add_argument("--artifacts", type=Path, default=REPO / "artifacts", help="trained artefacts root")
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data")
-    parser.add_argument("--items", type=int, default=None, help="catalogue size (default: the whole 5-core set)")
+    parser.add_argument(
+        "--items", type=int, default=None, help="catalogue size (default: the whole 5-core set)"
+    )
     parser.add_argument("--duration", type=float, default=30.0, help="seconds per measured rate")
     parser.add_argument("--clicks-per-user", type=int, default=40)
-    parser.add_argument("--triton-timeout", type=float, default=None,
-                        help="the reranker call's timeout, s (default: the configured one, 2 s); a busy machine "
-                             "needs more for answers to be reranked rather than degraded")  # fmt: skip
+    parser.add_argument(
+        "--triton-timeout",
+        type=float,
+        default=None,
+        help="the reranker call's timeout, s (default: the configured one, 2 s); a busy machine "
+        "needs more for answers to be reranked rather than degraded",
+    )
     parser.add_argument("--quick", action="store_true", help="shorter steps, smaller catalogue")
     args = parser.parse_args(argv)
     if args.quick:
@@ -102,12 +108,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(root: Path, args, console: Console) -> dict:
+    from instructrec.adapters.triton.repository import copy_repository, default_repository, export_version
     from instructrec.config import InfraSettings, QdrantSettings, Settings
     from instructrec.data import load
     from instructrec.infra import Infrastructure, free_port, run_sync
-    from instructrec.triton_repository import copy_repository, default_repository, export_version
-    from streams.app import ensure_topics
-    from streams.process import WorkerProcess
+    from instructrec.infra.worker import WorkerProcess
+    from streams.kafka.admin import ensure_topics
 
     dataset = load(DATASET, root=args.data_root)
     reranker_dir, model_name = reranker_folder(args, root)
@@ -127,25 +133,34 @@ def run(root: Path, args, console: Console) -> dict:
         triton = settings.triton
         if args.triton_timeout:
             triton = triton.model_copy(update={"timeout_s": args.triton_timeout})
-        settings = settings.model_copy(update={
-            "triton": triton,
-            "model": settings.model.model_copy(update={"artifacts": args.artifacts}),
-            "stream": settings.stream.model_copy(update={"store": "rocksdb", "dataset": DATASET}),
-        })  # fmt: skip
-        run_sync(ensure_topics(settings))
+        settings = settings.model_copy(
+            update={
+                "triton": triton,
+                "model": settings.model.model_copy(update={"artifacts": args.artifacts}),
+                "stream": settings.stream.model_copy(update={"store": "rocksdb", "dataset": DATASET}),
+            }
+        )
+        run_sync(ensure_topics(settings.kafka))
         with console.status("building the Qdrant catalogue…"):
             started = time.perf_counter()
             n_items, collaborative = build_catalog(settings, dataset, args.items, console)
-        console.print(f"catalogue: {n_items} items in {time.perf_counter() - started:.0f} s "
-                      f"(collaborative vectors: {collaborative})")  # fmt: skip
+        console.print(
+            f"catalogue: {n_items} items in {time.perf_counter() - started:.0f} s "
+            f"(collaborative vectors: {collaborative})"
+        )
         worker = WorkerProcess(settings, web_port=free_port(), log=root / "worker.log")
         with worker:
             with console.status("starting the worker…"):
                 worker.wait_healthy(300)
             result = asyncio.run(measure(settings, worker, dataset, args, console, state.triton.http_url))
-        result["details"].update({"reranker": model_name, "catalogue_items": n_items,
-                                  "collaborative_vectors": collaborative,
-                                  "triton_timeout_s": settings.triton.timeout_s})  # fmt: skip
+        result["details"].update(
+            {
+                "reranker": model_name,
+                "catalogue_items": n_items,
+                "collaborative_vectors": collaborative,
+                "triton_timeout_s": settings.triton.timeout_s,
+            }
+        )
         return result
     finally:
         report_ = infrastructure.down()
@@ -154,7 +169,7 @@ def run(root: Path, args, console: Console) -> dict:
 
 
 def reranker_folder(args, root: Path) -> tuple[Path, str]:
-    trained = args.reranker or args.artifacts / DATASET / "reranker" / "best"
+    trained = args.reranker or Artifacts.of(args.artifacts, DATASET).best_reranker
     if (trained / "reranker.json").is_file():
         return trained, str(trained)
     from instructrec.model.reranker import default_model
@@ -165,22 +180,32 @@ def reranker_folder(args, root: Path) -> tuple[Path, str]:
 
 def build_catalog(settings, dataset, limit: int | None, console: Console) -> tuple[int, bool]:
     """Item vectors straight into the worker's Qdrant storage (what the catalog agent would write)."""
-    from instructrec.qdrant import IndexedItem, ItemIndex
+    from instructrec.adapters.qdrant import IndexedItem, ItemIndex
     from instructrec.retrieval.text import TextRetriever
     from streams.services import load_collaborative
     from workers.index import item_text
 
     items = dataset.items[:limit] if limit else dataset.items
-    texts = TextRetriever(cache_dir=REPO / ".state" / "cache").fit_texts([item_text(i) for i in items], DATASET)
+    texts = TextRetriever(cache_dir=REPO / ".state" / "cache").fit_texts(
+        [item_text(i) for i in items], DATASET
+    )
     collaborative = load_collaborative(settings)
     cf_dim = collaborative.dim if collaborative else settings.qdrant.cf_dim
     with ItemIndex(settings.qdrant, cf_dim=cf_dim) as index:
         index.ensure_collection()
-        index.upsert([
-            IndexedItem(item.id, item.display_title, item.genres, item.year, texts.vectors[n],
-                        collaborative.vector_of(item.id) if collaborative else None)
-            for n, item in enumerate(items)
-        ])  # fmt: skip
+        index.upsert(
+            [
+                IndexedItem(
+                    item.id,
+                    item.display_title,
+                    item.genres,
+                    item.year,
+                    texts.vectors[n],
+                    collaborative.vector_of(item.id) if collaborative else None,
+                )
+                for n, item in enumerate(items)
+            ]
+        )
     return len(items), collaborative is not None
 
 
@@ -198,13 +223,18 @@ async def measure(settings, worker, dataset, args, console: Console, triton_url:
         overhead: list[float] = []
         degraded = 0
         for rate in (1.0, 5.0, 10.0):
-            before = await model_stats(triton_url)
+            before = await model_stats(triton_url, MODEL)
             step = await offered(settings, listener, users, texts, rate, args.duration)
-            rates[f"{rate:g}"] = {**step.summary(), "triton": inside_triton(before, await model_stats(triton_url))}
+            rates[f"{rate:g}"] = {
+                **step.summary(),
+                "triton": inside_triton(before, await model_stats(triton_url, MODEL)),
+            }
             overhead += step.overheads
             degraded += step.degraded
             console.print(f"{rate:g} q/s: {rates[f'{rate:g}']}")
-        max_qps, within_slo = await find_max_rate(settings, listener, users, texts, args.duration / 2, rates, console)
+        max_qps, within_slo = await find_max_rate(
+            settings, listener, users, texts, args.duration / 2, rates, console
+        )
     finally:
         await listener.stop()
     return {
@@ -219,7 +249,9 @@ async def measure(settings, worker, dataset, args, console: Console, triton_url:
     }
 
 
-async def measure_clicks(settings, worker, dataset, per_user: int, console: Console) -> tuple[float, list[str]]:
+async def measure_clicks(
+    settings, worker, dataset, per_user: int, console: Console
+) -> tuple[float, list[str]]:
     from workers.replay import ReplayConfig, replay, replay_events
 
     events = replay_events(dataset, ReplayConfig(max_per_user=per_user, query_every=0))
@@ -249,26 +281,28 @@ class Answers:
     def __init__(self, settings) -> None:
         self.settings = settings
         self.arrived: dict[str, tuple[float, object]] = {}
-        self._ready = asyncio.Event()
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
         from instructrec.events import Recommendation, decode
-        from workers.producer import consume
+        from streams.kafka.reader import TopicReader
+
+        self._reader = TopicReader(self.settings.kafka, self.settings.kafka.topics.recommendations)
+        await asyncio.wait_for(self._reader.__aenter__(), 60)
 
         async def run() -> None:
-            async for *_, value in consume(self.settings.kafka, "recommendations", ready=self._ready):
+            async for record in self._reader:
                 now = time.perf_counter()
-                answer = decode(Recommendation, value)
+                answer = decode(Recommendation, record.value)
                 self.arrived.setdefault(answer.request_id, (now, answer))
 
         self._task = asyncio.create_task(run())
-        await asyncio.wait_for(self._ready.wait(), 60)
 
     async def stop(self) -> None:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+        await self._reader.__aexit__()
 
 
 class Step:
@@ -312,11 +346,18 @@ class Step:
         }
 
 
-async def offered(settings, listener: Answers, users: list[str], texts: list[str], rate: float, duration: float,
-                  seed: int = 0) -> Step:  # fmt: skip
+async def offered(
+    settings,
+    listener: Answers,
+    users: list[str],
+    texts: list[str],
+    rate: float,
+    duration: float,
+    seed: int = 0,
+) -> Step:
     """Send Poisson arrivals at `rate` for `duration` s; wait up to a second (more for slow answers) after."""
     from instructrec.events import QueryEvent
-    from workers.producer import EventProducer
+    from streams.kafka.producer import EventProducer
 
     rng = random.Random(f"{seed}:{rate}")
     sent: dict[str, float] = {}
@@ -336,8 +377,9 @@ async def offered(settings, listener: Answers, users: list[str], texts: list[str
     return Step(rate, sent, listener, duration)
 
 
-async def find_max_rate(settings, listener, users, texts, duration: float, done: dict,
-                        console: Console) -> tuple[float, float]:  # fmt: skip
+async def find_max_rate(
+    settings, listener, users, texts, duration: float, done: dict, console: Console
+) -> tuple[float, float]:
     max_qps = within = 0.0
     for key, summary in done.items():
         if summary["answered"] >= 0.95 * summary["sent"] and summary["p99_ms"] <= 1000:
@@ -361,8 +403,11 @@ def inside_triton(before: dict, after: dict) -> dict:
     """Mean time per request inside Triton between two statistics snapshots: waiting for an instance, and the
     backend's execution (decode, collate, forward, output); the rest of `rerank_ms` is gRPC and the client."""
     ms = per_request_ms(after, before)
-    return {"queue_ms": round(ms["queue"], 1), "compute_ms": round(sum(v for k, v in ms.items() if k != "queue"), 1),
-            "mean_batch": mean_batch_size(before, after)}  # fmt: skip
+    return {
+        "queue_ms": round(ms["queue"], 1),
+        "compute_ms": round(sum(v for k, v in ms.items() if k != "queue"), 1),
+        "mean_batch": mean_batch_size(before, after),
+    }
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -371,16 +416,30 @@ def _pct(values: list[float], q: float) -> float:
 
 def report(result: dict) -> Table:
     table = Table(title=f"stream benchmark ({result['details'].get('reranker')})")
-    columns = ("rate q/s", "p50 ms", "p99 ms", "overhead p99 ms", "rerank p50", "in Triton ms",
-               "answered/sent", "degraded")  # fmt: skip
+    columns = (
+        "rate q/s",
+        "p50 ms",
+        "p99 ms",
+        "overhead p99 ms",
+        "rerank p50",
+        "in Triton ms",
+        "answered/sent",
+        "degraded",
+    )
     for column in columns:
         table.add_column(column, justify="right")
     for rate, step in result["steps"].items():
         inside = step.get("triton")
-        table.add_row(rate, f"{step['p50_ms']:.1f}", f"{step['p99_ms']:.1f}", f"{step['overhead_p99_ms']:.1f}",
-                      f"{step['stages_ms'].get('rerank_ms', [float('nan')])[0]:.1f}",
-                      f"{inside['queue_ms']} + {inside['compute_ms']}" if inside else "—",
-                      f"{step['answered']}/{step['sent']}", str(step["degraded"]))  # fmt: skip
+        table.add_row(
+            rate,
+            f"{step['p50_ms']:.1f}",
+            f"{step['p99_ms']:.1f}",
+            f"{step['overhead_p99_ms']:.1f}",
+            f"{step['stages_ms'].get('rerank_ms', [float('nan')])[0]:.1f}",
+            f"{inside['queue_ms']} + {inside['compute_ms']}" if inside else "—",
+            f"{step['answered']}/{step['sent']}",
+            str(step["degraded"]),
+        )
     table.caption = (
         f"max sustainable {result['max_qps']:g} q/s (p99 ≤ {SLO_P99_MS:g} ms up to {result['max_qps_within_slo']:g} q/s)"
         f" · overhead p99 {result['overhead_p99_ms']} ms at 1–10 q/s · clicks {result['clicks_eps']:.0f} events/s"

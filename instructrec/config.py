@@ -8,9 +8,10 @@ down; nothing reads the environment behind the caller's back.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -31,7 +32,9 @@ class TopicNames(BaseModel):
 
 class KafkaSettings(BaseModel):
     broker: str = "kafka://127.0.0.1:9092"
-    partitions: int = Field(4, ge=1, description="partition count of every topic (user-keyed topics co-partition)")
+    partitions: int = Field(
+        4, ge=1, description="partition count of every topic (user-keyed topics co-partition)"
+    )
     replication_factor: int = Field(1, ge=1)
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
@@ -43,7 +46,9 @@ class KafkaSettings(BaseModel):
     topics: TopicNames = TopicNames()
     request_timeout_s: float = Field(30.0, gt=0)
     empty_fetch_pause_s: float = Field(
-        0.005, ge=0, description="pause after an empty fetch answered before its max wait (noida-db; streams.compat); 0: off"
+        0.005,
+        ge=0,
+        description="pause after an empty fetch answered before its max wait (noida-db; streams.compat); 0: off",
     )
 
     @property
@@ -61,7 +66,9 @@ class KafkaSettings(BaseModel):
         if self.security_protocol.startswith("SASL"):
             kwargs["sasl_mechanism"] = self.sasl_mechanism or "PLAIN"
             kwargs["sasl_plain_username"] = self.sasl_username
-            kwargs["sasl_plain_password"] = self.sasl_password.get_secret_value() if self.sasl_password else None
+            kwargs["sasl_plain_password"] = (
+                self.sasl_password.get_secret_value() if self.sasl_password else None
+            )
         if self.security_protocol.endswith("SSL"):
             kwargs["ssl_context"] = self.ssl_context()
         return kwargs
@@ -71,7 +78,9 @@ class KafkaSettings(BaseModel):
 
         context = ssl.create_default_context(cafile=str(self.ssl_cafile) if self.ssl_cafile else None)
         if self.ssl_certfile:
-            context.load_cert_chain(str(self.ssl_certfile), str(self.ssl_keyfile) if self.ssl_keyfile else None)
+            context.load_cert_chain(
+                str(self.ssl_certfile), str(self.ssl_keyfile) if self.ssl_keyfile else None
+            )
         return context
 
 
@@ -100,7 +109,9 @@ class TritonSettings(BaseModel):
 class ModelSettings(BaseModel):
     """Where model weights live: a Hugging Face checkpoint by path or name, and the local artefact folder."""
 
-    checkpoint: str | None = Field(None, description="a seq2seq checkpoint (Flan-T5 in production); None: offline default")
+    checkpoint: str | None = Field(
+        None, description="a seq2seq checkpoint (Flan-T5 in production); None: offline default"
+    )
     artifacts: Path = Path("artifacts")
     max_history: int = Field(10, ge=1)
     candidates: int = Field(20, ge=2)
@@ -117,12 +128,18 @@ class StreamSettings(BaseModel):
 
     app_id: str = Field("instructrec-stream", description="Faust app id: the consumer group and table prefix")
     store: Literal["rocksdb", "memory"] = Field("rocksdb", description="table store; memory: tests only")
-    data_dir: Path | None = Field(None, description="RocksDB tables; None: <state_dir>/faust/<app_id>-<web port>")
-    dataset: str = Field("ml-latest-small", description="artifacts/<dataset>/ holds the collaborative retriever")
+    data_dir: Path | None = Field(
+        None, description="RocksDB tables; None: <state_dir>/faust/<app_id>-<web port>"
+    )
+    dataset: str = Field(
+        "ml-latest-small", description="artifacts/<dataset>/ holds the collaborative retriever"
+    )
     batch_size: int = Field(16, ge=1, description="queries per micro-batch (one Triton call)")
     batch_window_s: float = Field(0.005, gt=0, description="longest wait for a micro-batch to fill")
     query_concurrency: int = Field(
-        2, ge=1, description="query micro-batches in flight at once: one's Triton call overlaps the next's retrieval"
+        2,
+        ge=1,
+        description="query micro-batches in flight at once: one's Triton call overlaps the next's retrieval",
     )
     commit_interval_s: float = Field(1.0, gt=0, description="offset commits; shorter: fewer redeliveries")
     history_size: int = Field(200, ge=1, description="recent items kept per user (and excluded from answers)")
@@ -138,7 +155,8 @@ class StreamSettings(BaseModel):
         None, description="how other workers reach this one's web server; None: http://<web.host>:<web port>"
     )
     rejoin_on_stale_commit: bool = Field(
-        True, description="read a commit's ILLEGAL_GENERATION as REBALANCE_IN_PROGRESS (noida-db; see streams.compat)"
+        True,
+        description="read a commit's ILLEGAL_GENERATION as REBALANCE_IN_PROGRESS (noida-db; see streams.compat)",
     )
 
 
@@ -150,8 +168,12 @@ class InfraSettings(BaseModel):
     triton_grpc_port: int = Field(0, ge=0, le=65535, description="0: any free port")
     triton_metrics_port: int = Field(0, ge=0, le=65535, description="0: any free port")
     model_repository: Path | None = Field(None, description="None: deploy/triton of this checkout")
-    models: list[str] = Field(default_factory=lambda: ["health"], description="loaded at start (explicit mode)")
-    noida_db: Path | None = Field(None, description="the noida-db binary; None: the one in the noida-db wheel")
+    models: list[str] = Field(
+        default_factory=lambda: ["health"], description="loaded at start (explicit mode)"
+    )
+    noida_db: Path | None = Field(
+        None, description="the noida-db binary; None: the one in the noida-db wheel"
+    )
     tritonserver: Path | None = Field(None, description="None: the tritonserver in the nvidia-pytriton wheel")
     start_timeout_s: float = Field(60.0, gt=0)
     stop_timeout_s: float = Field(15.0, gt=0, description="after SIGTERM, before SIGKILL")
@@ -165,7 +187,9 @@ class Settings(BaseSettings):
         extra="ignore",
     )
 
-    state_dir: Path = Field(Path(".state"), description="pids, ports, logs and data of the local infrastructure")
+    state_dir: Path = Field(
+        Path(".state"), description="pids, ports, logs and data of the local infrastructure"
+    )
     data_root: Path = Field(Path("data"), description="where named datasets (ml-latest-small, ml-100k) live")
     kafka: KafkaSettings = KafkaSettings()
     qdrant: QdrantSettings = QdrantSettings()
@@ -179,3 +203,45 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    def to_env(self, *fields: str) -> dict[str, str]:
+        """``INSTRUCTREC_*`` variables that rebuild these settings in another process (``Settings()`` there).
+
+        Without `fields`: every section as one JSON document (secrets included: a child's environment is
+        readable by its own user only). With dotted `fields` ("kafka.broker"): just those, as plain values,
+        e.g. for ``export`` lines a person pastes into another shell.
+        """
+        if not fields:
+            return {
+                f"{ENV_PREFIX}{name.upper()}": _env_value(_plain(getattr(self, name)))
+                for name in type(self).model_fields
+            }
+        env = {}
+        for dotted in fields:
+            value: Any = self
+            for part in dotted.split("."):
+                value = getattr(value, part)
+            env[ENV_PREFIX + dotted.upper().replace(".", "__")] = _env_value(_plain(value))
+        return env
+
+
+ENV_PREFIX = "INSTRUCTREC_"
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return {name: _plain(getattr(value, name)) for name in type(value).model_fields}
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _env_value(value: Any) -> str:
+    """Sections and collections travel as JSON (pydantic-settings decodes them); scalars as plain text."""
+    return json.dumps(value) if isinstance(value, dict | list) else "" if value is None else str(value)

@@ -200,7 +200,7 @@ ItemText = _text(MAX_ITEM_TEXT_CHARS)
 ReviewText = _text(MAX_REVIEW_CHARS)
 QueryText = _text(MAX_QUERY_TEXT_CHARS)
 Reason = _text(MAX_REASON_CHARS)
-Instruction = _text(MAX_INSTRUCTION_CHARS, min_chars=1)
+InstructionText = _text(MAX_INSTRUCTION_CHARS, min_chars=1)
 ErrorText = _text(MAX_ERROR_CHARS, min_chars=1)
 
 
@@ -413,7 +413,7 @@ class FeedbackEvent(Event):
 
     user_id: Id
     request_id: Id
-    instruction: Instruction
+    instruction: InstructionText
     candidate_item_ids: Annotated[tuple[Id, ...], Field(min_length=1, max_length=MAX_CANDIDATES)]
     positive_item_ids: Annotated[tuple[Id, ...], Field(max_length=MAX_CANDIDATES)] = ()
     negative_item_ids: Annotated[tuple[Id, ...], Field(max_length=MAX_CANDIDATES)] = ()

@@ -1,11 +1,7 @@
 """The offline pipeline end to end: fit the retrievers, instruction-tune the reranker on the retriever's
 candidates, and evaluate every method under both protocols of DESIGN §5.
 
-Artefacts of one dataset live in one folder (`artifacts/<dataset>/` by default):
-    retrievers/<name>/     every retriever (load_retriever reads any of them back)
-    reranker/best/         the reranker checkpoint (Triton serves this folder)
-    reranker/last/, reranker/trainer.pt   resumable training state
-    pipeline.json          which retriever feeds the reranker, K, the fusion weight, training wall times
+Artefacts of one dataset live in one folder, laid out by `instructrec.artifacts.Artifacts`.
 """
 
 from __future__ import annotations
@@ -20,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from instructrec.artifacts import Artifacts
 from instructrec.data.dataset import Dataset
 from instructrec.data.split import LeaveOneOut, Stage
 from instructrec.evaluation.metrics import ranking_metrics
@@ -44,8 +41,9 @@ RETRIEVERS = ("popularity", "itemknn", "cooccurrence", "text", "sasrec", "blend"
 @dataclass
 class PipelineConfig:
     retriever: str = "blend"  # which retriever feeds the reranker
-    sasrec: SASRecConfig = field(default_factory=lambda: SASRecConfig(epochs=60, eval_every=4, patience=3,
-                                                                       batch_size=32, lr=2e-3))
+    sasrec: SASRecConfig = field(
+        default_factory=lambda: SASRecConfig(epochs=60, eval_every=4, patience=3, batch_size=32, lr=2e-3)
+    )
     k: int = 20  # candidates reranked per request
     checkpoint: str | None = None  # a seq2seq checkpoint; None: the offline MiniLM default
     encoder_layers: int = 4  # of the offline default (MiniLM has 6; 4 halve training and serving cost)
@@ -88,7 +86,9 @@ def prior_fn(retriever: Retriever, chunk: int = 1024):
         out: list[np.ndarray] = []
         for start in range(0, len(histories), chunk):
             scores = retriever.score(histories[start : start + chunk])
-            out.extend(row[list(cands)] for row, cands in zip(scores, candidates[start : start + chunk], strict=True))
+            out.extend(
+                row[list(cands)] for row, cands in zip(scores, candidates[start : start + chunk], strict=True)
+            )
         return out
 
     return prior
@@ -97,7 +97,9 @@ def prior_fn(retriever: Retriever, chunk: int = 1024):
 # -- fitting -----------------------------------------------------------------------------------------
 
 
-def fit_retrievers(split: LeaveOneOut, out: Path, sasrec: SASRecConfig, verbose: bool = True) -> dict[str, float]:
+def fit_retrievers(
+    split: LeaveOneOut, out: Artifacts, sasrec: SASRecConfig, verbose: bool = True
+) -> dict[str, float]:
     """Fits every retriever and baseline; returns their training wall times in seconds."""
     from instructrec.retrieval.blend import Blend
     from instructrec.retrieval.cooccurrence import CoOccurrence, ItemKNN
@@ -106,23 +108,28 @@ def fit_retrievers(split: LeaveOneOut, out: Path, sasrec: SASRecConfig, verbose:
 
     seconds = {}
     fitted = {}
-    for name, make in (("popularity", Popularity), ("cooccurrence", CoOccurrence), ("itemknn", ItemKNN),
-                       ("text", TextRetriever), ("sasrec", lambda: SASRec(copy.deepcopy(sasrec)))):
+    for name, make in (
+        ("popularity", Popularity),
+        ("cooccurrence", CoOccurrence),
+        ("itemknn", ItemKNN),
+        ("text", TextRetriever),
+        ("sasrec", lambda: SASRec(copy.deepcopy(sasrec))),
+    ):
         started = time.perf_counter()
         model = make()
         model.fit(split, verbose=verbose) if name == "sasrec" else model.fit(split)
         seconds[name] = time.perf_counter() - started
-        model.save(out / "retrievers" / name)
+        model.save(out.retriever(name))
         # the stream maps catalogue ids to the retriever's rows with this
-        ids = [item.id for item in split.dataset.items]
-        (out / "retrievers" / name / "item_ids.json").write_text(json.dumps(ids))
+        out.write_item_ids(name, [item.id for item in split.dataset.items])
         fitted[name] = model
     started = time.perf_counter()
-    # item-kNN adds on validation what neither sequence model sees (ml-latest-small NDCG@10 .098 → .104)
+    # item-kNN adds on validation what neither sequence model sees (the blend's weights are tuned there)
     parts = ("sasrec", "cooccurrence", "itemknn")
     blend = Blend([fitted[name] for name in parts]).fit(split, fit_components=False)
     seconds["blend"] = time.perf_counter() - started + sum(seconds[name] for name in parts)
-    blend.save(out / "retrievers" / "blend")
+    blend.save(out.retriever("blend"))
+    out.write_item_ids("blend", [item.id for item in split.dataset.items])
     return seconds
 
 
@@ -139,30 +146,48 @@ def build_reranker(config: PipelineConfig, dataset: Dataset, retriever: Retrieve
     vectors = collaborative_vectors(retriever) if config.collaborative else None
     rconfig = RerankerConfig()
     if config.checkpoint is None:
-        model = default_model(config.encoder_layers, config.decoder_layers, rconfig,
-                              item_ids if vectors is not None else (), vectors)
+        model = default_model(
+            config.encoder_layers,
+            config.decoder_layers,
+            rconfig,
+            item_ids if vectors is not None else (),
+            vectors,
+        )
     else:
         base = Reranker.from_pretrained(config.checkpoint)
-        model = Reranker(base.seq2seq, base.tokenizer, rconfig, item_ids if vectors is not None else (), vectors)
+        model = Reranker(
+            base.seq2seq, base.tokenizer, rconfig, item_ids if vectors is not None else (), vectors
+        )
         if config.lora:
             model.add_lora(config.checkpoint)
     return model
 
 
-def fit(dataset: Dataset, out: Path, config: PipelineConfig, resume: bool = True, verbose: bool = True) -> PipelineConfig:
+def fit(
+    dataset: Dataset, out: Artifacts, config: PipelineConfig, resume: bool = True, verbose: bool = True
+) -> PipelineConfig:
     """Retrievers, then the reranker on the chosen retriever's candidates, then the fusion weight."""
     split = LeaveOneOut(dataset)
-    out.mkdir(parents=True, exist_ok=True)
+    out.root.mkdir(parents=True, exist_ok=True)
     config.seconds.update(fit_retrievers(split, out, config.sasrec, verbose))
-    retriever = load_retriever(out / "retrievers" / config.retriever)
+    retriever = load_retriever(out.retriever(config.retriever))
     reranker = build_reranker(config, dataset, retriever)
     synthesizer = Synthesizer(dataset, SynthesisConfig(n_candidates=config.k))
-    result = train(reranker, dataset, split, candidates_fn(retriever), synthesizer, config.train,
-                   out / "reranker", resume=resume, prior=prior_fn(retriever))
+    result = train(
+        reranker,
+        dataset,
+        split,
+        candidates_fn(retriever),
+        synthesizer,
+        config.train,
+        out.reranker,
+        resume=resume,
+        prior=prior_fn(retriever),
+    )
     config.seconds["reranker"] = result.seconds
-    best = Reranker.from_pretrained(out / "reranker" / "best")
+    best = Reranker.from_pretrained(out.best_reranker)
     config.fusion_weight = tune_fusion(best, dataset, split, retriever, config.k)
-    config.save(out / "pipeline.json")
+    config.save(out.pipeline)
     return config
 
 
@@ -178,8 +203,10 @@ def method_seconds(config: PipelineConfig) -> dict[str, float]:
 def summary(config: PipelineConfig) -> str:
     # the blend reuses SASRec, co-occurrence and item-kNN, so it is not counted twice
     total = sum(v for k, v in config.seconds.items() if k != "blend")
-    return (f"retriever: {config.retriever}, K={config.k}, fusion weight {config.fusion_weight}; "
-            f"every model trained in {total / 60:.1f} min on this machine")
+    return (
+        f"retriever: {config.retriever}, K={config.k}, fusion weight {config.fusion_weight}; "
+        f"every model trained in {total / 60:.1f} min on this machine"
+    )
 
 
 # -- evaluation --------------------------------------------------------------------------------------
@@ -196,7 +223,9 @@ def rerank(
     """Reranker scores [users × K] of each user's candidate row, as a live request would render it."""
     title_of, row_of = item_lookups(reranker, dataset)
     instructions = [
-        request_instruction(split.history(u, stage), row.tolist(), seed=seed + u, max_history=reranker.config.max_history)
+        request_instruction(
+            split.history(u, stage), row.tolist(), seed=seed + u, max_history=reranker.config.max_history
+        )
         for u, row in enumerate(candidates)
     ]
     scored = score(reranker, instructions, title_of, row_of)
@@ -225,7 +254,9 @@ def rerank_top_k(
     return candidates, reranked, np.take_along_axis(retrieval, candidates, axis=1)
 
 
-def tune_fusion(reranker: Reranker, dataset: Dataset, split: LeaveOneOut, retriever: Retriever, k: int) -> float:
+def tune_fusion(
+    reranker: Reranker, dataset: Dataset, split: LeaveOneOut, retriever: Retriever, k: int
+) -> float:
     """The fusion weight with the best validation NDCG@10 (0 means the reranker alone)."""
     histories, targets = split.histories("valid"), split.targets("valid")
     retrieval = retriever.score(histories)
@@ -239,38 +270,47 @@ def tune_fusion(reranker: Reranker, dataset: Dataset, split: LeaveOneOut, retrie
     return best_weight
 
 
-def evaluate(dataset: Dataset, out: Path, seed: int = 0, n_negatives: int = 19) -> dict[str, dict[str, dict]]:
+def evaluate(
+    dataset: Dataset, out: Artifacts, seed: int = 0, n_negatives: int = 19
+) -> dict[str, dict[str, dict]]:
     """Every method under full ranking (history masked, and not) and the sampled protocol, on the test split."""
     split = LeaveOneOut(dataset)
-    config = PipelineConfig.load(out / "pipeline.json")
+    config = PipelineConfig.load(out.pipeline)
     histories, targets = split.histories("test"), split.targets("test")
     everything = [dataset.sequence(u) for u in range(dataset.n_users)]
     sampled_rows, positions = sample_candidates(targets, everything, dataset.n_items, n_negatives, seed)
     results: dict[str, dict[str, dict]] = {"full": {}, "full_unmasked": {}, "sampled": {}}
 
     def sampled(scores_of_rows: np.ndarray) -> dict:
-        return ranking_metrics(sampled_ranks(sampled_rows, positions, histories, lambda u, h, c: scores_of_rows[u]))
+        return ranking_metrics(
+            sampled_ranks(sampled_rows, positions, histories, lambda u, h, c: scores_of_rows[u])
+        )
 
     retriever_scores = {}
     for name in RETRIEVERS:
-        scores = load_retriever(out / "retrievers" / name).score(histories)
+        scores = load_retriever(out.retriever(name)).score(histories)
         retriever_scores[name] = scores
         results["full"][name] = evaluate_full(scores, targets, histories)
         results["full_unmasked"][name] = evaluate_full(scores, targets, histories, mask_history=False)
         results["sampled"][name] = sampled(np.take_along_axis(scores, sampled_rows, axis=1))
 
-    reranker = Reranker.from_pretrained(out / "reranker" / "best")
+    reranker = Reranker.from_pretrained(out.best_reranker)
     first = retriever_scores[config.retriever]
     results["full"]["retriever"] = results["full"][config.retriever]
     results["sampled"]["retriever"] = results["sampled"][config.retriever]
     for mask in (True, False):
-        candidates, reranked, base = rerank_top_k(reranker, dataset, split, "test", first, config.k, mask, seed)
+        candidates, reranked, base = rerank_top_k(
+            reranker, dataset, split, "test", first, config.k, mask, seed
+        )
         fused = fuse(reranked, base, config.fusion_weight)
         key = "full" if mask else "full_unmasked"
-        results[key]["instructrec"] = ranking_metrics(reranked_ranks(first, candidates, fused, targets, histories, mask))
+        results[key]["instructrec"] = ranking_metrics(
+            reranked_ranks(first, candidates, fused, targets, histories, mask)
+        )
         if mask:
             results[key]["reranker_only"] = ranking_metrics(
-                reranked_ranks(first, candidates, reranked, targets, histories, mask))
+                reranked_ranks(first, candidates, reranked, targets, histories, mask)
+            )
     reranked = rerank(reranker, dataset, split, "test", sampled_rows, seed=seed)
     base = np.take_along_axis(first, sampled_rows, axis=1)
     results["sampled"]["instructrec"] = sampled(fuse(reranked, base, config.fusion_weight))

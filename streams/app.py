@@ -1,7 +1,7 @@
 """The Faust app: topics, tables and agents, built by a factory (`create_app`) rather than at import time.
 
-- Topics are those of DESIGN §1, with the configured partition count (pre-created by `ensure_topics` before
-  a worker starts). Values are raw bytes: every agent decodes them itself with `instructrec.events.decode`,
+- Topics are those of DESIGN §1, with the configured partition count (pre-created by
+  `streams.kafka.admin.ensure_topics` before a worker starts). Values are raw bytes: every agent decodes them itself with `instructrec.events.decode`,
   so that an invalid value becomes a dead letter instead of a serializer crash. Keys are the user id
   (clicks, queries, recommendations, feedback) — so these topics and the user tables are co-partitioned — or
   the item id (items).
@@ -11,28 +11,27 @@
   idempotent context updates and the served log's request ids.
 - The web server binds to `settings.web.host` (loopback by default), never 0.0.0.0 unasked.
 
-Agents that micro-batch (`stream.take_events`) must touch tables inside `processing(event)`: Faust picks the
-changelog partition and the RocksDB shard of a table write from the *current event*, which during a batch is
-whichever event arrived last, not the one being handled.
+Agents that micro-batch (`stream.take_events`) must touch tables inside `streams.kafka.compat.processing(event)`:
+Faust picks the changelog partition and the RocksDB shard of a table write from the *current event*, which
+during a batch is whichever event arrived last, not the one being handled.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import weakref
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import faust
-from faust.streams import _current_event  # see `processing`
 
 from instructrec.config import KafkaSettings, Settings
+from streams import agents, web
 from streams.deadletter import DeadLetters
+from streams.kafka.compat import pause_after_empty_fetch, rejoin_on_stale_commit
 from streams.metrics import Metrics
 from streams.services import Services
+from streams.state import context, recovery, served
 
 log = logging.getLogger(__name__)
 
@@ -70,19 +69,18 @@ class StreamApp:
     # not be answered while its first delivery is still on its way (the served log knows only finished ones).
     in_flight: set[str] = field(default_factory=set)
 
+    def send(self, topic: faust.TopicT, key: str, value: bytes, role: str) -> None:
+        """Queue a message on the app's producer without awaiting it (see `streams.state.served` for why)."""
+        topic.send_soon(key=key.encode(), value=value)
+        self.metrics.events_out.labels(role).inc()
+
 
 def create_app(settings: Settings, services: Services, *, web_port: int | None = None) -> StreamApp:
     """The app with every agent and view installed; `web_port` overrides `settings.web.port` (two workers on
     one machine need two ports)."""
-    from streams import catalog, clicks, queries, recovery, web
-
     if settings.stream.rejoin_on_stale_commit:
-        from streams.compat import rejoin_on_stale_commit
-
         rejoin_on_stale_commit()
     if settings.kafka.empty_fetch_pause_s:
-        from streams.compat import pause_after_empty_fetch
-
         pause_after_empty_fetch(settings.kafka.empty_fetch_pause_s)
     port = settings.web.port if web_port is None else web_port
     app = faust.App(settings.stream.app_id, **faust_options(settings, port))
@@ -99,9 +97,7 @@ def create_app(settings: Settings, services: Services, *, web_port: int | None =
         dead_letters=DeadLetters(topics.dead_letter, metrics),
         web_port=port,
     )
-    catalog.install(stream)
-    clicks.install(stream)
-    queries.install(stream)
+    agents.install(stream)
     web.install(stream)
     recovery.install(stream)
     return stream
@@ -109,7 +105,10 @@ def create_app(settings: Settings, services: Services, *, web_port: int | None =
 
 def faust_options(settings: Settings, web_port: int) -> dict[str, Any]:
     kafka, host = settings.kafka, settings.web.host
-    data_dir = settings.stream.data_dir or Path(settings.state_dir) / "faust" / f"{settings.stream.app_id}-{web_port}"
+    data_dir = (
+        settings.stream.data_dir
+        or Path(settings.state_dir) / "faust" / f"{settings.stream.app_id}-{web_port}"
+    )
     data_dir.mkdir(parents=True, exist_ok=True)  # Faust creates its own folder in it, not the parents
     return {
         "broker": kafka.broker,
@@ -173,41 +172,18 @@ def declare_topics(app: faust.App, kafka: KafkaSettings) -> Topics:
 
 
 def declare_tables(app: faust.App, settings: Settings) -> Tables:
-    from streams import context, served
-
     def table(name: str, help: str):
         # Values are our own compact JSON (bytes): the record classes own their format and its evolution.
-        return app.Table(name, default=None, key_type=str, value_type=bytes,
-                         partitions=settings.kafka.partitions, help=help)  # fmt: skip
+        return app.Table(
+            name,
+            default=None,
+            key_type=str,
+            value_type=bytes,
+            partitions=settings.kafka.partitions,
+            help=help,
+        )
 
     return Tables(
         context=table(context.TABLE, "per-user context: recent items, explicit preferences, intention"),
         served=table(served.TABLE, "per-user answered request ids and recent impressions"),
     )
-
-
-@contextlib.contextmanager
-def processing(event: faust.EventT) -> Iterator[None]:
-    """Make `event` Faust's current event while its table reads and writes run (see the module docstring).
-
-    Faust keeps the current event in a context variable of the agent's task; setting it here touches only
-    this task, and the previous value is restored on exit.
-    """
-    token = _current_event.set(weakref.ref(event))
-    try:
-        yield
-    finally:
-        _current_event.reset(token)
-
-
-def send(topic: faust.TopicT, key: str, value: bytes, metrics: Metrics, role: str) -> None:
-    """Queue a message on the app's producer without awaiting it (see `streams.served` for why)."""
-    topic.send_soon(key=key.encode(), value=value)
-    metrics.events_out.labels(role).inc()
-
-
-async def ensure_topics(settings: Settings) -> list[str]:
-    """Pre-create the app's topics with the configured partition count (returns the ones created)."""
-    from instructrec.infra import ensure_topics as create
-
-    return await create(settings.kafka)

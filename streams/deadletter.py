@@ -41,8 +41,14 @@ class DeadLetters:
         if isinstance(error, EventError):
             log.info("dead letter from %s[%s]@%s: %s", source_topic, partition, offset, letter.error)
         else:  # not the event's fault: worth a traceback in the log
-            log.error("dead letter from %s[%s]@%s: %s", source_topic, partition, offset, letter.error,
-                      exc_info=error if isinstance(error, BaseException) else None)  # fmt: skip
+            log.error(
+                "dead letter from %s[%s]@%s: %s",
+                source_topic,
+                partition,
+                offset,
+                letter.error,
+                exc_info=error if isinstance(error, BaseException) else None,
+            )
         self.topic.send_soon(key=letter.key.encode(), value=encode(letter))
         self.metrics.dead_letters.labels(source_topic).inc()
         self.metrics.events_out.labels("dead-letter").inc()
@@ -74,5 +80,7 @@ def key_problem(key: bytes | None, user_id: str) -> str | None:
     if key is None:
         return f"no message key: user-keyed topics must be keyed by user_id ({user_id!r})"
     if key != user_id.encode():
-        return f"message key {key[:64]!r} is not the user_id {user_id!r}: user-keyed topics are keyed by user_id"
+        return (
+            f"message key {key[:64]!r} is not the user_id {user_id!r}: user-keyed topics are keyed by user_id"
+        )
     return None

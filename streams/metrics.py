@@ -20,21 +20,44 @@ class Metrics:
         r = self.registry
         self.events_in = Counter("instructrec_events_in", "events consumed", ["topic"], registry=r)
         self.events_out = Counter("instructrec_events_out", "events produced", ["topic"], registry=r)
-        self.dead_letters = Counter("instructrec_dead_letters", "events sent to the dead-letter topic",
-                                    ["topic"], registry=r)  # fmt: skip
-        self.duplicates = Counter("instructrec_duplicates", "redelivered events skipped", ["topic"], registry=r)
-        self.degraded = Counter("instructrec_degraded_answers", "answers flagged degraded", ["cause"], registry=r)
-        self.stage_seconds = Histogram("instructrec_stage_seconds", "query path stage durations", ["stage"],
-                                       buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.batch_size = Histogram("instructrec_query_batch_size", "queries per micro-batch",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)  # fmt: skip
-        self.recommend_seconds = Histogram("instructrec_recommend_seconds", "POST /recommend end to end",
-                                           ["outcome"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.catalog_items = Counter("instructrec_catalog_items_indexed", "items written to Qdrant", registry=r)
-        self.recovery_restarts = Counter("instructrec_recovery_restarts", "stalled table recoveries restarted",
-                                         registry=r)  # fmt: skip
-        self.reranker_circuit_open = Gauge("instructrec_reranker_circuit_open",
-                                           "1 while the reranker circuit breaker is open", registry=r)  # fmt: skip
+        self.dead_letters = Counter(
+            "instructrec_dead_letters", "events sent to the dead-letter topic", ["topic"], registry=r
+        )
+        self.duplicates = Counter(
+            "instructrec_duplicates", "redelivered events skipped", ["topic"], registry=r
+        )
+        self.degraded = Counter(
+            "instructrec_degraded_answers", "answers flagged degraded", ["cause"], registry=r
+        )
+        self.stage_seconds = Histogram(
+            "instructrec_stage_seconds",
+            "query path stage durations",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "instructrec_query_batch_size",
+            "queries per micro-batch",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
+        self.recommend_seconds = Histogram(
+            "instructrec_recommend_seconds",
+            "POST /recommend end to end",
+            ["outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.catalog_items = Counter(
+            "instructrec_catalog_items_indexed", "items written to Qdrant", registry=r
+        )
+        self.recovery_restarts = Counter(
+            "instructrec_recovery_restarts", "stalled table recoveries restarted", registry=r
+        )
+        self.reranker_circuit_open = Gauge(
+            "instructrec_reranker_circuit_open", "1 while the reranker circuit breaker is open", registry=r
+        )
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,6 +1,6 @@
 """The process-local services the agents call: the item index, the text encoder, the collaborative retriever,
 the reranker client, and small caches. Built once per worker (`Services.load`) and passed to `create_app`;
-tests pass fakes with the same shape.
+tests pass fakes that satisfy the same protocols.
 
 Models run on one dedicated thread (`run_model`): torch releases the GIL, so the event loop keeps consuming,
 heartbeating and answering web requests while a query is embedded.
@@ -9,19 +9,20 @@ heartbeating and answering web requests while a query is embedded.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
+from instructrec.adapters.qdrant import AsyncItemIndex, ItemIndex
+from instructrec.artifacts import Artifacts
+from instructrec.candidates import CandidateFilter, Hit
 from instructrec.config import Settings
-from instructrec.qdrant import AsyncItemIndex, CandidateFilter, Hit, ItemIndex
+from instructrec.retrieval.base import Retriever, VectorRetriever
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -35,12 +36,23 @@ class TextEncoderLike(Protocol):
 
 
 class RerankerClient(Protocol):
-    """What the queries agent needs from `instructrec.triton.TritonReranker`."""
+    """Everything the stream uses of `instructrec.adapters.triton.TritonReranker`."""
 
     @property
-    def model_version(self) -> str: ...
+    def model_version(self) -> str:
+        """The version that answered last, or that the server named; "" until known."""
+        ...
+
+    @property
+    def circuit_state(self) -> str:
+        """ "closed", "open" or "half_open": open means answers are degraded without a call."""
+        ...
 
     async def score(self, requests: Sequence[bytes]) -> list[np.ndarray]: ...
+
+    async def refresh_model_version(self) -> str: ...
+
+    async def close(self) -> None: ...
 
 
 # ------------------------------------------------------------------------------------------------- caches
@@ -112,7 +124,7 @@ class CachedEncoder:
         return out
 
 
-class Popularity:
+class LivePopularity:
     """Most-clicked items: a prior from the trained popularity retriever, plus what this worker has seen
     on the clicks topic since it started. The answer of last resort (cold start, Qdrant down)."""
 
@@ -124,7 +136,9 @@ class Popularity:
     def count(self, item_id: str) -> None:
         self.live[item_id] += 1
 
-    def top(self, k: int, flt: CandidateFilter, info: Callable[[str], ItemInfo | None]) -> list[tuple[str, float]]:
+    def top(
+        self, k: int, flt: CandidateFilter, info: Callable[[str], ItemInfo | None]
+    ) -> list[tuple[str, float]]:
         scores = Counter(self.prior)
         for item, n in self.live.items():
             scores[item] += self.live_weight * n
@@ -148,11 +162,11 @@ class Collaborative:
     with its own — the pipeline's retriever (`scorer`, e.g. the blend it was trained against) when it is not
     the vector retriever itself."""
 
-    retriever: Any  # a VectorRetriever: item_vectors(), query_vectors(histories of dense rows)
+    retriever: VectorRetriever  # item_vectors(), query_vectors(histories of dense rows)
     item_ids: list[str]  # row → catalogue item id
     fusion_weight: float = 0.0
     name: str = "sasrec"
-    scorer: Any = None  # a Retriever scoring the whole catalogue: score(histories of rows) → [users × items]
+    scorer: Retriever | None = None  # scores the whole catalogue: score(histories of rows) → [users × items]
     rows: dict[str, int] = field(init=False)
     vectors: np.ndarray = field(init=False)
 
@@ -184,8 +198,9 @@ class Collaborative:
                 out[i] = np.asarray(vector, dtype=np.float32)
         return out
 
-    def catalogue_scores(self, histories: Sequence[Sequence[str]], queries: Sequence[np.ndarray | None]
-                         ) -> list[np.ndarray | None]:  # fmt: skip
+    def catalogue_scores(
+        self, histories: Sequence[Sequence[str]], queries: Sequence[np.ndarray | None]
+    ) -> list[np.ndarray | None]:
         """Retrieval scores of every known item per history (None when the retriever knows none of the
         history): the pipeline retriever's when there is one, else the query vector's dot products."""
         if self.scorer is None:
@@ -202,8 +217,9 @@ class Collaborative:
         """`catalogue_scores` of these items (None for an item the retriever does not know)."""
         return [None if (row := self.rows.get(i)) is None else float(catalogue[row]) for i in item_ids]
 
-    def neighbours(self, query: np.ndarray, k: int, flt: CandidateFilter,
-                   info: Callable[[str], ItemInfo | None]) -> list[tuple[str, float]]:  # fmt: skip
+    def neighbours(
+        self, query: np.ndarray, k: int, flt: CandidateFilter, info: Callable[[str], ItemInfo | None]
+    ) -> list[tuple[str, float]]:
         """Top-k items by the query vector without Qdrant (the fallback when it is down)."""
         scores = self.vectors @ query
         out = []
@@ -218,46 +234,31 @@ class Collaborative:
 
 
 def load_collaborative(settings: Settings) -> Collaborative | None:
-    """The pipeline's retriever from `artifacts/<dataset>/`, when it was trained and is a vector retriever.
-
-    Item ids come from `retrievers/<name>/item_ids.json` when present, else from the reranker's saved ids
-    (`reranker/best/reranker.json`, the same dataset order), else from loading the dataset itself.
-    """
+    """The pipeline's retriever from `artifacts/<dataset>/`, when it was trained and is (or holds) a vector
+    retriever. Item ids come from the retriever's saved `item_ids.json`, else from the dataset itself."""
     from instructrec.retrieval.base import load_retriever
 
-    root = Path(settings.model.artifacts) / settings.stream.dataset
-    name, weight = "sasrec", 0.0
-    if (root / "pipeline.json").is_file():
-        pipeline = json.loads((root / "pipeline.json").read_text())
-        name, weight = pipeline.get("retriever", name), float(pipeline.get("fusion_weight", 0.0))
-    directory = root / "retrievers" / name
+    artifacts = Artifacts.of(settings.model.artifacts, settings.stream.dataset)
+    pipeline = artifacts.pipeline_summary()
+    name, weight = pipeline.get("retriever", "sasrec"), float(pipeline.get("fusion_weight", 0.0))
+    directory = artifacts.retriever(name)
     if not (directory / "config.json").is_file():
         log.info("no trained retriever at %s: candidates come from text vectors only", directory)
         return None
     retriever = load_retriever(directory)
     # A blend is not a vector retriever: its vector component feeds Qdrant, the blend scores for fusion.
-    vector = next((r for r in [retriever, *getattr(retriever, "components", [])] if _has_vectors(r)), None)
+    components = retriever.components if hasattr(retriever, "components") else []
+    vector = next((r for r in [retriever, *components] if isinstance(r, VectorRetriever)), None)
     if vector is None:
         log.info("retriever %s has no vectors: candidates come from text vectors only", name)
         return None
-    item_ids = _item_ids(root, directory, settings)
+    item_ids = artifacts.item_ids(name) or _dataset_item_ids(settings)
     if item_ids is None:
         return None
     return Collaborative(vector, item_ids, weight, name, scorer=None if vector is retriever else retriever)
 
 
-def _has_vectors(retriever: Any) -> bool:
-    return hasattr(retriever, "item_vectors") and hasattr(retriever, "query_vectors")
-
-
-def _item_ids(root: Path, directory: Path, settings: Settings) -> list[str] | None:
-    if (directory / "item_ids.json").is_file():
-        return [str(i) for i in json.loads((directory / "item_ids.json").read_text())]
-    meta = root / "reranker" / "best" / "reranker.json"
-    if meta.is_file():
-        ids = json.loads(meta.read_text()).get("item_ids")
-        if ids:
-            return [str(i) for i in ids]
+def _dataset_item_ids(settings: Settings) -> list[str] | None:
     try:
         from instructrec.data import load
 
@@ -268,18 +269,18 @@ def _item_ids(root: Path, directory: Path, settings: Settings) -> list[str] | No
     return [item.id for item in dataset.items]
 
 
-def load_popularity(settings: Settings, collaborative: Collaborative | None) -> Popularity:
+def load_popularity(settings: Settings, collaborative: Collaborative | None) -> LivePopularity:
     """Popularity counts of the trained model, when there are counts and item ids to name them with."""
-    directory = Path(settings.model.artifacts) / settings.stream.dataset / "retrievers" / "popularity"
+    directory = Artifacts.of(settings.model.artifacts, settings.stream.dataset).retriever("popularity")
     if collaborative is None or not (directory / "config.json").is_file():
-        return Popularity()
-    from instructrec.retrieval.popularity import Popularity as Counts
+        return LivePopularity()
+    from instructrec.retrieval.popularity import Popularity
 
-    counts = Counts.load(directory).counts
+    counts = Popularity.load(directory).counts
     if len(counts) != len(collaborative.item_ids):
-        return Popularity()
+        return LivePopularity()
     top = np.argsort(-counts)[:1000]
-    return Popularity({collaborative.item_ids[int(r)]: float(counts[r]) for r in top})
+    return LivePopularity({collaborative.item_ids[int(r)]: float(counts[r]) for r in top})
 
 
 # ------------------------------------------------------------------------------------------------ services
@@ -291,7 +292,7 @@ class Services:
     encoder: TextEncoderLike
     reranker: RerankerClient
     collaborative: Collaborative | None = None
-    popularity: Popularity = field(default_factory=Popularity)
+    popularity: LivePopularity = field(default_factory=LivePopularity)
     items: ItemCache = field(default_factory=ItemCache)
     intentions: CachedEncoder = field(init=False)  # the encoder behind a cache, for query texts
     _models: ThreadPoolExecutor = field(
@@ -308,18 +309,14 @@ class Services:
     def load(cls, settings: Settings, reranker: RerankerClient | None = None) -> Services:
         """Everything from configuration: the Qdrant storage or server, MiniLM, the trained retriever (if
         any) and the Triton client. Opening embedded Qdrant takes its file lock."""
-        import torch
-
         from instructrec.retrieval.text import TextEncoder
 
-        # One intra-op thread: a query is a handful of tokens, and the reranker on Triton needs the cores.
-        torch.set_num_threads(1)
         collaborative = load_collaborative(settings)
         cf_dim = collaborative.dim if collaborative is not None else settings.qdrant.cf_dim
         index = ItemIndex(settings.qdrant, cf_dim=cf_dim)
         index.ensure_collection()
         if reranker is None:
-            from instructrec.triton import TritonReranker
+            from instructrec.adapters.triton import TritonReranker
 
             reranker = TritonReranker(settings.triton)
         encoder = TextEncoder()
@@ -333,10 +330,6 @@ class Services:
         )
 
     async def close(self) -> None:
-        close = getattr(self.reranker, "close", None)
-        if close is not None:
-            result = close()
-            if asyncio.iscoroutine(result):
-                await result
+        await self.reranker.close()
         await self.index.close()
         self._models.shutdown(wait=False)

@@ -13,19 +13,18 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust import web as faust_web
 
 from instructrec.config import KafkaSettings
 from instructrec.events import EventError, QueryEvent, Recommendation, decode, encode, validate
-from streams.context import UserContext
+from streams.kafka.reader import TopicReader
+from streams.state.context import UserContext
 
 if TYPE_CHECKING:
     from streams.app import StreamApp
@@ -36,8 +35,8 @@ HEALTH_TIMEOUT_S = 2.0
 
 
 class Replies:
-    """Awaits recommendations by request id: one consumer, outside the consumer group, reading every partition
-    of the recommendations topic from its end (answers to requests made before it started are not wanted)."""
+    """Awaits recommendations by request id: one reader, outside the consumer group, of every partition of the
+    recommendations topic from its end (answers to requests made before it started are not wanted)."""
 
     def __init__(self, kafka: KafkaSettings) -> None:
         self.kafka = kafka
@@ -45,34 +44,16 @@ class Replies:
         self._waiting: dict[str, asyncio.Future] = {}
 
     async def run(self) -> None:
-        consumer = AIOKafkaConsumer(
-            **self.kafka.aiokafka_kwargs(),
-            group_id=None,
-            enable_auto_commit=False,
-            fetch_max_wait_ms=50,  # an answer is awaited by a caller: don't let a long poll sit on it
-        )
-        await consumer.start()
-        try:
-            topic = self.kafka.topics.recommendations
-            partitions = consumer.partitions_for_topic(topic) or set()
-            while not partitions:  # metadata may lag a freshly created topic
-                await asyncio.sleep(0.2)
-                await consumer._client.force_metadata_update()
-                partitions = consumer.partitions_for_topic(topic) or set()
-            assigned = [TopicPartition(topic, p) for p in sorted(partitions)]
-            consumer.assign(assigned)
-            await consumer.seek_to_end(*assigned)
-            for tp in assigned:  # resolve the end offsets now, so nothing published from here on is skipped
-                await consumer.position(tp)
+        # An answer is awaited by a caller: a long poll must not sit on it.
+        reader = TopicReader(self.kafka, self.kafka.topics.recommendations, fetch_max_wait_ms=50)
+        async with reader:
             self.ready.set()
-            while True:
-                batches = await consumer.getmany(timeout_ms=500)
-                for records in batches.values():
-                    for record in records:
+            try:
+                while True:
+                    for record in await reader.batch(timeout_ms=500):
                         self._deliver(record.value)
-        finally:
-            self.ready.clear()
-            await consumer.stop()
+            finally:
+                self.ready.clear()
 
     def _deliver(self, raw: bytes) -> None:
         if not self._waiting:
@@ -117,12 +98,10 @@ def install(stream: StreamApp) -> None:
     @app.task
     async def reranker_version() -> None:
         """Learn the served model version at start-up (answers report it; until then "unknown")."""
-        refresh = getattr(stream.services.reranker, "refresh_model_version", None)
-        if refresh is not None:
-            try:
-                await refresh()
-            except Exception as error:  # Triton may start after us: the first answer will tell
-                log.info("reranker version not known yet: %s", error)
+        try:
+            await stream.services.reranker.refresh_model_version()
+        except Exception as error:  # Triton may start after us: the first answer will tell
+            log.info("reranker version not known yet: %s", error)
 
     @app.page("/recommend")
     class RecommendView(faust_web.View):
@@ -146,7 +125,9 @@ def install(stream: StreamApp) -> None:
                 answer = await replies.wait(query.request_id, publish, timeout_s)
             except TimeoutError:
                 stream.metrics.recommend_seconds.labels("timeout").observe(time.perf_counter() - started)
-                return self.error(504, f"no recommendation within {timeout_s:g} s", request_id=query.request_id)
+                return self.error(
+                    504, f"no recommendation within {timeout_s:g} s", request_id=query.request_id
+                )
             stream.metrics.recommend_seconds.labels("ok").observe(time.perf_counter() - started)
             return self.bytes(encode(answer), content_type="application/json")
 
@@ -164,7 +145,9 @@ def install(stream: StreamApp) -> None:
         async def get(self, request: faust_web.Request) -> faust_web.Response:
             checks = await health(stream, replies)
             ok = all(check["ok"] for name, check in checks.items() if name != "reranker")
-            return self.json({"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503)
+            return self.json(
+                {"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503
+            )
 
     @app.page("/metrics")
     class MetricsView(faust_web.View):
@@ -178,9 +161,12 @@ async def health(stream: StreamApp, replies: Replies) -> dict[str, dict[str, Any
     app = stream.app
     checks: dict[str, dict[str, Any]] = {}
     assignment = app.consumer.assignment() if app.consumer else set()
-    checks["kafka"] = {"ok": bool(assignment) or not app.rebalancing, "partitions": len(assignment),
-                       "rebalancing": bool(app.rebalancing),
-                       "recovering": bool(app.tables.recovery.in_recovery)}  # fmt: skip
+    checks["kafka"] = {
+        "ok": bool(assignment) or not app.rebalancing,
+        "partitions": len(assignment),
+        "rebalancing": bool(app.rebalancing),
+        "recovering": bool(app.tables.recovery.in_recovery),
+    }
     checks["replies"] = {"ok": replies.ready.is_set()}
     try:
         count = await asyncio.wait_for(stream.services.index.count(), HEALTH_TIMEOUT_S)
@@ -188,12 +174,11 @@ async def health(stream: StreamApp, replies: Replies) -> dict[str, dict[str, Any
     except Exception as error:  # any failure is "down", with the reason
         checks["qdrant"] = {"ok": False, "error": f"{type(error).__name__}: {error}"}
     reranker = stream.services.reranker
-    state: dict[str, Any] = {"ok": True}
-    with contextlib.suppress(Exception):
-        state["model_version"] = str(reranker.model_version)
-    breaker = getattr(reranker, "breaker", None)  # TritonReranker's circuit breaker
-    if breaker is not None:
-        state["circuit"] = getattr(breaker.state, "value", str(breaker.state))
-        state["ok"] = state["circuit"] != "open"
-    checks["reranker"] = state  # reported, not required: without it answers are degraded, not missing
+    circuit = reranker.circuit_state
+    # reported, not required: without it answers are degraded, not missing
+    checks["reranker"] = {
+        "ok": circuit != "open",
+        "circuit": circuit,
+        "model_version": reranker.model_version,
+    }
     return checks

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from instructrec.adapters.triton.repository import copy_repository, default_repository
 from instructrec.config import InfraSettings, KafkaSettings, QdrantSettings, Settings
 from instructrec.infra import Component, Infrastructure, KafkaState, State, TritonState
-from instructrec.triton_repository import copy_repository, default_repository
 
 # Set while conftest loads, before any test module imports huggingface_hub or transformers (the imports
 # above do not): nothing may wait on a hub that cannot be reached.

@@ -14,18 +14,11 @@ from collections.abc import Iterator, Sequence
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from instructrec.config import KafkaSettings
-from instructrec.data.dataset import Dataset, Item
+from instructrec.data.dataset import Dataset, Item, item_text
 from instructrec.events import ItemEvent
-from workers.producer import EventProducer
+from streams.kafka.producer import EventProducer
 
 _NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "instructrec/index")
-
-
-def item_text(item: Item, max_tags: int = 5) -> str:
-    # The text retriever's own function (imported lazily: it pulls in torch, which sending events does not need).
-    from instructrec.retrieval.text import item_text as text
-
-    return text(item, max_tags)
 
 
 def item_event(dataset_name: str, item: Item, ts: float | None = None) -> ItemEvent:
@@ -51,8 +44,9 @@ def item_events(dataset: Dataset, items: Sequence[Item] | None = None) -> Iterat
         yield item_event(dataset.name, item, now)
 
 
-async def index_dataset(kafka: KafkaSettings, dataset: Dataset, *, limit: int | None = None,
-                        progress: bool = True) -> int:  # fmt: skip
+async def index_dataset(
+    kafka: KafkaSettings, dataset: Dataset, *, limit: int | None = None, progress: bool = True
+) -> int:
     """Send the catalogue (its first `limit` items) to the items topic; returns how many were sent."""
     items = dataset.items[:limit] if limit else dataset.items
     columns = (TextColumn("index {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

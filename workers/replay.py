@@ -34,7 +34,7 @@ from instructrec.data.dataset import Dataset
 from instructrec.events import ClickEvent, Event, QueryEvent
 from instructrec.instructions import specific_intention, vague_intention
 from instructrec.instructions.render import rng_for
-from workers.producer import EventProducer
+from streams.kafka.producer import EventProducer
 
 _NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "instructrec/replay")
 
@@ -68,9 +68,14 @@ def replay_events(dataset: Dataset, config: ReplayConfig = ReplayConfig()) -> li
             if config.query_every and position >= config.min_history and position % config.query_every == 0:
                 request_id = _id(dataset.name, user_id, position, "query")
                 text = _intention(dataset, x.item, config, user_id, position)
-                query = QueryEvent(event_id=_id(dataset.name, user_id, position, "query-event"),
-                                   ts=float(x.timestamp), request_id=request_id, user_id=user_id, text=text,
-                                   k=config.k)  # fmt: skip
+                query = QueryEvent(
+                    event_id=_id(dataset.name, user_id, position, "query-event"),
+                    ts=float(x.timestamp),
+                    request_id=request_id,
+                    user_id=user_id,
+                    text=text,
+                    k=config.k,
+                )
                 stream.append((float(x.timestamp), u, 2 * position, query))
             click = ClickEvent(
                 event_id=_id(dataset.name, user_id, position, "click"),
@@ -96,10 +101,22 @@ def _intention(dataset: Dataset, item: int, config: ReplayConfig, user_id: str, 
     return write(dataset.items[item], random.Random(rng.getrandbits(64)))
 
 
-async def replay(kafka: KafkaSettings, events: Sequence[Event], *, speed: float = 0.0, max_gap_s: float = 1.0,
-                 progress: bool = True) -> int:  # fmt: skip
+async def replay(
+    kafka: KafkaSettings,
+    events: Sequence[Event],
+    *,
+    speed: float = 0.0,
+    max_gap_s: float = 1.0,
+    progress: bool = True,
+) -> int:
     """Send events in order, pacing them by `speed` (0: no pacing); returns how many were sent."""
-    columns = (TextColumn("replay"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("replay"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     async with EventProducer(kafka) as producer:
         with Progress(*columns, disable=not progress, transient=False) as bar:
             task = bar.add_task("events", total=len(events))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from instructrec.data.dataset import Dataset, Interaction, Item, sort_history
 from instructrec.data.filtering import k_core
-from instructrec.data.movielens import fetch_movielens, load_movielens
+from instructrec.data.movielens import load_movielens
 from instructrec.data.recbole import load_recbole
 from instructrec.data.source import DataFormatError
 from instructrec.data.split import LeaveOneOut
@@ -22,7 +22,6 @@ __all__ = [
     "Interaction",
     "Item",
     "LeaveOneOut",
-    "fetch_movielens",
     "k_core",
     "load",
     "load_movielens",

@@ -24,6 +24,17 @@ class Item:
         return f"{self.title} ({self.year})" if self.year else self.title
 
 
+def item_text(item: Item, max_tags: int = 5) -> str:
+    """What an item reads as for a text encoder (the text retriever, the catalogue's Qdrant vectors): its title
+    and year, genres and most frequent tags."""
+    text = f"{item.display_title}."
+    if item.genres:
+        text += f" Genres: {', '.join(item.genres)}."
+    if item.tags:
+        text += f" Tags: {', '.join(item.tags[:max_tags])}."
+    return text
+
+
 @dataclass(frozen=True, slots=True)
 class Interaction:
     item: int  # dense item index

@@ -10,11 +10,6 @@ describe a movie best, so they come first.
 from __future__ import annotations
 
 import csv
-import shutil
-import tempfile
-import urllib.error
-import urllib.request
-import zipfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -22,16 +17,13 @@ from instructrec.data.dataset import Dataset, Interaction, Item, sort_history
 from instructrec.data.source import DataFormatError, column_indices, numeric_first, parse_field, require_file
 from instructrec.data.titles import parse_title
 
-GROUPLENS_URL = "https://files.grouplens.org/datasets/movielens/{name}.zip"
-# The GroupLens archives that unpack to this csv layout (ml-100k's own zip is the older u.data layout).
-CSV_RELEASES = ("ml-latest-small", "ml-latest", "ml-20m", "ml-25m", "ml-32m")
 NO_GENRES = "(no genres listed)"
 
 
 def load_movielens(path: str | Path, *, max_item_tags: int = 10, name: str | None = None) -> Dataset:
     """Load a MovieLens csv folder into a `Dataset` (all users and movies, no filtering)."""
     folder = Path(path)
-    hint = "download it with instructrec.data.fetch_movielens or from https://grouplens.org/datasets/movielens/"
+    hint = "download it with `instructrec fetch` or from https://grouplens.org/datasets/movielens/"
     items, item_index = _read_movies(require_file(folder / "movies.csv", hint))
     user_tags, tag_users = _read_tags(folder / "tags.csv", item_index)
     histories = _read_ratings(require_file(folder / "ratings.csv", hint), item_index, user_tags)
@@ -49,37 +41,6 @@ def load_movielens(path: str | Path, *, max_item_tags: int = 10, name: str | Non
     )
 
 
-def fetch_movielens(name: str = "ml-latest-small", dest: str | Path = ".") -> Path:
-    """Download and unpack a GroupLens release into `dest`; returns the folder to pass to `load_movielens`.
-
-    For users with internet access; nothing in the project calls it implicitly.
-    """
-    if name not in CSV_RELEASES:
-        raise ValueError(f"unknown MovieLens release {name!r}; choose one of {CSV_RELEASES}")
-    dest = Path(dest)
-    target = dest / name
-    if (target / "ratings.csv").is_file():
-        return target
-    url = GROUPLENS_URL.format(name=name)
-    dest.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest) as tmp:
-        archive = Path(tmp) / f"{name}.zip"
-        try:
-            with urllib.request.urlopen(url, timeout=60) as response, archive.open("wb") as out:
-                shutil.copyfileobj(response, out)
-            with zipfile.ZipFile(archive) as zipped:
-                zipped.extractall(tmp)
-        except (urllib.error.URLError, OSError, zipfile.BadZipFile) as error:
-            raise RuntimeError(
-                f"could not download {url} ({error}); fetch it by hand and unzip it into {dest}"
-            ) from error
-        unpacked = Path(tmp) / name
-        if not (unpacked / "ratings.csv").is_file():
-            raise RuntimeError(f"{url} did not contain {name}/ratings.csv")
-        unpacked.rename(target)
-    return target
-
-
 def _rows(path: Path, columns: tuple[str, ...]):
     """(line number, {column: value}) for each data row, checking the header and each row's width."""
     with path.open(newline="", encoding="utf-8") as f:
@@ -93,7 +54,9 @@ def _rows(path: Path, columns: tuple[str, ...]):
             if not row:
                 continue
             if len(row) < width:
-                raise DataFormatError(path, f"expected {len(header)} fields, found {len(row)}", reader.line_num)
+                raise DataFormatError(
+                    path, f"expected {len(header)} fields, found {len(row)}", reader.line_num
+                )
             yield reader.line_num, {name: row[i] for name, i in at.items()}
 
 

@@ -62,7 +62,9 @@ def load_recbole(path_or_dir: str | Path, name: str | None = None) -> Dataset:
     items += [Item(id=i, title=i, year=None, genres=()) for i in extra]
 
     users = sorted(histories, key=numeric_first)
-    return Dataset(name=name, items=items, users=users, histories=[sort_history(histories[u], items) for u in users])
+    return Dataset(
+        name=name, items=items, users=users, histories=[sort_history(histories[u], items) for u in users]
+    )
 
 
 def _read_atomic(path: Path, required: tuple[str, ...]):
@@ -89,10 +91,13 @@ def _read_atomic(path: Path, required: tuple[str, ...]):
             if not row:
                 continue
             if len(row) != len(fields):
-                raise DataFormatError(path, f"expected {len(fields)} tab-separated fields, found {len(row)}",
-                                      reader.line_num)
+                raise DataFormatError(
+                    path, f"expected {len(fields)} tab-separated fields, found {len(row)}", reader.line_num
+                )
             try:
-                typed = {field: convert(value) for (field, convert), value in zip(converters, row, strict=True)}
+                typed = {
+                    field: convert(value) for (field, convert), value in zip(converters, row, strict=True)
+                }
             except ValueError:  # find the field at fault, for the message
                 for (field, convert), value in zip(converters, row, strict=True):
                     parse_field(path, reader.line_num, field, value, convert)

@@ -11,8 +11,32 @@ import re
 
 # Articles MovieLens moves behind a comma (found in ml-latest-small and ml-100k); case-sensitive so that
 # lowercase words inside a title ("Good, the Bad and the Ugly") stay where they are.
-_ARTICLES = ("The", "A", "An", "La", "Le", "Les", "L'", "El", "Los", "Las", "Il", "I", "Lo", "Gli", "Das",
-             "Der", "Die", "Den", "Det", "Da", "Un", "Une", "O", "Os")
+_ARTICLES = (
+    "The",
+    "A",
+    "An",
+    "La",
+    "Le",
+    "Les",
+    "L'",
+    "El",
+    "Los",
+    "Las",
+    "Il",
+    "I",
+    "Lo",
+    "Gli",
+    "Das",
+    "Der",
+    "Die",
+    "Den",
+    "Det",
+    "Da",
+    "Un",
+    "Une",
+    "O",
+    "Os",
+)
 _MOVED_ARTICLE = re.compile(r"([^()]+?), (" + "|".join(re.escape(a) for a in _ARTICLES) + r")(?=\s*\(|\)|$)")
 # "(1995)" or a series' "(2006–2007)" at the very end; the first year is the release year.
 _TRAILING_YEAR = re.compile(r"\s*\((\d{4})(?:\s*[–-]\s*\d{4})?\)\s*$")
@@ -31,7 +55,7 @@ def restore_articles(title: str) -> str:
 
 
 def split_year(title: str) -> tuple[str, int | None]:
-    """"Toy Story (1995)" → ("Toy Story", 1995); titles without a year keep their text and get None."""
+    """ "Toy Story (1995)" → ("Toy Story", 1995); titles without a year keep their text and get None."""
     match = _TRAILING_YEAR.search(title)
     if not match:
         return title.strip(), None

@@ -65,7 +65,9 @@ def render(
     template = resolve(template, seed)
     combination = template.combination
     intention = _clean(intention)
-    _check_inputs(template, candidates, len(history) > 0, len(liked) + len(disliked) + len(tags) > 0, intention)
+    _check_inputs(
+        template, candidates, len(history) > 0, len(liked) + len(disliked) + len(tags) > 0, intention
+    )
 
     order = [int(c) for c in candidates]  # plain ints, also from numpy rows
     if shuffle:
@@ -80,8 +82,9 @@ def render(
         "candidate": [ItemMention(order[0], "candidate")] if template.task is Task.T0 else [],
     }
     if combination.preference is Preference.P2:
-        slots["explicit"] = _explicit(liked[-max_explicit:], disliked[-max_explicit:], tags[:max_explicit],
-                                      paraphrase)
+        slots["explicit"] = _explicit(
+            liked[-max_explicit:], disliked[-max_explicit:], tags[:max_explicit], paraphrase
+        )
 
     parts: list[Part] = []
     for clause in template.clauses:

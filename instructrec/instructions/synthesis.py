@@ -95,8 +95,12 @@ def vague_intention(item: Item, rng: random.Random) -> str | None:
     options = [mood for genre in item.genres if (words := genre_words(genre)) for mood in words.moods]
     for tag in item.tags:
         # Tags naming a genre or a year would read as specific; tags with digits are mostly lists ("top 250").
-        if (len(tag) < 3 or any(ch.isdigit() for ch in tag) or _NOT_A_NEED.search(tag)
-                or intention_kind(tag) is not Intention.I1):
+        if (
+            len(tag) < 3
+            or any(ch.isdigit() for ch in tag)
+            or _NOT_A_NEED.search(tag)
+            or intention_kind(tag) is not Intention.I1
+        ):
             continue
         if " " not in tag and _ADJECTIVE.match(tag):
             options += [f"something {tag}", f"{_a(tag)} {tag} movie"]

@@ -52,7 +52,7 @@ class Combination:
 
     @classmethod
     def parse(cls, code: str) -> Combination:
-        """"P1-I0-T3" (a template id's prefix) → Combination."""
+        """ "P1-I0-T3" (a template id's prefix) → Combination."""
         try:
             p, i, t = code.split("-")[:3]
             return cls(Preference(p), Intention(i), Task(t))

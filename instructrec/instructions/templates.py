@@ -22,256 +22,388 @@ PLACEHOLDER = re.compile(r"\{(\w+)\}")
 # (combination, clauses) in id order within each combination.
 _SOURCE: tuple[tuple[str, tuple[str, ...]], ...] = (
     # ---- sequential recommendation: history only (the live default without a request) ----
-    ("P1-I0-T3", (
-        "The user has watched the following movies in order: {history}.",
-        "Rank the candidate movies by how likely the user is to watch each one next: {candidates}.",
-        "Answer with the letters of the candidates, best first.",
-    )),
-    ("P1-I0-T3", (
-        "Here is a viewer's [watch history|viewing history], oldest to newest: {history}.",
-        "Which of these should we recommend next? {candidates}.",
-        "Order the options from best to worst and reply with their letters.",
-    )),
-    ("P1-I0-T3", (
-        "A user recently [watched|saw] {history}, in that order.",
-        "Based on [these viewing habits|this history], rank the following candidates: {candidates}.",
-        "Give the letter of the most fitting movie first.",
-    )),
-    ("P1-I0-T3", (
-        "Given the sequence of movies a user has [watched|seen] ({history}), predict which candidate they "
-        "will watch next and rank all of them: {candidates}.",
-        "Respond with candidate letters only.",
-    )),
-    ("P1-I0-T2", (
-        "The user has watched the following movies in order: {history}.",
-        "Which of these candidates will they watch next? {candidates}.",
-        "Answer with the letter of that movie.",
-    )),
-    ("P1-I0-T2", (
-        "[After watching|Having watched] {history}, a viewer picks one more movie.",
-        "Which one is it? {candidates}.",
-        "Reply with its letter.",
-    )),
-    ("P1-I0-T1", (
-        "The user has watched the following movies in order: {history}.",
-        "Which would they rather watch next: {candidates}?",
-        "Answer a or b.",
-    )),
-    ("P1-I0-T0", (
-        "The user has watched the following movies in order: {history}.",
-        "Would they [enjoy|want to watch] {candidate} next?",
-        "Answer yes or no.",
-    )),
+    (
+        "P1-I0-T3",
+        (
+            "The user has watched the following movies in order: {history}.",
+            "Rank the candidate movies by how likely the user is to watch each one next: {candidates}.",
+            "Answer with the letters of the candidates, best first.",
+        ),
+    ),
+    (
+        "P1-I0-T3",
+        (
+            "Here is a viewer's [watch history|viewing history], oldest to newest: {history}.",
+            "Which of these should we recommend next? {candidates}.",
+            "Order the options from best to worst and reply with their letters.",
+        ),
+    ),
+    (
+        "P1-I0-T3",
+        (
+            "A user recently [watched|saw] {history}, in that order.",
+            "Based on [these viewing habits|this history], rank the following candidates: {candidates}.",
+            "Give the letter of the most fitting movie first.",
+        ),
+    ),
+    (
+        "P1-I0-T3",
+        (
+            "Given the sequence of movies a user has [watched|seen] ({history}), predict which candidate they "
+            "will watch next and rank all of them: {candidates}.",
+            "Respond with candidate letters only.",
+        ),
+    ),
+    (
+        "P1-I0-T2",
+        (
+            "The user has watched the following movies in order: {history}.",
+            "Which of these candidates will they watch next? {candidates}.",
+            "Answer with the letter of that movie.",
+        ),
+    ),
+    (
+        "P1-I0-T2",
+        (
+            "[After watching|Having watched] {history}, a viewer picks one more movie.",
+            "Which one is it? {candidates}.",
+            "Reply with its letter.",
+        ),
+    ),
+    (
+        "P1-I0-T1",
+        (
+            "The user has watched the following movies in order: {history}.",
+            "Which would they rather watch next: {candidates}?",
+            "Answer a or b.",
+        ),
+    ),
+    (
+        "P1-I0-T0",
+        (
+            "The user has watched the following movies in order: {history}.",
+            "Would they [enjoy|want to watch] {candidate} next?",
+            "Answer yes or no.",
+        ),
+    ),
     # ---- explicit preferences, no request ----
-    ("P2-I0-T3", (
-        "The user has watched {history}.",
-        "[From their ratings and tags|From what they told us], the user {explicit}.",
-        "Rank these candidates by how well they match the user's taste: {candidates}.",
-        "Answer with the letters, best first.",
-    )),
-    ("P2-I0-T3", (
-        "Here is what we know about a viewer's taste: they {explicit}.",
-        "Recently they [watched|saw] {history}.",
-        "Rank the following movies for them: {candidates}.",
-        "Reply with the candidate letters in order of preference.",
-    )),
-    ("P2-I0-T3", (
-        "A user {explicit}.",
-        "Their latest movies were {history}.",
-        "Which of these candidates would they enjoy most? {candidates}.",
-        "Rank all of them and answer with letters.",
-    )),
-    ("P2-I0-T2", (
-        "A user {explicit}.",
-        "Their [most recent|latest] movies were {history}.",
-        "Which of these will they pick next? {candidates}.",
-        "Answer with its letter.",
-    )),
-    ("P2-I0-T1", (
-        "The user {explicit}.",
-        "They recently watched {history}.",
-        "Which would they prefer: {candidates}?",
-        "Answer a or b.",
-    )),
-    ("P2-I0-T0", (
-        "The user {explicit}.",
-        "They recently watched {history}.",
-        "Will they like {candidate}?",
-        "Answer yes or no.",
-    )),
+    (
+        "P2-I0-T3",
+        (
+            "The user has watched {history}.",
+            "[From their ratings and tags|From what they told us], the user {explicit}.",
+            "Rank these candidates by how well they match the user's taste: {candidates}.",
+            "Answer with the letters, best first.",
+        ),
+    ),
+    (
+        "P2-I0-T3",
+        (
+            "Here is what we know about a viewer's taste: they {explicit}.",
+            "Recently they [watched|saw] {history}.",
+            "Rank the following movies for them: {candidates}.",
+            "Reply with the candidate letters in order of preference.",
+        ),
+    ),
+    (
+        "P2-I0-T3",
+        (
+            "A user {explicit}.",
+            "Their latest movies were {history}.",
+            "Which of these candidates would they enjoy most? {candidates}.",
+            "Rank all of them and answer with letters.",
+        ),
+    ),
+    (
+        "P2-I0-T2",
+        (
+            "A user {explicit}.",
+            "Their [most recent|latest] movies were {history}.",
+            "Which of these will they pick next? {candidates}.",
+            "Answer with its letter.",
+        ),
+    ),
+    (
+        "P2-I0-T1",
+        (
+            "The user {explicit}.",
+            "They recently watched {history}.",
+            "Which would they prefer: {candidates}?",
+            "Answer a or b.",
+        ),
+    ),
+    (
+        "P2-I0-T0",
+        (
+            "The user {explicit}.",
+            "They recently watched {history}.",
+            "Will they like {candidate}?",
+            "Answer yes or no.",
+        ),
+    ),
     # ---- history and a vague request ----
-    ("P1-I1-T3", (
-        "The user has watched the following movies in order: {history}.",
-        "Now they [say|tell us]: \"{intention}\".",
-        "Rank the candidates by how well they fit this request and the user's taste: {candidates}.",
-        "Answer with the letters, best first.",
-    )),
-    ("P1-I1-T3", (
-        "A viewer who recently saw {history} is looking for something new.",
-        "Their request: \"{intention}\".",
-        "Order these options from best to worst match: {candidates}.",
-        "Reply with candidate letters.",
-    )),
-    ("P1-I1-T2", (
-        "The user has watched {history}.",
-        "They ask for \"{intention}\".",
-        "Which candidate fits best? {candidates}.",
-        "Answer with its letter.",
-    )),
-    ("P1-I1-T1", (
-        "The user has watched {history} and now wants \"{intention}\".",
-        "Which suits them better: {candidates}?",
-        "Answer a or b.",
-    )),
-    ("P1-I1-T0", (
-        "The user has watched {history}.",
-        "They are [in the mood for|looking for] \"{intention}\".",
-        "Is {candidate} a good recommendation?",
-        "Answer yes or no.",
-    )),
+    (
+        "P1-I1-T3",
+        (
+            "The user has watched the following movies in order: {history}.",
+            'Now they [say|tell us]: "{intention}".',
+            "Rank the candidates by how well they fit this request and the user's taste: {candidates}.",
+            "Answer with the letters, best first.",
+        ),
+    ),
+    (
+        "P1-I1-T3",
+        (
+            "A viewer who recently saw {history} is looking for something new.",
+            'Their request: "{intention}".',
+            "Order these options from best to worst match: {candidates}.",
+            "Reply with candidate letters.",
+        ),
+    ),
+    (
+        "P1-I1-T2",
+        (
+            "The user has watched {history}.",
+            'They ask for "{intention}".',
+            "Which candidate fits best? {candidates}.",
+            "Answer with its letter.",
+        ),
+    ),
+    (
+        "P1-I1-T1",
+        (
+            'The user has watched {history} and now wants "{intention}".',
+            "Which suits them better: {candidates}?",
+            "Answer a or b.",
+        ),
+    ),
+    (
+        "P1-I1-T0",
+        (
+            "The user has watched {history}.",
+            'They are [in the mood for|looking for] "{intention}".',
+            "Is {candidate} a good recommendation?",
+            "Answer yes or no.",
+        ),
+    ),
     # ---- history and a specific request ----
-    ("P1-I2-T3", (
-        "The user has watched {history}, in that order.",
-        "They are searching for \"{intention}\".",
-        "Rank the candidates by how well they match both the description and the user's history: "
-        "{candidates}.",
-        "Answer with the letters, best first.",
-    )),
-    ("P1-I2-T3", (
-        "Viewing history (oldest first): {history}.",
-        "Request: \"{intention}\".",
-        "Rank [these candidates|the following movies] for this user: {candidates}.",
-        "Give the letters in order.",
-    )),
-    ("P1-I2-T2", (
-        "A user who watched {history} wants \"{intention}\".",
-        "Which candidate is the movie they are after? {candidates}.",
-        "Answer with its letter.",
-    )),
-    ("P1-I2-T1", (
-        "The user has watched {history}.",
-        "They want \"{intention}\".",
-        "Which is the better match: {candidates}?",
-        "Answer a or b.",
-    )),
-    ("P1-I2-T0", (
-        "The user has watched {history} and asks for \"{intention}\".",
-        "Does {candidate} fit [the request|what they want]?",
-        "Answer yes or no.",
-    )),
+    (
+        "P1-I2-T3",
+        (
+            "The user has watched {history}, in that order.",
+            'They are searching for "{intention}".',
+            "Rank the candidates by how well they match both the description and the user's history: "
+            "{candidates}.",
+            "Answer with the letters, best first.",
+        ),
+    ),
+    (
+        "P1-I2-T3",
+        (
+            "Viewing history (oldest first): {history}.",
+            'Request: "{intention}".',
+            "Rank [these candidates|the following movies] for this user: {candidates}.",
+            "Give the letters in order.",
+        ),
+    ),
+    (
+        "P1-I2-T2",
+        (
+            'A user who watched {history} wants "{intention}".',
+            "Which candidate is the movie they are after? {candidates}.",
+            "Answer with its letter.",
+        ),
+    ),
+    (
+        "P1-I2-T1",
+        (
+            "The user has watched {history}.",
+            'They want "{intention}".',
+            "Which is the better match: {candidates}?",
+            "Answer a or b.",
+        ),
+    ),
+    (
+        "P1-I2-T0",
+        (
+            'The user has watched {history} and asks for "{intention}".',
+            "Does {candidate} fit [the request|what they want]?",
+            "Answer yes or no.",
+        ),
+    ),
     # ---- explicit preferences and a vague request ----
-    ("P2-I1-T3", (
-        "The user {explicit}.",
-        "They recently watched {history}.",
-        "Today they [say|write]: \"{intention}\".",
-        "Rank these candidates for them: {candidates}.",
-        "Answer with the letters, best first.",
-    )),
-    ("P2-I1-T3", (
-        "Here is a user's taste: they {explicit}.",
-        "Their request: \"{intention}\".",
-        "Order the options from best to worst: {candidates}.",
-        "Reply with candidate letters.",
-    )),
-    ("P2-I1-T2", (
-        "A user {explicit}.",
-        "They ask for \"{intention}\".",
-        "Which candidate should we recommend? {candidates}.",
-        "Answer with its letter.",
-    )),
-    ("P2-I1-T1", (
-        "The user {explicit}.",
-        "Now they want \"{intention}\".",
-        "Which suits them better: {candidates}?",
-        "Answer a or b.",
-    )),
-    ("P2-I1-T0", (
-        "The user {explicit}.",
-        "They are [in the mood for|asking for] \"{intention}\".",
-        "Would they enjoy {candidate}?",
-        "Answer yes or no.",
-    )),
+    (
+        "P2-I1-T3",
+        (
+            "The user {explicit}.",
+            "They recently watched {history}.",
+            'Today they [say|write]: "{intention}".',
+            "Rank these candidates for them: {candidates}.",
+            "Answer with the letters, best first.",
+        ),
+    ),
+    (
+        "P2-I1-T3",
+        (
+            "Here is a user's taste: they {explicit}.",
+            'Their request: "{intention}".',
+            "Order the options from best to worst: {candidates}.",
+            "Reply with candidate letters.",
+        ),
+    ),
+    (
+        "P2-I1-T2",
+        (
+            "A user {explicit}.",
+            'They ask for "{intention}".',
+            "Which candidate should we recommend? {candidates}.",
+            "Answer with its letter.",
+        ),
+    ),
+    (
+        "P2-I1-T1",
+        (
+            "The user {explicit}.",
+            'Now they want "{intention}".',
+            "Which suits them better: {candidates}?",
+            "Answer a or b.",
+        ),
+    ),
+    (
+        "P2-I1-T0",
+        (
+            "The user {explicit}.",
+            'They are [in the mood for|asking for] "{intention}".',
+            "Would they enjoy {candidate}?",
+            "Answer yes or no.",
+        ),
+    ),
     # ---- explicit preferences and a specific request ----
-    ("P2-I2-T3", (
-        "The user {explicit}.",
-        "They recently watched {history}.",
-        "They are looking for \"{intention}\".",
-        "Rank the candidates by how well they fit: {candidates}.",
-        "Answer with the letters, best first.",
-    )),
-    ("P2-I2-T3", (
-        "User taste: they {explicit}.",
-        "Request: \"{intention}\".",
-        "Rank [these candidates|the following movies]: {candidates}.",
-        "Give the letters in order.",
-    )),
-    ("P2-I2-T2", (
-        "A user {explicit}.",
-        "They want \"{intention}\".",
-        "Which candidate is it? {candidates}.",
-        "Answer with its letter.",
-    )),
-    ("P2-I2-T1", (
-        "The user {explicit}.",
-        "They ask for \"{intention}\".",
-        "Which is the better match: {candidates}?",
-        "Answer a or b.",
-    )),
-    ("P2-I2-T0", (
-        "The user {explicit}.",
-        "They want \"{intention}\".",
-        "Does {candidate} match?",
-        "Answer yes or no.",
-    )),
+    (
+        "P2-I2-T3",
+        (
+            "The user {explicit}.",
+            "They recently watched {history}.",
+            'They are looking for "{intention}".',
+            "Rank the candidates by how well they fit: {candidates}.",
+            "Answer with the letters, best first.",
+        ),
+    ),
+    (
+        "P2-I2-T3",
+        (
+            "User taste: they {explicit}.",
+            'Request: "{intention}".',
+            "Rank [these candidates|the following movies]: {candidates}.",
+            "Give the letters in order.",
+        ),
+    ),
+    (
+        "P2-I2-T2",
+        (
+            "A user {explicit}.",
+            'They want "{intention}".',
+            "Which candidate is it? {candidates}.",
+            "Answer with its letter.",
+        ),
+    ),
+    (
+        "P2-I2-T1",
+        (
+            "The user {explicit}.",
+            'They ask for "{intention}".',
+            "Which is the better match: {candidates}?",
+            "Answer a or b.",
+        ),
+    ),
+    (
+        "P2-I2-T0",
+        (
+            "The user {explicit}.",
+            'They want "{intention}".',
+            "Does {candidate} match?",
+            "Answer yes or no.",
+        ),
+    ),
     # ---- a request and nothing known about the user (cold start search) ----
-    ("P0-I1-T3", (
-        "A user [asks for|is looking for] \"{intention}\".",
-        "Rank these movies by how well they match the request: {candidates}.",
-        "Answer with the letters, best first.",
-    )),
-    ("P0-I1-T3", (
-        "Request: \"{intention}\".",
-        "Order the following candidates from best to worst match: {candidates}.",
-        "Reply with their letters.",
-    )),
-    ("P0-I1-T2", (
-        "A user says: \"{intention}\".",
-        "Which of these movies do they want? {candidates}.",
-        "Answer with its letter.",
-    )),
-    ("P0-I1-T1", (
-        "A user wants \"{intention}\".",
-        "Which fits better: {candidates}?",
-        "Answer a or b.",
-    )),
-    ("P0-I1-T0", (
-        "A user wants \"{intention}\".",
-        "Is {candidate} a good fit?",
-        "Answer yes or no.",
-    )),
-    ("P0-I2-T3", (
-        "Find movies matching this description: \"{intention}\".",
-        "Rank the candidates: {candidates}.",
-        "Answer with the letters, best first.",
-    )),
-    ("P0-I2-T3", (
-        "A user is searching for \"{intention}\".",
-        "Rank [these candidates|the following movies] by how well they match: {candidates}.",
-        "Give the letters in order.",
-    )),
-    ("P0-I2-T2", (
-        "Which of these movies is \"{intention}\"? {candidates}.",
-        "Answer with its letter.",
-    )),
-    ("P0-I2-T1", (
-        "A user searches for \"{intention}\".",
-        "Which matches better: {candidates}?",
-        "Answer a or b.",
-    )),
-    ("P0-I2-T0", (
-        "Does {candidate} match the description \"{intention}\"?",
-        "Answer yes or no.",
-    )),
+    (
+        "P0-I1-T3",
+        (
+            'A user [asks for|is looking for] "{intention}".',
+            "Rank these movies by how well they match the request: {candidates}.",
+            "Answer with the letters, best first.",
+        ),
+    ),
+    (
+        "P0-I1-T3",
+        (
+            'Request: "{intention}".',
+            "Order the following candidates from best to worst match: {candidates}.",
+            "Reply with their letters.",
+        ),
+    ),
+    (
+        "P0-I1-T2",
+        (
+            'A user says: "{intention}".',
+            "Which of these movies do they want? {candidates}.",
+            "Answer with its letter.",
+        ),
+    ),
+    (
+        "P0-I1-T1",
+        (
+            'A user wants "{intention}".',
+            "Which fits better: {candidates}?",
+            "Answer a or b.",
+        ),
+    ),
+    (
+        "P0-I1-T0",
+        (
+            'A user wants "{intention}".',
+            "Is {candidate} a good fit?",
+            "Answer yes or no.",
+        ),
+    ),
+    (
+        "P0-I2-T3",
+        (
+            'Find movies matching this description: "{intention}".',
+            "Rank the candidates: {candidates}.",
+            "Answer with the letters, best first.",
+        ),
+    ),
+    (
+        "P0-I2-T3",
+        (
+            'A user is searching for "{intention}".',
+            "Rank [these candidates|the following movies] by how well they match: {candidates}.",
+            "Give the letters in order.",
+        ),
+    ),
+    (
+        "P0-I2-T2",
+        (
+            'Which of these movies is "{intention}"? {candidates}.',
+            "Answer with its letter.",
+        ),
+    ),
+    (
+        "P0-I2-T1",
+        (
+            'A user searches for "{intention}".',
+            "Which matches better: {candidates}?",
+            "Answer a or b.",
+        ),
+    ),
+    (
+        "P0-I2-T0",
+        (
+            'Does {candidate} match the description "{intention}"?',
+            "Answer yes or no.",
+        ),
+    ),
 )
 
 
@@ -304,8 +436,10 @@ def check(template: Template) -> None:
         required.add("intention")
     allowed |= required
     if not c.valid or not required <= used <= allowed:
-        raise ValueError(f"template {template.id} uses {sorted(used)}; {c.code} needs {sorted(required)}, "
-                         f"allows {sorted(allowed)}")
+        raise ValueError(
+            f"template {template.id} uses {sorted(used)}; {c.code} needs {sorted(required)}, "
+            f"allows {sorted(allowed)}"
+        )
     names = PLACEHOLDER.findall(" ".join(template.clauses))
     if len(names) != len(used):
         raise ValueError(f"template {template.id} uses a placeholder twice: {names}")

@@ -20,39 +20,75 @@ class GenreWords:
 
 
 GENRES: dict[str, GenreWords] = {
-    "Action": GenreWords("action", "action movie", (
-        "something fast-paced and exciting", "an adrenaline rush", "a movie with big stunts and chases")),
-    "Adventure": GenreWords("adventure", "adventure film", (
-        "an exciting journey", "something epic with a quest", "a story about explorers far from home")),
-    "Animation": GenreWords("animated", "animated film", (
-        "a cartoon", "something drawn or made with computer graphics", "a cartoon for a cozy evening")),
-    "Children": GenreWords("family", "family film", (
-        "something light to watch with kids", "a film the whole family can enjoy", "something kid-friendly")),
-    "Comedy": GenreWords("comedy", "comedy", (
-        "something funny", "a light-hearted film", "something that will make me laugh", "a feel-good movie")),
-    "Crime": GenreWords("crime", "crime film", (
-        "a gritty story about criminals", "something about a heist or a gang", "a tale of cops and robbers")),
-    "Documentary": GenreWords("documentary", "documentary", (
-        "something real and informative", "a film about true events", "a movie where I learn something")),
-    "Drama": GenreWords("drama", "drama", (
-        "something moving", "a serious, emotional film", "a story with real depth")),
-    "Fantasy": GenreWords("fantasy", "fantasy film", (
-        "something magical", "a film set in an imaginary world", "a movie with wizards or dragons")),
-    "Film-Noir": GenreWords("noir", "film noir", (
-        "a moody old detective story", "something shadowy and cynical")),
-    "Horror": GenreWords("horror", "horror movie", (
-        "something scary", "a film that gives me chills", "something creepy for tonight")),
+    "Action": GenreWords(
+        "action",
+        "action movie",
+        ("something fast-paced and exciting", "an adrenaline rush", "a movie with big stunts and chases"),
+    ),
+    "Adventure": GenreWords(
+        "adventure",
+        "adventure film",
+        ("an exciting journey", "something epic with a quest", "a story about explorers far from home"),
+    ),
+    "Animation": GenreWords(
+        "animated",
+        "animated film",
+        ("a cartoon", "something drawn or made with computer graphics", "a cartoon for a cozy evening"),
+    ),
+    "Children": GenreWords(
+        "family",
+        "family film",
+        ("something light to watch with kids", "a film the whole family can enjoy", "something kid-friendly"),
+    ),
+    "Comedy": GenreWords(
+        "comedy",
+        "comedy",
+        ("something funny", "a light-hearted film", "something that will make me laugh", "a feel-good movie"),
+    ),
+    "Crime": GenreWords(
+        "crime",
+        "crime film",
+        ("a gritty story about criminals", "something about a heist or a gang", "a tale of cops and robbers"),
+    ),
+    "Documentary": GenreWords(
+        "documentary",
+        "documentary",
+        ("something real and informative", "a film about true events", "a movie where I learn something"),
+    ),
+    "Drama": GenreWords(
+        "drama", "drama", ("something moving", "a serious, emotional film", "a story with real depth")
+    ),
+    "Fantasy": GenreWords(
+        "fantasy",
+        "fantasy film",
+        ("something magical", "a film set in an imaginary world", "a movie with wizards or dragons"),
+    ),
+    "Film-Noir": GenreWords(
+        "noir", "film noir", ("a moody old detective story", "something shadowy and cynical")
+    ),
+    "Horror": GenreWords(
+        "horror",
+        "horror movie",
+        ("something scary", "a film that gives me chills", "something creepy for tonight"),
+    ),
     "IMAX": GenreWords("IMAX", "IMAX film", ("something spectacular for a big screen",)),
-    "Musical": GenreWords("musical", "musical", (
-        "a film full of songs", "something with singing and dancing")),
-    "Mystery": GenreWords("mystery", "mystery", (
-        "a puzzle to figure out", "a whodunit", "something with a secret to uncover")),
-    "Romance": GenreWords("romantic", "romance", (
-        "a love story", "something sweet about a couple", "a date-night movie")),
-    "Sci-Fi": GenreWords("sci-fi", "sci-fi film", (
-        "something futuristic", "a film about space or the future", "something with aliens or robots")),
-    "Thriller": GenreWords("suspense", "thriller", (
-        "something suspenseful", "an edge-of-my-seat movie", "something tense")),
+    "Musical": GenreWords(
+        "musical", "musical", ("a film full of songs", "something with singing and dancing")
+    ),
+    "Mystery": GenreWords(
+        "mystery", "mystery", ("a puzzle to figure out", "a whodunit", "something with a secret to uncover")
+    ),
+    "Romance": GenreWords(
+        "romantic", "romance", ("a love story", "something sweet about a couple", "a date-night movie")
+    ),
+    "Sci-Fi": GenreWords(
+        "sci-fi",
+        "sci-fi film",
+        ("something futuristic", "a film about space or the future", "something with aliens or robots"),
+    ),
+    "Thriller": GenreWords(
+        "suspense", "thriller", ("something suspenseful", "an edge-of-my-seat movie", "something tense")
+    ),
     "War": GenreWords("war", "war film", ("a film about soldiers", "something set on a battlefield")),
     "Western": GenreWords("western", "western", ("a cowboy movie", "something set in the Wild West")),
 }

@@ -128,7 +128,9 @@ class Tokenizer:
                 cand_last[r, c] = end - 1
                 cand_mask[r, c] = True
                 at = end
-        return Batch(enc_ids, enc_mask, enc_items, dec_ids, dec_block, dec_pos, dec_items, cand_last, cand_mask)
+        return Batch(
+            enc_ids, enc_mask, enc_items, dec_ids, dec_block, dec_pos, dec_items, cand_last, cand_mask
+        )
 
 
 def _special_tokens(tokenizer) -> tuple[list[int], list[int]]:

@@ -25,9 +25,13 @@ def target_modules(model: nn.Module) -> list[str]:
     return _TARGETS[family]
 
 
-def add_lora(model: nn.Module, r: int = 16, alpha: int = 32, dropout: float = 0.05, targets=None) -> LoraConfig:
+def add_lora(
+    model: nn.Module, r: int = 16, alpha: int = 32, dropout: float = 0.05, targets=None
+) -> LoraConfig:
     """Freezes the model and injects trainable LoRA matrices into its attention projections."""
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets or target_modules(model))
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets or target_modules(model)
+    )
     for p in model.parameters():
         p.requires_grad_(False)
     inject_adapter_in_model(config, model)

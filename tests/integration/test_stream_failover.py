@@ -25,11 +25,13 @@ from pathlib import Path
 
 import pytest
 
+from instructrec.adapters.qdrant import IndexedItem, ItemIndex
 from instructrec.config import Settings
 from instructrec.events import QueryEvent
-from instructrec.infra import free_port, tail
-from instructrec.qdrant import IndexedItem, ItemIndex
-from streams.process import WorkerProcess
+from instructrec.infra import free_port
+from instructrec.infra.processes import tail
+from instructrec.infra.worker import WorkerProcess
+from streams.kafka.producer import EventProducer
 from tests.integration.test_stream_pipeline import (
     DATA_ROOT,
     TIMEOUT_S,
@@ -40,7 +42,6 @@ from tests.integration.test_stream_pipeline import (
     stream_settings,
 )
 from workers.index import item_text
-from workers.producer import EventProducer
 from workers.replay import ReplayConfig, replay, replay_events
 
 pytestmark = pytest.mark.integration
@@ -73,11 +74,13 @@ def build_catalog(settings: Settings, dataset, also: set[str]) -> None:
     vectors = TextEncoder().encode([item_text(item) for item in items])
     with ItemIndex(settings.qdrant) as index:
         index.ensure_collection()
-        index.upsert([IndexedItem(i.id, i.display_title, i.genres, i.year, vectors[n]) for n, i in enumerate(items)])
+        index.upsert(
+            [IndexedItem(i.id, i.display_title, i.genres, i.year, vectors[n]) for n, i in enumerate(items)]
+        )
 
 
 # A timeout here was traced (2026-11-23, 1 run in 3 at load 4) to the survivor stuck in Faust's table recovery
-# after the rebalance: changelog partitions sought and resumed, no event ever received. streams.recovery
+# after the rebalance: changelog partitions sought and resumed, no event ever received. streams.state.recovery
 # restarts such a recovery; test_a_stalled_table_recovery_is_restarted below injects that stall and checks
 # the rescue.
 async def test_stopping_a_worker_mid_replay_loses_and_repeats_no_answer(
@@ -92,7 +95,9 @@ async def test_stopping_a_worker_mid_replay_loses_and_repeats_no_answer(
         shutil.copytree(settings.qdrant.path, path)
 
     def worker(name: str) -> WorkerProcess:
-        mine = settings.model_copy(update={"qdrant": settings.qdrant.model_copy(update={"path": storage[name]})})
+        mine = settings.model_copy(
+            update={"qdrant": settings.qdrant.model_copy(update={"path": storage[name]})}
+        )
         return WorkerProcess(mine, web_port=free_port(), log=root / f"worker-{name}.log")
 
     a, b = worker("a").start(), worker("b").start()
@@ -138,9 +143,11 @@ def _missing(queries: list[QueryEvent], got: dict, survivor: WorkerProcess, stop
     """What a timeout leaves to diagnose: which users went unanswered, and what the workers logged."""
     users = sorted({q.user_id for q in queries if q.request_id not in got})
     health = survivor.health()
-    return (f"{sum(q.request_id not in got for q in queries)} of {len(queries)} queries unanswered after "
-            f"{TIMEOUT_S} s (users {users}); survivor health {health}\n"
-            f"--- survivor log ---\n{tail(survivor.log, 60)}\n--- stopped worker log ---\n{tail(stopped_log, 30)}")
+    return (
+        f"{sum(q.request_id not in got for q in queries)} of {len(queries)} queries unanswered after "
+        f"{TIMEOUT_S} s (users {users}); survivor health {health}\n"
+        f"--- survivor log ---\n{tail(survivor.log, 60)}\n--- stopped worker log ---\n{tail(stopped_log, 30)}"
+    )
 
 
 async def _settled(a: WorkerProcess, b: WorkerProcess, partitions: int, timeout_s: float = TIMEOUT_S) -> None:
@@ -158,7 +165,7 @@ async def _settled(a: WorkerProcess, b: WorkerProcess, partitions: int, timeout_
 # The stall behind the failover test's past timeout, injected into a worker process (as its sitecustomize):
 # the first table recovery seeks its changelog partitions and never resumes them, so no changelog event
 # arrives: "No event received for active tp … since recovery start", as seen under load.
-STALL_FAULT = '''
+STALL_FAULT = """
 import faust.transport.consumer as _consumer
 
 _resume = _consumer.Consumer.resume_partitions
@@ -176,14 +183,14 @@ def resume_partitions(self, tps):
 
 
 _consumer.Consumer.resume_partitions = resume_partitions
-'''
+"""
 STALL_S = 3.0
 
 
 async def test_a_stalled_table_recovery_is_restarted(
     local_infra, kafka, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """A worker whose table recovery receives nothing restarts it (streams.recovery) and then answers with the
+    """A worker whose table recovery receives nothing restarts it (streams.state.recovery) and then answers with the
     recovered contexts; without the watchdog it would stay in recovery and answer nothing."""
     root = tmp_path_factory.mktemp("stall")
     dataset, settings = without_reranker(local_infra, root)
@@ -199,14 +206,18 @@ async def test_a_stalled_table_recovery_is_restarted(
         await replay(settings.kafka, clicks, progress=False)
         async with asyncio.timeout(TIMEOUT_S):
             for user in users:
-                while len(http("GET", first.url(f"/users/{user}/context"))[1].get("history", ())) < len(consumed[user]):
+                while len(http("GET", first.url(f"/users/{user}/context"))[1].get("history", ())) < len(
+                    consumed[user]
+                ):
                     await asyncio.sleep(0.5)
 
     # Its successor keeps tables in memory, so it must recover every context, and its recovery is sabotaged.
     fault = root / "fault"
     fault.mkdir()
     (fault / "sitecustomize.py").write_text(STALL_FAULT)
-    with WorkerProcess(settings, web_port=free_port(), log=root / "second.log", env={"PYTHONPATH": str(fault)}) as second:
+    with WorkerProcess(
+        settings, web_port=free_port(), log=root / "second.log", env={"PYTHONPATH": str(fault)}
+    ) as second:
         second.wait_healthy(TIMEOUT_S)
         queries = [QueryEvent(user_id=u, k=5) for u in users]
         got = await ask(settings, queries)
@@ -239,6 +250,8 @@ def test_storage_copies_are_independent(tmp_path: Path) -> None:
     with ItemIndex(QdrantSettings(path=tmp_path / "a"), text_dim=4, cf_dim=2) as index:
         index.ensure_collection()
     shutil.copytree(tmp_path / "a", tmp_path / "b")
-    with ItemIndex(QdrantSettings(path=tmp_path / "a"), text_dim=4, cf_dim=2) as one, \
-            ItemIndex(QdrantSettings(path=tmp_path / "b"), text_dim=4, cf_dim=2) as two:  # fmt: skip
+    with (
+        ItemIndex(QdrantSettings(path=tmp_path / "a"), text_dim=4, cf_dim=2) as one,
+        ItemIndex(QdrantSettings(path=tmp_path / "b"), text_dim=4, cf_dim=2) as two,
+    ):
         assert one.count() == two.count() == 0

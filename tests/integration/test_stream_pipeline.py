@@ -21,14 +21,15 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from instructrec import triton_repository
+from instructrec.adapters.triton import repository as triton_repository
 from instructrec.config import Settings, TopicNames
 from instructrec.events import ClickEvent, DeadLetter, QueryEvent, Recommendation, decode, encode
 from instructrec.infra import free_port, run_sync
-from streams.app import ensure_topics
-from streams.process import WorkerProcess
+from instructrec.infra.worker import WorkerProcess
+from streams.kafka.admin import ensure_topics
+from streams.kafka.producer import EventProducer, topic_of
+from streams.kafka.reader import TopicReader
 from workers.index import index_dataset
-from workers.producer import EventProducer, consume
 from workers.replay import ReplayConfig, replay, replay_events
 
 pytestmark = pytest.mark.integration
@@ -46,22 +47,30 @@ def stream_settings(base: Settings, root: Path, *, artifacts: Path | None = None
     """`base` (pointed at the session's services) with this module's own topics, group, state and storage."""
     run = uuid.uuid4().hex[:8]
     topics = TopicNames(**{role: f"{name}-{run}" for role, name in TopicNames().model_dump().items()})
-    settings = base.model_copy(update={
-        "kafka": base.kafka.model_copy(update={"topics": topics}),
-        "qdrant": base.qdrant.model_copy(update={"url": None, "path": root / "qdrant"}),
-        "stream": base.stream.model_copy(update={"store": "memory", "app_id": f"test-stream-{run}"}),
-        "state_dir": root / "state",
-        "model": base.model.model_copy(update={"artifacts": artifacts or root / "no-artifacts"}),
-        "triton": base.triton.model_copy(update={"timeout_s": 30.0, "retries": 0}),  # a busy CI box is slow
-        "web": base.web.model_copy(update={"recommend_timeout_s": 90.0}),
-    })  # fmt: skip
-    run_sync(ensure_topics(settings))
+    settings = base.model_copy(
+        update={
+            "kafka": base.kafka.model_copy(update={"topics": topics}),
+            "qdrant": base.qdrant.model_copy(update={"url": None, "path": root / "qdrant"}),
+            "stream": base.stream.model_copy(update={"store": "memory", "app_id": f"test-stream-{run}"}),
+            "state_dir": root / "state",
+            "model": base.model.model_copy(update={"artifacts": artifacts or root / "no-artifacts"}),
+            "triton": base.triton.model_copy(
+                update={"timeout_s": 30.0, "retries": 0}
+            ),  # a busy CI box is slow
+            "web": base.web.model_copy(update={"recommend_timeout_s": 90.0}),
+        }
+    )
+    run_sync(ensure_topics(settings.kafka))
     return settings
 
 
-def http(method: str, url: str, body: dict | bytes | None = None, timeout_s: float = 120.0) -> tuple[int, dict]:
+def http(
+    method: str, url: str, body: dict | bytes | None = None, timeout_s: float = 120.0
+) -> tuple[int, dict]:
     data = json.dumps(body).encode() if isinstance(body, dict) else body
-    request = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"content-type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return response.status, json.loads(response.read() or b"null")
@@ -75,23 +84,25 @@ class Listener:
     def __init__(self, settings: Settings, role: str) -> None:
         self.settings, self.role = settings, role
         self.messages: list[tuple[int, int, bytes | None, bytes | None]] = []
-        self._ready = asyncio.Event()
         self._task: asyncio.Task | None = None
 
     async def __aenter__(self) -> Listener:
+        self._reader = TopicReader(self.settings.kafka, topic_of(self.settings.kafka, self.role))
+        async with asyncio.timeout(60):
+            await self._reader.__aenter__()
+
         async def run() -> None:
-            async for message in consume(self.settings.kafka, self.role, ready=self._ready):
-                self.messages.append(message)
+            async for record in self._reader:
+                self.messages.append((record.partition, record.offset, record.key, record.value))
 
         self._task = asyncio.create_task(run())
-        async with asyncio.timeout(60):
-            await self._ready.wait()
         return self
 
     async def __aexit__(self, *exc) -> None:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+        await self._reader.__aexit__(*exc)
 
     async def wait_for(self, done, timeout_s: float = TIMEOUT_S) -> None:
         async with asyncio.timeout(timeout_s):
@@ -142,7 +153,8 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory, dataset) -> Path:
     SASRec(config=config, net=SASRecNet(config).eval()).save(folder / "retrievers" / "sasrec")
     (folder / "retrievers" / "sasrec" / "item_ids.json").write_text(json.dumps([i.id for i in dataset.items]))
     Popularity().fit_sequences([dataset.sequence(u) for u in range(dataset.n_users)], dataset.n_items).save(
-        folder / "retrievers" / "popularity")  # fmt: skip
+        folder / "retrievers" / "popularity"
+    )
     (folder / "pipeline.json").write_text(json.dumps({"retriever": "sasrec", "fusion_weight": 0.3}))
     return root
 
@@ -198,7 +210,9 @@ async def test_a_replayed_user_gets_recommendations_without_consumed_items(
     consumed = {u: {e.item_id for e in events if e.user_id == u} for u in users}
     async with asyncio.timeout(TIMEOUT_S):  # clicks and queries are separate topics: let the clicks land
         for user in users:
-            while len(http("GET", worker.url(f"/users/{user}/context"))[1].get("history", ())) < len(consumed[user]):
+            while len(http("GET", worker.url(f"/users/{user}/context"))[1].get("history", ())) < len(
+                consumed[user]
+            ):
                 await asyncio.sleep(0.5)
 
     queries = [QueryEvent(user_id=u, k=10) for u in users]
@@ -218,7 +232,9 @@ async def test_a_replayed_user_gets_recommendations_without_consumed_items(
 
 async def test_post_recommend_and_the_other_views(worker: WorkerProcess, dataset) -> None:
     user = dataset.users[0]
-    status, answer = http("POST", worker.url("/recommend"), {"user_id": user, "k": 3, "text": "something funny"})
+    status, answer = http(
+        "POST", worker.url("/recommend"), {"user_id": user, "k": 3, "text": "something funny"}
+    )
     assert status == 200 and len(answer["items"]) == 3 and answer["user_id"] == user
     status, error = http("POST", worker.url("/recommend"), {"user_id": user, "k": "three"})
     assert status == 400 and error["fields"] == ["k"]
@@ -228,7 +244,9 @@ async def test_post_recommend_and_the_other_views(worker: WorkerProcess, dataset
     assert http("GET", worker.url("/users/nobody-at-all/context"))[0] == 404
     with urllib.request.urlopen(worker.url("/metrics")) as response:
         text = response.read().decode()
-    assert 'instructrec_events_in_total{topic="queries"}' in text and "instructrec_stage_seconds_bucket" in text
+    assert (
+        'instructrec_events_in_total{topic="queries"}' in text and "instructrec_stage_seconds_bucket" in text
+    )
 
 
 async def test_bad_events_reach_the_dead_letter_topic_and_agents_keep_running(
@@ -243,11 +261,15 @@ async def test_bad_events_reach_the_dead_letter_topic_and_agents_keep_running(
         producer = AIOKafkaProducer(**settings.kafka.aiokafka_kwargs())
         await producer.start()
         try:
-            sent = {topic: await producer.send_and_wait(topic, key=key, value=value)
-                    for topic, (key, value) in bad.items()}  # fmt: skip
+            sent = {
+                topic: await producer.send_and_wait(topic, key=key, value=value)
+                for topic, (key, value) in bad.items()
+            }
             # a mis-keyed click: valid, but not partitioned by its user
             click = ClickEvent(user_id="u2", item_id="1", kind="click")
-            wrong_key = await producer.send_and_wait(settings.kafka.topics.clicks, key=b"u3", value=encode(click))
+            wrong_key = await producer.send_and_wait(
+                settings.kafka.topics.clicks, key=b"u3", value=encode(click)
+            )
         finally:
             await producer.stop()
         expected = {(topic, meta.partition, meta.offset) for topic, meta in sent.items()}
@@ -268,24 +290,40 @@ async def test_bad_events_reach_the_dead_letter_topic_and_agents_keep_running(
     assert status == 200 and len(answer["items"]) == 2
 
 
-def test_cli_produce_and_subscribe(worker: WorkerProcess, settings: Settings, tmp_path: Path, capsysbinary) -> None:
+def test_cli_produce_and_subscribe(
+    worker: WorkerProcess, settings: Settings, tmp_path: Path, capsysbinary
+) -> None:
     """`instructrec produce` validates JSON lines and sends them; `instructrec subscribe` prints JSON lines."""
     import argparse
 
-    from streams.cli import add_stream_commands
+    from workers.commands import add_commands
 
     parser = argparse.ArgumentParser()
-    add_stream_commands(parser.add_subparsers(dest="command", required=True))
+    add_commands(parser.add_subparsers(dest="command", required=True))
 
     def cli(*argv: str) -> int:
         args = parser.parse_args(argv)
         return args.handler(args, settings)
 
     lines = tmp_path / "queries.jsonl"
-    lines.write_text('{"user_id": "cli-user", "k": 2, "request_id": "cli-1"}\n{"user_id": "cli-user", "k": 0}\n')
+    lines.write_text(
+        '{"user_id": "cli-user", "k": 2, "request_id": "cli-1"}\n{"user_id": "cli-user", "k": 0}\n'
+    )
     assert cli("produce", "queries", "--file", str(lines)) == 1  # one line was invalid: reported, not sent
-    assert cli("subscribe", "recommendations", "--from-beginning", "--key", "cli-user", "--count", "1",
-               "--timeout", str(TIMEOUT_S)) == 0  # fmt: skip
+    assert (
+        cli(
+            "subscribe",
+            "recommendations",
+            "--from-beginning",
+            "--key",
+            "cli-user",
+            "--count",
+            "1",
+            "--timeout",
+            str(TIMEOUT_S),
+        )
+        == 0
+    )
     [line] = capsysbinary.readouterr().out.splitlines()
     answer = json.loads(line)
     assert answer["request_id"] == "cli-1" and answer["user_id"] == "cli-user"

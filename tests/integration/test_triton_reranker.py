@@ -15,23 +15,30 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from instructrec import triton_repository
+from instructrec.adapters.triton import repository as triton_repository
+from instructrec.adapters.triton.client import (
+    BreakerState,
+    RerankerRequestError,
+    RerankerUnavailable,
+    TritonReranker,
+)
 from instructrec.config import TritonSettings
 from instructrec.data.dataset import Interaction
 from instructrec.infra import TritonState
 from instructrec.instructions import Instruction, request_instruction
 from instructrec.model.reranker import Reranker, default_model
 from instructrec.model.scoring import score
-from instructrec.model.serving import encode_request
-from instructrec.triton import BreakerState, RerankerRequestError, RerankerUnavailable, TritonReranker
+from instructrec.serving.wire import encode_request
 
 pytestmark = pytest.mark.integration
 
 MODEL = triton_repository.MODEL_NAME
 N_ITEMS = 60
 IDS = [str(100 + i) for i in range(N_ITEMS)]
-TITLES = [f"The {['Red', 'Blue', 'Last', 'Silent'][i % 4]} {['Planet', 'River', 'Heist'][i % 3]} {i} ({1970 + i})"
-          for i in range(N_ITEMS)]  # fmt: skip
+TITLES = [
+    f"The {['Red', 'Blue', 'Last', 'Silent'][i % 4]} {['Planet', 'River', 'Heist'][i % 3]} {i} ({1970 + i})"
+    for i in range(N_ITEMS)
+]
 # Generous: on 2 shared cores a load or a training job elsewhere can slow a pass far beyond production.
 TIMEOUT_S = 60.0
 
@@ -42,8 +49,11 @@ def instructions(n: int, candidates: int = 20) -> list[Instruction]:
         rng = random.Random(user)
         history = [Interaction(rng.randrange(N_ITEMS), t, float(rng.choice([1, 2, 4, 5]))) for t in range(12)]
         intention = "a tense thriller" if user % 3 == 0 else None
-        out.append(request_instruction(history, rng.sample(range(N_ITEMS), candidates), intention=intention,
-                                       seed=user))  # fmt: skip
+        out.append(
+            request_instruction(
+                history, rng.sample(range(N_ITEMS), candidates), intention=intention, seed=user
+            )
+        )
     return out
 
 
@@ -172,8 +182,8 @@ async def test_hot_swap_to_version_2_and_unload(
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 async def test_an_unreachable_server_is_retried_then_trips_the_circuit(protocol: str) -> None:
     """No server at all (a free port): transient errors, bounded retries, then the breaker fails fast."""
+    from instructrec.adapters.triton.client import CircuitBreaker, CircuitOpen
     from instructrec.infra import free_port
-    from instructrec.triton import CircuitBreaker, CircuitOpen
 
     settings = TritonSettings(url=f"127.0.0.1:{free_port()}", protocol=protocol, timeout_s=2.0, retries=1)
     async with TritonReranker(

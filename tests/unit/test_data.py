@@ -13,13 +13,13 @@ from instructrec.data import (
     Interaction,
     Item,
     LeaveOneOut,
-    fetch_movielens,
     k_core,
     load,
     load_movielens,
     load_recbole,
 )
 from instructrec.data.titles import parse_title
+from workers.fetch import fetch_movielens
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data not found at {DATA}")
@@ -55,10 +55,16 @@ def by_id(dataset: Dataset, item_id: str) -> Item:
         ("Shawshank Redemption, The", "The Shawshank Redemption", None),
         ("Fish Called Wanda, A (1988)", "A Fish Called Wanda", 1988),
         ("American Werewolf in London, An (1981)", "An American Werewolf in London", 1981),
-        ("City of Lost Children, The (Cité des enfants perdus, La) (1995)",
-         "The City of Lost Children (La Cité des enfants perdus)", 1995),
-        ("Good, the Bad and the Ugly, The (Buono, il brutto, il cattivo, Il) (1966)",
-         "The Good, the Bad and the Ugly (Il Buono, il brutto, il cattivo)", 1966),
+        (
+            "City of Lost Children, The (Cité des enfants perdus, La) (1995)",
+            "The City of Lost Children (La Cité des enfants perdus)",
+            1995,
+        ),
+        (
+            "Good, the Bad and the Ugly, The (Buono, il brutto, il cattivo, Il) (1966)",
+            "The Good, the Bad and the Ugly (Il Buono, il brutto, il cattivo)",
+            1966,
+        ),
         ("Avventura, L' (Adventure, The) (1960)", "L'Avventura (The Adventure)", 1960),
         ("Seven (a.k.a. Se7en) (1995)", "Seven (a.k.a. Se7en)", 1995),
         ("Sam, I Am (2001)", "Sam, I Am", 2001),  # an article only moves from the end of a title
@@ -77,8 +83,11 @@ def test_titles_are_repaired(raw: str, title: str, year: int | None) -> None:
 def test_movielens_raw_counts_and_items(ml_small_raw: Dataset) -> None:
     assert (ml_small_raw.n_users, ml_small_raw.n_items, ml_small_raw.n_interactions) == (610, 9742, 100836)
     toy = by_id(ml_small_raw, "1")
-    assert (toy.title, toy.year, toy.genres) == ("Toy Story", 1995, ("Adventure", "Animation", "Children",
-                                                                      "Comedy", "Fantasy"))
+    assert (toy.title, toy.year, toy.genres) == (
+        "Toy Story",
+        1995,
+        ("Adventure", "Animation", "Children", "Comedy", "Fantasy"),
+    )
     assert by_id(ml_small_raw, "2571").title == "The Matrix"
     assert not any("(no genres listed)" in item.genres for item in ml_small_raw.items)
     assert sum(1 for item in ml_small_raw.items if not item.genres) == 34
@@ -90,8 +99,9 @@ def test_movielens_tags(ml_small_raw: Dataset) -> None:
     # Most users first; lower-cased ("Highly quotable"), deduplicated, capped.
     assert step_brothers.tags[:2] == ("funny", "will ferrell")
     assert "highly quotable" in step_brothers.tags
-    assert all(len(item.tags) <= 10 and item.tags == tuple(dict.fromkeys(item.tags))
-               for item in ml_small_raw.items)
+    assert all(
+        len(item.tags) <= 10 and item.tags == tuple(dict.fromkeys(item.tags)) for item in ml_small_raw.items
+    )
     assert all(t == t.lower() for item in ml_small_raw.items for t in item.tags)
     # The user's own tags sit on their rating of that movie, in the order written.
     user = ml_small_raw.users.index("2")
@@ -222,15 +232,20 @@ def test_movielens_errors_name_file_and_line(tmp_path: Path) -> None:
 
 
 def test_movielens_small_folder_loads(tmp_path: Path) -> None:
-    write(tmp_path / "movies.csv",
-          'movieId,title,genres\n1,"Matrix, The (1999)",Action|Sci-Fi\n2,Nothing (2000),(no genres listed)\n')
+    write(
+        tmp_path / "movies.csv",
+        'movieId,title,genres\n1,"Matrix, The (1999)",Action|Sci-Fi\n2,Nothing (2000),(no genres listed)\n',
+    )
     write(tmp_path / "ratings.csv", "userId,movieId,rating,timestamp\n7,2,4.0,10\n7,1,2.0,10\n")
     write(tmp_path / "tags.csv", "userId,movieId,tag,timestamp\n7,1,Mind-Bending,11\n8,2,lonely,12\n")
     data = load_movielens(tmp_path)
     assert data.items[0] == Item("1", "The Matrix", 1999, ("Action", "Sci-Fi"), ("mind-bending",))
     assert data.items[1].genres == ()
     assert data.users == ["7"]  # user 8 only tagged: not an interaction
-    assert [(x.item, x.tags) for x in data.histories[0]] == [(0, ("mind-bending",)), (1, ())]  # tie: id 1 first
+    assert [(x.item, x.tags) for x in data.histories[0]] == [
+        (0, ("mind-bending",)),
+        (1, ()),
+    ]  # tie: id 1 first
 
 
 def test_recbole_errors_and_inter_only(tmp_path: Path) -> None:
@@ -249,7 +264,10 @@ def test_recbole_errors_and_inter_only(tmp_path: Path) -> None:
     with pytest.raises(DataFormatError, match="no such file"):
         load_recbole(tmp_path, "y")
     # No .item file: items get their ids as titles; the .inter file path works as well as the folder.
-    write(tmp_path / "x.inter", "user_id:token\titem_id:token\trating:float\ttimestamp:float\n1\tb\t3\t5\n1\ta\t4\t5\n")
+    write(
+        tmp_path / "x.inter",
+        "user_id:token\titem_id:token\trating:float\ttimestamp:float\n1\tb\t3\t5\n1\ta\t4\t5\n",
+    )
     data = load_recbole(tmp_path / "x.inter")
     assert data.name == "x"
     assert [data.items[x.item].id for x in data.histories[0]] == ["a", "b"]

@@ -435,9 +435,16 @@ def test_not_json(data: bytes) -> None:
 
 @pytest.mark.parametrize(
     ("data", "kind"),
-    [(b"[]", "array"), (b"[{}]", "array"), (b"3", "integer"), (b"2.5", "number"), (b'"x"', "string"),
-     (b"null", "null"), (b"true", "boolean")],
-)  # fmt: skip
+    [
+        (b"[]", "array"),
+        (b"[{}]", "array"),
+        (b"3", "integer"),
+        (b"2.5", "number"),
+        (b'"x"', "string"),
+        (b"null", "null"),
+        (b"true", "boolean"),
+    ],
+)
 def test_json_that_is_not_an_object(data: bytes, kind: str) -> None:
     err = error_of(ClickEvent, data)
     assert str(err) == f"clicks: expected a JSON object, got {kind}"
@@ -565,17 +572,31 @@ def test_out_of_range_and_malformed_values(cls: type[Event], changes: dict, fiel
         (ModelUpdate, {"reason": ""}, "reason", "required when accepted is false"),
         (FeedbackEvent, {"positive_item_ids": ["zz"]}, "positive_item_ids", "'zz' is not among candidate"),
         (FeedbackEvent, {"negative_item_ids": ["i2"]}, "negative_item_ids", "'i2' is also positive"),
-        (FeedbackEvent, {"positive_item_ids": [], "negative_item_ids": []}, "positive_item_ids", "a training example needs a"),
+        (
+            FeedbackEvent,
+            {"positive_item_ids": [], "negative_item_ids": []},
+            "positive_item_ids",
+            "a training example needs a",
+        ),
         (FeedbackEvent, {"candidate_item_ids": []}, "candidate_item_ids", "at least 1 entries"),
         (ItemEvent, {"categories": ["A", "A"]}, "categories", "duplicate 'A'"),
         (QueryEvent, {"filters": {"year_min": 2000, "year_max": 1990}}, "filters.year_max", "must be >="),
-        (QueryEvent, {"filters": {"categories": ["A"], "exclude_categories": ["A"]}}, "filters.exclude_categories",
-         "'A' is also in categories"),
+        (
+            QueryEvent,
+            {"filters": {"categories": ["A"], "exclude_categories": ["A"]}},
+            "filters.exclude_categories",
+            "'A' is also in categories",
+        ),
         (DeadLetter, {"raw_b64": "not base64!"}, "raw_b64", "not valid base64"),
         (DeadLetter, {"raw_size": 1}, "raw_size", "must be >= the 2 bytes kept"),
-        (DeadLetter, {"raw_b64": base64.b64encode(b"x" * (MAX_RAW_BYTES + 1)).decode()}, "raw_b64", "at most"),
+        (
+            DeadLetter,
+            {"raw_b64": base64.b64encode(b"x" * (MAX_RAW_BYTES + 1)).decode()},
+            "raw_b64",
+            "at most",
+        ),
     ],
-)  # fmt: skip
+)
 def test_cross_field_rules(cls: type[Event], changes: dict, field: str, reason: str) -> None:
     err = error_of(cls, raw(cls, **changes))
     assert err.fields == (field,)
@@ -617,9 +638,18 @@ TEXT_BOUNDS = [
     (ClickEvent, "user_id", lambda s: {"user_id": s}, MAX_ID_CHARS),
     (ClickEvent, "request_id", lambda s: {"request_id": s}, MAX_ID_CHARS),
     (QueryEvent, "text", lambda s: {"text": s}, MAX_QUERY_TEXT_CHARS),
-    (QueryEvent, "filters.exclude_item_ids[0]", lambda s: {"filters": {"exclude_item_ids": [s]}}, MAX_ID_CHARS),
-    (Recommendation, "items[0].title", lambda s: {"items": [{"item_id": "a", "title": s, "score": 1}]},
-     MAX_TITLE_CHARS),
+    (
+        QueryEvent,
+        "filters.exclude_item_ids[0]",
+        lambda s: {"filters": {"exclude_item_ids": [s]}},
+        MAX_ID_CHARS,
+    ),
+    (
+        Recommendation,
+        "items[0].title",
+        lambda s: {"items": [{"item_id": "a", "title": s, "score": 1}]},
+        MAX_TITLE_CHARS,
+    ),
     (Recommendation, "reason", lambda s: {"reason": s}, MAX_REASON_CHARS),
     (Recommendation, "model_version", lambda s: {"model_version": s}, MAX_ID_CHARS),
     (FeedbackEvent, "instruction", lambda s: {"instruction": s}, MAX_INSTRUCTION_CHARS),
@@ -627,7 +657,7 @@ TEXT_BOUNDS = [
     (ModelUpdate, "reason", lambda s: {"reason": s}, MAX_REASON_CHARS),
     (ModelUpdate, "version", lambda s: {"version": s}, MAX_ID_CHARS),
     (DeadLetter, "error", lambda s: {"error": s}, MAX_ERROR_CHARS),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(

@@ -35,7 +35,8 @@ from pydantic import BaseModel, SecretStr, TypeAdapter
 
 from instructrec import cli
 from instructrec.config import Settings
-from streams import cli as stream_cli
+from streams import commands as stream_commands
+from workers import commands as worker_commands
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "instructrec"
@@ -438,7 +439,7 @@ def test_worker_is_a_stateful_faust_worker_with_tables_on_its_volume(
     # the command is the real CLI's worker command
     assert c["command"] == ["instructrec"]
     args = cli.build_parser().parse_args(c["args"])
-    assert args.handler is stream_cli.run_worker and args.web_port is None
+    assert args.handler is stream_commands.run_worker and args.web_port is None
 
     settings = settings_from(app_env(rendered, c), monkeypatch)
     assert settings.kafka.broker == values.get("kafka", {}).get("broker", "kafka://kafka:9092")
@@ -662,7 +663,7 @@ def test_index_job_is_a_post_install_hook_that_creates_topics_first(monkeypatch)
     index = container(job, "index")
     assert index["command"] == ["instructrec"]
     args = cli.build_parser().parse_args(index["args"])
-    assert args.handler is stream_cli.run_index
+    assert args.handler is worker_commands.run_index
     assert (args.dataset, args.k_core, args.limit, args.quiet) == ("ml-latest-small", 5, 100, True)
     settings = settings_from(app_env(rendered, index), monkeypatch)
     mount, volume = volume_mount_of(job, index, str(settings.data_root / args.dataset))
@@ -682,12 +683,14 @@ def test_index_job_is_a_post_install_hook_that_creates_topics_first(monkeypatch)
         for node in ast.walk(tree)
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
     }
-    from instructrec import infra
-    from streams import app
+    from streams import runner
+    from streams.kafka import admin
 
-    assert "ensure_topics" in calls and imported["ensure_topics"] is infra.ensure_topics
-    # ... the function behind streams.app.ensure_topics, which streams.worker runs before Faust starts
-    assert "ensure_topics" in app.ensure_topics.__code__.co_names
+    assert "ensure_topics" in calls and imported["ensure_topics"] is admin.ensure_topics
+    # ... the function the stream worker runs before Faust starts
+    assert (
+        runner.ensure_topics is admin.ensure_topics and "ensure_topics" in runner.run_worker.__code__.co_names
+    )
 
 
 def test_settings_values_reach_the_configmap_and_chart_owned_keys_are_refused(monkeypatch) -> None:

@@ -15,7 +15,6 @@ from instructrec import cli
 from instructrec.config import InfraSettings, QdrantSettings, Settings
 from instructrec.infra import (
     LOOPBACK,
-    STUB_NAME,
     BinaryNotFoundError,
     InfraError,
     Infrastructure,
@@ -24,17 +23,18 @@ from instructrec.infra import (
     PortInUseError,
     QdrantState,
     State,
-    TritonDistribution,
     TritonState,
-    ensure_port_free,
-    find_noida_db,
-    find_triton,
     free_ports,
-    pick_ports,
+)
+from instructrec.infra.kafka import find_noida_db
+from instructrec.infra.ports import ensure_port_free, pick_ports
+from instructrec.infra.processes import spawn, stop_process
+from instructrec.infra.qdrant import qdrant_lock_holder
+from instructrec.infra.triton import (
+    STUB_NAME,
+    TritonDistribution,
+    find_triton,
     prepare_backend_dir,
-    qdrant_lock_holder,
-    spawn,
-    stop_process,
     triton_command,
     triton_leftovers,
 )
@@ -58,10 +58,17 @@ def _settings(tmp_path: Path, **infra) -> Settings:
 
 def _triton_state(tmp_path: Path, **overrides) -> TritonState:
     fields = dict(
-        pid=1234, start_ticks=99, log=tmp_path / "triton.log", started_at=time.time() - 5, http_port=8000,
-        grpc_port=8001, metrics_port=8002, models=["health"], model_repository=tmp_path / "repo",
+        pid=1234,
+        start_ticks=99,
+        log=tmp_path / "triton.log",
+        started_at=time.time() - 5,
+        http_port=8000,
+        grpc_port=8001,
+        metrics_port=8002,
+        models=["health"],
+        model_repository=tmp_path / "repo",
         backend_dir=tmp_path / "backends",
-    )  # fmt: skip
+    )
     return TritonState(**{**fields, **overrides})
 
 
@@ -263,7 +270,7 @@ def test_only_our_tritons_leftovers_are_removed(tmp_path: Path) -> None:
         "triton_python_backend_shm_region_mapped",
         "unrelated",
     ):
-        (shm / name).write_text("")  # fmt: skip
+        (shm / name).write_text("")
     for name in ("folderOLD", "folderNEW", "other"):
         (tmp / name).mkdir()
     state = _triton_state(
@@ -308,7 +315,7 @@ def test_qdrant_lock_holder_names_the_holding_process(tmp_path: Path) -> None:
 
 
 def test_status_reports_missing_local_storage_as_not_started(tmp_path: Path) -> None:
-    from instructrec.infra import qdrant_local_status
+    from instructrec.infra.qdrant import qdrant_local_status
 
     status = qdrant_local_status(tmp_path / "nowhere")
     assert not status.healthy

@@ -44,8 +44,13 @@ def candidates_for(task: Task) -> list[int]:
 def render_full(template: Template | str, seed: int = 0, **overrides) -> Instruction:
     template = resolve(template, seed)
     arguments = dict(
-        candidates=candidates_for(template.task), history=HISTORY, liked=LIKED, disliked=DISLIKED, tags=TAGS,
-        intention="something funny", seed=seed,
+        candidates=candidates_for(template.task),
+        history=HISTORY,
+        liked=LIKED,
+        disliked=DISLIKED,
+        tags=TAGS,
+        intention="something funny",
+        seed=seed,
     )
     return render(template, **{**arguments, **overrides})
 
@@ -74,12 +79,19 @@ def test_every_combination_is_valid_and_covered() -> None:
     with pytest.raises(ValueError, match="needs"):
         check(Template("P1-I0-T3-99", Combination.parse("P1-I0-T3"), ("Rank {candidates}.",)))
     with pytest.raises(ValueError, match="twice"):
-        check(Template("P0-I1-T3-99", Combination.parse("P0-I1-T3"),
-                       ("{intention} {candidates}", "again {candidates}")))
+        check(
+            Template(
+                "P0-I1-T3-99",
+                Combination.parse("P0-I1-T3"),
+                ("{intention} {candidates}", "again {candidates}"),
+            )
+        )
 
 
 def test_enum_aliases() -> None:
-    assert Task.RERANKING is Task.T3 and Preference.EXPLICIT is Preference.P2 and Intention.VAGUE is Intention.I1
+    assert (
+        Task.RERANKING is Task.T3 and Preference.EXPLICIT is Preference.P2 and Intention.VAGUE is Intention.I1
+    )
     assert list(Task) == [Task.T0, Task.T1, Task.T2, Task.T3]
 
 
@@ -122,7 +134,9 @@ def test_template_renders(template_id: str) -> None:
         assert tuple(m.label for m in mentioned) == instruction.labels
         assert f"(a) {title_of(instruction.candidates[0])}" in text
     if template.task is Task.T1:
-        assert f"(a) {title_of(instruction.candidates[0])} or (b) {title_of(instruction.candidates[1])}" in text
+        assert (
+            f"(a) {title_of(instruction.candidates[0])} or (b) {title_of(instruction.candidates[1])}" in text
+        )
 
 
 # ---- rendering rules ----

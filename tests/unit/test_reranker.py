@@ -42,21 +42,33 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def dataset() -> Dataset:
     rng = random.Random(0)
-    items = [Item(str(i), f"Movie number {i} part {i % 7}", 1980 + i % 40, (GENRES[i % 6], GENRES[(i * 7) % 6]))
-             for i in range(60)]
+    items = [
+        Item(str(i), f"Movie number {i} part {i % 7}", 1980 + i % 40, (GENRES[i % 6], GENRES[(i * 7) % 6]))
+        for i in range(60)
+    ]
     histories = []
     for u in range(12):
         # each user walks the catalogue with a stride: a pattern a reranker can learn
         start, stride = rng.randrange(60), 1 + u % 3
-        histories.append([Interaction((start + stride * t) % 60, 1000 + t, float(rng.choice([1, 3, 5])))
-                          for t in range(15)])
+        histories.append(
+            [
+                Interaction((start + stride * t) % 60, 1000 + t, float(rng.choice([1, 3, 5])))
+                for t in range(15)
+            ]
+        )
     return Dataset("tiny", items, [str(u) for u in range(12)], histories)
 
 
 def tiny_bert(tokenizer, item_vectors=None, item_ids=()) -> Reranker:
     torch.manual_seed(0)
-    small = dict(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                 intermediate_size=64, max_position_embeddings=512)
+    small = dict(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
     encoder = BertModel(BertConfig(**small))
     decoder = BertLMHeadModel(BertConfig(**small, is_decoder=True, add_cross_attention=True))
     config = EncoderDecoderConfig.from_encoder_decoder_configs(encoder.config, decoder.config)
@@ -67,15 +79,25 @@ def tiny_bert(tokenizer, item_vectors=None, item_ids=()) -> Reranker:
 
 def tiny_t5(tokenizer) -> Reranker:
     torch.manual_seed(0)
-    config = T5Config(vocab_size=tokenizer.vocab_size, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2,
-                      decoder_start_token_id=tokenizer.pad_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = T5Config(
+        vocab_size=tokenizer.vocab_size,
+        d_model=32,
+        d_kv=16,
+        d_ff=64,
+        num_layers=1,
+        num_heads=2,
+        decoder_start_token_id=tokenizer.pad_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return Reranker(T5ForConditionalGeneration(config), tokenizer, RerankerConfig()).eval()
 
 
 def scores_by_item(model, dataset, instructions):
     title_of, row_of = item_lookups(model, dataset)
-    return [dict(zip(ins.candidates, s, strict=True)) for ins, s in
-            zip(instructions, score(model, instructions, title_of, row_of), strict=True)]
+    return [
+        dict(zip(ins.candidates, s, strict=True))
+        for ins, s in zip(instructions, score(model, instructions, title_of, row_of), strict=True)
+    ]
 
 
 @pytest.mark.parametrize("family", ["bert", "t5"])
@@ -97,8 +119,10 @@ def test_scores_do_not_depend_on_candidate_order_or_company(tokenizer, dataset, 
 
 def test_batched_scores_equal_one_at_a_time(tokenizer, dataset):
     model = tiny_bert(tokenizer)
-    instructions = [request_instruction(dataset.histories[u][: 5 + u], list(range(u, u + 3 + u)), seed=u)
-                    for u in range(6)]
+    instructions = [
+        request_instruction(dataset.histories[u][: 5 + u], list(range(u, u + 3 + u)), seed=u)
+        for u in range(6)
+    ]
     together = scores_by_item(model, dataset, instructions)
     for ins, expected in zip(instructions, together, strict=True):
         (alone,) = scores_by_item(model, dataset, [ins])
@@ -155,9 +179,16 @@ def test_every_task_has_a_loss_and_training_lowers_it(tokenizer, dataset, tmp_pa
     even = {task: 0.25 for task in Task}
     synthesizer = Synthesizer(dataset, SynthesisConfig(tasks=even, n_candidates=8))
     split = LeaveOneOut(dataset)
-    examples = [synthesizer.example(split.train(u)[:-1], split.train(u)[-1].item,
-                                    [(split.train(u)[-1].item + d) % 60 for d in range(1, 9)], seed=s)
-                for s in range(4) for u in range(dataset.n_users)]
+    examples = [
+        synthesizer.example(
+            split.train(u)[:-1],
+            split.train(u)[-1].item,
+            [(split.train(u)[-1].item + d) % 60 for d in range(1, 9)],
+            seed=s,
+        )
+        for s in range(4)
+        for u in range(dataset.n_users)
+    ]
     assert {e.instruction.task.name for e in examples} == {"T0", "T1", "T2", "T3"}
     title_of, row_of = item_lookups(model, dataset)
     batch = model.text_tokenizer().collate([e.instruction for e in examples], title_of, row_of)
@@ -180,7 +211,9 @@ def test_train_loop_checkpoints_and_resumes(tokenizer, dataset, tmp_path):
     def retrieve(histories, k):  # the items after the last one seen: hard, deterministic candidates
         return [[(h[-1] + d) % 60 for d in range(1, k + 1)] for h in histories]
 
-    config = TrainConfig(epochs=2, batch_size=8, candidates=6, positions_per_user=2, patience=5, fresh_lr=3e-3)
+    config = TrainConfig(
+        epochs=2, batch_size=8, candidates=6, positions_per_user=2, patience=5, fresh_lr=3e-3
+    )
     synthesizer = Synthesizer(dataset, SynthesisConfig(n_candidates=6))
     first = train(model, dataset, split, retrieve, synthesizer, config, tmp_path / "run")
     assert first.epochs_run == 2 and (tmp_path / "run" / "best" / "reranker.json").exists()
@@ -210,8 +243,11 @@ def test_offline_default_is_warm_started_from_minilm(dataset):
 
 def test_training_keeps_only_prefixes_whose_target_was_retrieved(dataset):
     split = LeaveOneOut(dataset)
-    nexts = {tuple(dataset.sequence(u)[:t]): dataset.sequence(u)[t]
-             for u in range(dataset.n_users) for t in range(1, len(split.train(u)))}
+    nexts = {
+        tuple(dataset.sequence(u)[:t]): dataset.sequence(u)[t]
+        for u in range(dataset.n_users)
+        for t in range(1, len(split.train(u)))
+    }
 
     def retriever(finds: bool):
         def retrieve(histories, k):
@@ -239,11 +275,16 @@ def test_training_keeps_only_prefixes_whose_target_was_retrieved(dataset):
 
 def test_training_against_a_prior_scores_the_candidates_in_instruction_order(dataset):
     split = LeaveOneOut(dataset)
-    nexts = {tuple(dataset.sequence(u)[:t]): dataset.sequence(u)[t]
-             for u in range(dataset.n_users) for t in range(1, len(split.train(u)))}  # fmt: skip
+    nexts = {
+        tuple(dataset.sequence(u)[:t]): dataset.sequence(u)[t]
+        for u in range(dataset.n_users)
+        for t in range(1, len(split.train(u)))
+    }
 
     def retrieve(histories, k):
-        return [[nexts[tuple(h)], *[i for i in range(60) if i != nexts[tuple(h)]][: k - 1]] for h in histories]
+        return [
+            [nexts[tuple(h)], *[i for i in range(60) if i != nexts[tuple(h)]][: k - 1]] for h in histories
+        ]
 
     def prior(histories, candidates):
         return [np.asarray(c, dtype=np.float32) * 10.0 for c in candidates]  # score = 10 × item index

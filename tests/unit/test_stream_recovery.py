@@ -1,6 +1,6 @@
 """The recovery watchdog's judgement of progress (its wiring runs in the integration failover test)."""
 
-from streams.recovery import Progress
+from streams.state.recovery import Progress
 
 
 def test_a_recovery_is_stalled_only_when_nothing_moved_for_the_whole_window() -> None:

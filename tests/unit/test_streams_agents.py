@@ -12,6 +12,8 @@ import numpy as np
 import orjson
 import pytest
 
+from instructrec.adapters.qdrant import IndexUnavailable
+from instructrec.candidates import CandidateFilter, Hit
 from instructrec.config import Settings
 from instructrec.events import (
     ClickEvent,
@@ -23,14 +25,14 @@ from instructrec.events import (
     decode,
     encode,
 )
-from instructrec.model.serving import decode_request
-from instructrec.qdrant import CandidateFilter, Hit, IndexUnavailable
-from streams import clicks, deadletter, queries
+from instructrec.serving.wire import decode_request
+from streams import deadletter
+from streams.agents import clicks, queries
 from streams.app import StreamApp, Tables, Topics
 from streams.deadletter import DeadLetters
 from streams.metrics import Metrics
-from streams.served import Served
-from streams.services import Collaborative, Popularity, Services
+from streams.services import Collaborative, LivePopularity, Services
+from streams.state.served import Served
 
 # ------------------------------------------------------------------------------------------------- fakes
 
@@ -94,8 +96,11 @@ class FakeIndex:
     async def lookup(self, item_ids, vectors=()):
         if self.fail:
             raise IndexUnavailable("qdrant: down")
-        return {i: (Hit(i, 0.0, *CATALOG[i]), {n: _vector(f"{n}:{i}") for n in vectors}) for i in item_ids
-                if i in CATALOG}  # fmt: skip
+        return {
+            i: (Hit(i, 0.0, *CATALOG[i]), {n: _vector(f"{n}:{i}") for n in vectors})
+            for i in item_ids
+            if i in CATALOG
+        }
 
     async def count(self) -> int:
         return len(CATALOG)
@@ -110,9 +115,18 @@ class FakeEncoder:
 
 @dataclass
 class FakeReranker:
+    """A `RerankerClient` that scores in-process."""
+
     mode: str = "ok"  # ok | fail | hang
     model_version: str = "7"
+    circuit_state: str = "closed"
     seen: list[bytes] = field(default_factory=list)
+
+    async def refresh_model_version(self) -> str:
+        return self.model_version
+
+    async def close(self) -> None:
+        pass
 
     async def score(self, requests):
         self.seen.extend(requests)
@@ -121,11 +135,24 @@ class FakeReranker:
         if self.mode == "hang":
             await asyncio.sleep(60)
         # Deterministic scores: the reverse of the candidates' item ids, so the order is checkable.
-        return [np.array([-int(i[1:]) for i in decode_request(r).candidate_ids], dtype=np.float32)
-                for r in requests]  # fmt: skip
+        return [
+            np.array([-int(i[1:]) for i in decode_request(r).candidate_ids], dtype=np.float32)
+            for r in requests
+        ]
 
 
 class FakeRetriever:
+    kind = "fake"
+
+    def fit(self, split):
+        return self
+
+    def save(self, directory):
+        pass
+
+    def score(self, histories):
+        return np.stack([self.item_vectors() @ q for q in self.query_vectors(histories)])
+
     def item_vectors(self):
         return np.stack([_vector(f"cf:{i}") for i in CATALOG])
 
@@ -134,8 +161,13 @@ class FakeRetriever:
         return np.stack([vectors[h].mean(axis=0) for h in histories])
 
 
-def make_stream(*, reranker: FakeReranker | None = None, index: FakeIndex | None = None, collaborative=False,
-                popularity: dict | None = None) -> StreamApp:  # fmt: skip
+def make_stream(
+    *,
+    reranker: FakeReranker | None = None,
+    index: FakeIndex | None = None,
+    collaborative=False,
+    popularity: dict | None = None,
+) -> StreamApp:
     settings = Settings()
     settings.triton.timeout_s, settings.triton.retries = 0.05, 0
     services = Services(
@@ -143,13 +175,20 @@ def make_stream(*, reranker: FakeReranker | None = None, index: FakeIndex | None
         encoder=FakeEncoder(),
         reranker=reranker or FakeReranker(),
         collaborative=Collaborative(FakeRetriever(), list(CATALOG)) if collaborative else None,
-        popularity=Popularity(popularity or {}),
+        popularity=LivePopularity(popularity or {}),
     )
     topics = Topics(*(FakeTopic() for _ in range(7)))
     metrics = Metrics()
-    return StreamApp(app=None, settings=settings, services=services, topics=topics,
-                     tables=Tables(FakeTable(), FakeTable()), metrics=metrics,
-                     dead_letters=DeadLetters(topics.dead_letter, metrics), web_port=0)  # fmt: skip
+    return StreamApp(
+        app=None,
+        settings=settings,
+        services=services,
+        topics=topics,
+        tables=Tables(FakeTable(), FakeTable()),
+        metrics=metrics,
+        dead_letters=DeadLetters(topics.dead_letter, metrics),
+        web_port=0,
+    )
 
 
 def answers(stream: StreamApp) -> list[Recommendation]:
@@ -161,9 +200,21 @@ def letters(stream: StreamApp) -> list[DeadLetter]:
 
 
 def watch(stream: StreamApp, user: str, items: list[str], *, request_id: str | None = None) -> None:
-    evs = [event(ClickEvent(event_id=f"{user}-{i}", user_id=user, item_id=item, kind="click", ts=float(i + 1),
-                            request_id=request_id), topic="clicks", offset=i)
-           for i, item in enumerate(items)]  # fmt: skip
+    evs = [
+        event(
+            ClickEvent(
+                event_id=f"{user}-{i}",
+                user_id=user,
+                item_id=item,
+                kind="click",
+                ts=float(i + 1),
+                request_id=request_id,
+            ),
+            topic="clicks",
+            offset=i,
+        )
+        for i, item in enumerate(items)
+    ]
     clicks.handle_batch(stream, evs)
 
 
@@ -235,7 +286,9 @@ async def test_reranker_failure_answers_in_retrieval_order_flagged_degraded() ->
 async def test_a_hanging_reranker_times_out_into_a_degraded_answer() -> None:
     stream = make_stream(reranker=FakeReranker("hang"))
     watch(stream, "u1", ["m1"])
-    await asyncio.wait_for(queries.answer_batch(stream, [event(QueryEvent(request_id="r1", user_id="u1"))]), 5)
+    await asyncio.wait_for(
+        queries.answer_batch(stream, [event(QueryEvent(request_id="r1", user_id="u1"))]), 5
+    )
     [answer] = answers(stream)
     assert answer.degraded and "TimeoutError" in answer.reason
 
@@ -268,8 +321,13 @@ async def test_a_text_query_renders_an_intention_and_applies_filters() -> None:
     reranker = FakeReranker()
     stream = make_stream(reranker=reranker, collaborative=True)
     watch(stream, "u1", ["m1", "m2"])
-    query = QueryEvent(request_id="r1", user_id="u1", text="something light and funny", k=5,
-                       filters=QueryFilters(categories=("Comedy",), year_min=1990))  # fmt: skip
+    query = QueryEvent(
+        request_id="r1",
+        user_id="u1",
+        text="something light and funny",
+        k=5,
+        filters=QueryFilters(categories=("Comedy",), year_min=1990),
+    )
     await queries.answer_batch(stream, [event(query)])
     [answer] = answers(stream)
     assert not answer.degraded and "-I1-" in answer.template_id
@@ -278,7 +336,9 @@ async def test_a_text_query_renders_an_intention_and_applies_filters() -> None:
         assert "Comedy" in cats and year >= 1990
     request = decode_request(reranker.seen[0])
     assert "something light and funny" in request.instruction.text(request.titles.__getitem__)
-    assert orjson.loads(stream.tables.context["u1"])["i"] == "something light and funny"  # last intention kept
+    assert (
+        orjson.loads(stream.tables.context["u1"])["i"] == "something light and funny"
+    )  # last intention kept
 
 
 async def test_invalid_and_mis_keyed_queries_become_dead_letters_and_the_rest_is_answered() -> None:
@@ -332,11 +392,16 @@ async def test_clicks_update_the_context_once_and_join_served_lists_into_feedbac
 
 def test_invalid_clicks_are_dead_letters_with_their_origin() -> None:
     stream = make_stream()
-    applied = clicks.handle_batch(stream, [
-        event(b"\xff\xfe", topic="clicks", offset=11),
-        event(b'{"user_id": "u", "item_id": "m1", "kind": "rating"}', topic="clicks", offset=12, key=b"u"),
-        event(ClickEvent(user_id="u", item_id="m1", kind="click"), topic="clicks", offset=13),
-    ])  # fmt: skip
+    applied = clicks.handle_batch(
+        stream,
+        [
+            event(b"\xff\xfe", topic="clicks", offset=11),
+            event(
+                b'{"user_id": "u", "item_id": "m1", "kind": "rating"}', topic="clicks", offset=12, key=b"u"
+            ),
+            event(ClickEvent(user_id="u", item_id="m1", kind="click"), topic="clicks", offset=13),
+        ],
+    )
     assert applied == 1
     dead = letters(stream)
     assert [(d.offset, d.source_topic) for d in dead] == [(11, "clicks"), (12, "clicks")]

@@ -8,14 +8,21 @@ from hypothesis import strategies as st
 from instructrec.events import ClickEvent
 from instructrec.instructions import Intention, Preference, request_instruction
 from instructrec.instructions.taxonomy import Combination
-from streams.context import DISLIKE_RATING, ContextLimits, UserContext, apply_all, review_snippet
+from streams.state.context import DISLIKE_RATING, ContextLimits, UserContext, apply_all, review_snippet
 
 LIMITS = ContextLimits(history=5, explicit=3, reviews=2, seen=4)
 
 
 def click(item: str, kind: str = "click", *, rating=None, text=None, event_id=None, ts=1.0) -> ClickEvent:
-    return ClickEvent(event_id=event_id or f"e-{item}-{kind}-{ts}", ts=ts, user_id="u", item_id=item, kind=kind,
-                      rating=rating, text=text)  # fmt: skip
+    return ClickEvent(
+        event_id=event_id or f"e-{item}-{kind}-{ts}",
+        ts=ts,
+        user_id="u",
+        item_id=item,
+        kind=kind,
+        rating=rating,
+        text=text,
+    )
 
 
 def test_history_is_bounded_most_recent_last_and_an_item_seen_again_moves_to_the_end() -> None:
@@ -37,12 +44,21 @@ def test_a_redelivered_click_changes_nothing() -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["a", "b", "c", "d", "e", "f", "g"]),
-                          st.sampled_from(["click", "rating", "dislike"])), max_size=40))  # fmt: skip
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["a", "b", "c", "d", "e", "f", "g"]),
+            st.sampled_from(["click", "rating", "dislike"]),
+        ),
+        max_size=40,
+    )
+)
 def test_applying_a_stream_twice_equals_applying_it_once(steps) -> None:
     """At-least-once delivery: a whole batch delivered again (within the seen-ids bound) is absorbed."""
-    clicks = [click(item, kind, rating=4.0 if kind == "rating" else None, event_id=f"e{n}", ts=float(n))
-              for n, (item, kind) in enumerate(steps)]  # fmt: skip
+    clicks = [
+        click(item, kind, rating=4.0 if kind == "rating" else None, event_id=f"e{n}", ts=float(n))
+        for n, (item, kind) in enumerate(steps)
+    ]
     limits = ContextLimits(history=5, explicit=3, reviews=2, seen=100)
     once, twice = UserContext(), UserContext()
     apply_all(once, clicks, limits)
@@ -122,7 +138,9 @@ def test_instruction_from_context_follows_the_live_templates() -> None:
         return request_instruction(history, candidates, intention=text).combination
 
     assert (combination(implicit, None).preference, combination(implicit, None).intention) == (
-        Preference.P1, Intention.I0)  # fmt: skip
+        Preference.P1,
+        Intention.I0,
+    )
     assert combination(explicit, None).preference is Preference.P2
     assert combination(implicit, "something light and funny").intention is Intention.I1
     assert combination(implicit, "a 1990s sci-fi thriller").intention is Intention.I2

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from instructrec.events import ClickEvent
-from streams.served import Impression, Served, feedback_for
+from streams.state.served import Impression, Served, feedback_for
 
 IMPRESSION = Impression(
     request_id="r1",
@@ -30,7 +30,9 @@ def test_answered_requests_are_remembered_bounded_and_survive_the_wire() -> None
 def test_impressions_are_bounded_and_found_by_request_id() -> None:
     served = Served()
     for i in range(4):
-        served.record(f"r{i}", Impression(f"r{i}", "x", ("a", "b"), ("a",), "t", None), answered=10, impressions=2)
+        served.record(
+            f"r{i}", Impression(f"r{i}", "x", ("a", "b"), ("a",), "t", None), answered=10, impressions=2
+        )
     assert [i.request_id for i in served.impressions] == ["r2", "r3"]
     assert served.impression("r3").candidates == ("a", "b")
     assert served.impression("r0") is None

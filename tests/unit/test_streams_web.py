@@ -11,12 +11,14 @@ import pytest
 
 from instructrec.config import Settings, TopicNames
 from instructrec.events import Recommendation, encode
-from streams.process import settings_env
+from instructrec.infra.worker import settings_env
 from streams.web import Replies
 
 
 def answer(request_id: str) -> bytes:
-    return encode(Recommendation(request_id=request_id, user_id="u", items=(), model_version="1", template_id="t"))
+    return encode(
+        Recommendation(request_id=request_id, user_id="u", items=(), model_version="1", template_id="t")
+    )
 
 
 async def test_a_waiting_request_gets_its_own_answer_and_ignores_others() -> None:
@@ -61,17 +63,29 @@ async def test_waiting_requires_the_listener_to_be_positioned() -> None:
 
 def test_a_child_process_rebuilds_the_same_settings() -> None:
     settings = Settings()
-    settings = settings.model_copy(update={
-        "kafka": settings.kafka.model_copy(update={"broker": "kafka://10.0.0.1:9999", "sasl_password": "s3cret",
-                                                   "topics": TopicNames(items="items-x")}),
-        "stream": settings.stream.model_copy(update={"store": "memory", "batch_size": 3}),
-    })  # fmt: skip
+    settings = settings.model_copy(
+        update={
+            "kafka": settings.kafka.model_copy(
+                update={
+                    "broker": "kafka://10.0.0.1:9999",
+                    "sasl_password": "s3cret",
+                    "topics": TopicNames(items="items-x"),
+                }
+            ),
+            "stream": settings.stream.model_copy(update={"store": "memory", "batch_size": 3}),
+        }
+    )
     base = {**os.environ, "INSTRUCTREC_KAFKA__BROKER": "kafka://stale:1"}  # the parent's own must not leak
     code = (
         "from instructrec.config import Settings; s = Settings(); "
         "print(s.kafka.broker, s.kafka.topics.items, s.kafka.sasl_password.get_secret_value(), "
         f"s.stream.store, s.stream.batch_size, str(s.state_dir) == {str(settings.state_dir)!r})"
     )
-    out = subprocess.run([sys.executable, "-c", code], env=settings_env(settings, base), capture_output=True,
-                         text=True, check=True).stdout.split()  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=settings_env(settings, base),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert out == ["kafka://10.0.0.1:9999", "items-x", "s3cret", "memory", "3", "True"]

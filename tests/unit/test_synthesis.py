@@ -26,8 +26,13 @@ from instructrec.instructions.vocabulary import GENRES
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
-MATRIX = Item("1", "The Matrix", 1999, ("Action", "Sci-Fi", "Thriller"),
-              ("atmospheric", "twist ending", "sci-fi", "matrix", "1990s", "bd-r"))
+MATRIX = Item(
+    "1",
+    "The Matrix",
+    1999,
+    ("Action", "Sci-Fi", "Thriller"),
+    ("atmospheric", "twist ending", "sci-fi", "matrix", "1990s", "bd-r"),
+)
 SOMETHING_FUNNY = Item("2", "Something Funny", 2004, ("Comedy",))
 COMEDY = Item("3", "Comedy", 1995, ("Comedy",))  # every specific phrase would name it
 BARE = Item("4", "Untitled", None, ())
@@ -53,7 +58,7 @@ def tiny() -> Dataset:
 def strip_lead_in(phrase: str) -> str:
     for lead in ("I'd like ", "show me ", "I'm in the mood for ", "looking for ", "any ideas for "):
         if phrase.startswith(lead):
-            return phrase[len(lead):].rstrip("?")
+            return phrase[len(lead) :].rstrip("?")
     return phrase
 
 
@@ -162,8 +167,9 @@ def test_examples_are_deterministic_and_consistent() -> None:
 def test_config_weights_steer_the_mixture() -> None:
     data = tiny()
     history = data.histories[0][:5]
-    only = SynthesisConfig(tasks={Task.T3: 1.0}, preferences={Preference.P2: 1.0},
-                           intentions={Intention.I2: 1.0}, n_candidates=4)
+    only = SynthesisConfig(
+        tasks={Task.T3: 1.0}, preferences={Preference.P2: 1.0}, intentions={Intention.I2: 1.0}, n_candidates=4
+    )
     for seed in range(20):
         e = Synthesizer(data, only).example(history, 0, list(range(10, 20)), seed=seed)
         assert e.instruction.template_id.startswith("P2-I2-T3")

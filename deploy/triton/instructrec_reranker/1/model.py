@@ -1,5 +1,5 @@
 """Triton Python backend of the InstructRec reranker. Thin on purpose: decoding, batching and scoring live in
-`instructrec.model.serving`, so in-process and served scores come from one implementation.
+`instructrec.serving`, so in-process and served scores come from one implementation.
 
 Every version folder holds this file beside `reranker/`, the saved model that `instructrec export` wrote.
 """
@@ -10,15 +10,21 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from instructrec.model import serving
+from instructrec.artifacts import VERSION_WEIGHTS_DIR
+from instructrec.serving import options as serving_options
 
 
 class TritonPythonModel:
     def initialize(self, args):
+        options = serving_options.ServingOptions.from_triton(json.loads(args["model_config"]), args)
+        # OpenMP reads its wait policy once, when torch loads: set it first, then import the scorer (torch).
+        serving_options.set_omp_wait_policy(options.omp_wait_policy)
+        from instructrec.serving import scorer
+
+        self.errors = scorer.RequestError
         # args["model_repository"] is this model's folder; the weights sit in the version's own folder.
-        options = serving.ServingOptions.from_triton(json.loads(args["model_config"]), args)
-        weights = Path(args["model_repository"]) / args["model_version"] / serving.WEIGHTS_DIR
-        self.scorer = serving.load_scorer(weights, options)  # once, warmed up
+        weights = Path(args["model_repository"]) / args["model_version"] / VERSION_WEIGHTS_DIR
+        self.scorer = scorer.load_scorer(weights, options)  # once, warmed up
         self.version = args["model_version"].encode()
 
     def execute(self, requests):
@@ -27,7 +33,7 @@ class TritonPythonModel:
         return [self._response(result) for result in self.scorer.score_triton(inputs)]
 
     def _response(self, result):
-        if isinstance(result, serving.RequestError):
+        if isinstance(result, self.errors):
             error = pb_utils.TritonError(str(result), pb_utils.TritonError.INVALID_ARG)
             return pb_utils.InferenceResponse(output_tensors=[], error=error)
         version = np.full((len(result), 1), self.version, dtype=np.object_)

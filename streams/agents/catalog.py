@@ -1,21 +1,22 @@
 """The catalog agent: item events → MiniLM text vectors (+ collaborative vectors for items the trained
 retriever knows) → Qdrant, in batches.
 
-Embedding dominates (≈ 270 item texts/s on this CPU), so items are taken in batches of up to
-`CATALOG_BATCH` and embedded in one call. A batch is acknowledged only after Qdrant has it: if Qdrant stays
-down through `UPSERT_ROUNDS` rounds of retries, its items go to the dead-letter topic with the reason
-rather than being dropped silently, and the agent moves on.
+Embedding dominates the cost (`benchmarks/stream.py` times the catalogue build), so items are taken in
+batches of up to `CATALOG_BATCH` and embedded in one call. A batch is acknowledged only after Qdrant has it:
+the write rides out an outage under `CATALOG_RETRY` (the adapters' one retry policy, with a longer budget
+than a query can wait for); if Qdrant stays down through it, the batch's items go to the dead-letter topic
+with the reason rather than being dropped silently, and the agent moves on.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from instructrec.adapters.qdrant import IndexedItem
+from instructrec.adapters.retry import RetryPolicy
 from instructrec.events import EventError, ItemEvent, decode
-from instructrec.qdrant import IndexedItem, IndexUnavailable
 from streams.services import ItemInfo
 
 if TYPE_CHECKING:
@@ -25,8 +26,7 @@ log = logging.getLogger(__name__)
 
 CATALOG_BATCH = 128
 CATALOG_WINDOW_S = 0.5
-UPSERT_ROUNDS = 5
-ROUND_PAUSE_S = 1.0
+CATALOG_RETRY = RetryPolicy(retries=8, base_s=0.25, cap_s=8.0)  # up to about half a minute of outage
 
 
 def item_year(event: ItemEvent) -> int | None:
@@ -64,7 +64,7 @@ async def index_items(stream: StreamApp, items: Sequence[ItemEvent]) -> int:
         )
         for row, item in enumerate(latest)
     ]
-    written = await services.index.upsert(indexed)
+    written = await services.index.upsert(indexed, CATALOG_RETRY)
     for item in indexed:
         services.items.put(item.item_id, ItemInfo(item.title, item.categories, item.year))
     stream.metrics.catalog_items.inc(written)
@@ -81,21 +81,11 @@ async def handle_batch(stream: StreamApp, events: Sequence) -> None:
             stream.dead_letters.send_event(event, error)
     if not valid:
         return
-    for attempt in range(1, UPSERT_ROUNDS + 1):
-        try:
-            await index_items(stream, [item for _, item in valid])
-            return
-        except IndexUnavailable as error:
-            if attempt == UPSERT_ROUNDS:
-                for event, _ in valid:
-                    stream.dead_letters.send_event(event, error)
-                return
-            log.warning("catalog: Qdrant unavailable (round %d of %d): %s", attempt, UPSERT_ROUNDS, error)
-            await asyncio.sleep(ROUND_PAUSE_S * attempt)
-        except Exception as error:  # a bug or a bad item: record it, keep the agent alive
-            for event, _ in valid:
-                stream.dead_letters.send_event(event, error)
-            return
+    try:
+        await index_items(stream, [item for _, item in valid])
+    except Exception as error:  # Qdrant down through every retry, a bug or a bad item: record it, go on
+        for event, _ in valid:
+            stream.dead_letters.send_event(event, error)
 
 
 def install(stream: StreamApp) -> None:

@@ -1,12 +1,11 @@
-"""A stream worker as a child process, for the integration tests, the benchmark and the demo.
+"""A stream worker as a child process, for the integration tests, the benchmarks and the demo.
 
     with WorkerProcess(settings, web_port=free_port(), log=path) as worker:
         worker.wait_healthy()
         ... worker.url("/recommend") ...
     # leaving the block stops it gracefully (SIGTERM), or kills it after `stop_timeout_s`
 
-The child gets the whole `Settings` through `INSTRUCTREC_*` variables (one JSON document per section, secrets
-included: the environment of a child process is readable only by its own user), replacing whatever
+The child gets the whole `Settings` through `INSTRUCTREC_*` variables (`Settings.to_env`), replacing whatever
 `INSTRUCTREC_*` variables the parent had, so parent and child cannot disagree.
 """
 
@@ -21,44 +20,32 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
 
-from pydantic import BaseModel, SecretStr
-
-from instructrec.config import Settings
-
-ENV_PREFIX = "INSTRUCTREC_"
+from instructrec.config import ENV_PREFIX, Settings
 
 
 def settings_env(settings: Settings, base: dict[str, str] | None = None) -> dict[str, str]:
     """An environment that rebuilds `settings` in a child process (`Settings()` there)."""
-    env = {k: v for k, v in (base if base is not None else os.environ).items() if not k.startswith(ENV_PREFIX)}
-    for name in type(settings).model_fields:
-        value = _plain(getattr(settings, name))
-        # Sections and collections travel as JSON (pydantic-settings decodes them); scalars as plain text.
-        env[f"{ENV_PREFIX}{name.upper()}"] = json.dumps(value) if isinstance(value, dict | list) else str(value)
+    env = {
+        k: v for k, v in (base if base is not None else os.environ).items() if not k.startswith(ENV_PREFIX)
+    }
+    env.update(settings.to_env())
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     return env
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, BaseModel):
-        return {name: _plain(getattr(value, name)) for name in type(value).model_fields}
-    if isinstance(value, SecretStr):
-        return value.get_secret_value()
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
 class WorkerProcess:
-    def __init__(self, settings: Settings, *, web_port: int, log: Path, stop_timeout_s: float = 60.0,
-                 loglevel: str = "info", env: dict[str, str] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        web_port: int,
+        log: Path,
+        stop_timeout_s: float = 60.0,
+        loglevel: str = "info",
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.settings = settings
         self.env = env or {}  # extra environment for the child, over the settings' own variables
         self.web_port = web_port
@@ -76,12 +63,24 @@ class WorkerProcess:
 
     def start(self) -> WorkerProcess:
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "streams.worker", "--web-port", str(self.web_port),
-                   "--loglevel", self.loglevel]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "streams",
+            "--web-port",
+            str(self.web_port),
+            "--loglevel",
+            self.loglevel,
+        ]
         with self.log.open("ab") as out:
-            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env={**settings_env(self.settings), **self.env},
-                                            start_new_session=True)  # fmt: skip
+            self.process = subprocess.Popen(
+                command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**settings_env(self.settings), **self.env},
+                start_new_session=True,
+            )
         return self
 
     def health(self, timeout_s: float = 2.0) -> dict | None:
@@ -103,7 +102,9 @@ class WorkerProcess:
             if state and state.get("status") == "ok" and state["checks"]["kafka"].get("partitions"):
                 return state
             time.sleep(0.5)
-        raise TimeoutError(f"worker on port {self.web_port} not healthy within {timeout_s:.0f} s; see {self.log}")
+        raise TimeoutError(
+            f"worker on port {self.web_port} not healthy within {timeout_s:.0f} s; see {self.log}"
+        )
 
     def stop(self, sig: int = signal.SIGTERM) -> int | None:
         """Stop the worker (gracefully with SIGTERM: it finishes in-flight events and commits); its exit code."""

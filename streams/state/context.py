@@ -27,8 +27,12 @@ from instructrec.events import ClickEvent
 log = logging.getLogger(__name__)
 
 TABLE = "user-context"
-DISLIKE_RATING = 1.0  # an explicit dislike reads as a low rating, so the instruction renders it under dislikes
-REVIEW_SNIPPET_CHARS = 80  # a review enters the instruction as a short quote (titles and candidates need room)
+DISLIKE_RATING = (
+    1.0  # an explicit dislike reads as a low rating, so the instruction renders it under dislikes
+)
+REVIEW_SNIPPET_CHARS = (
+    80  # a review enters the instruction as a short quote (titles and candidates need room)
+)
 REVIEW_KEPT_CHARS = 500
 
 

@@ -1,21 +1,20 @@
 """The item index in Qdrant: one point per catalogue item, two named vectors, searched with client-side filters.
 
 - ``"text"``: the item's all-MiniLM-L6-v2 sentence vector (384). Stored unit-normalised under ``Distance.DOT``,
-  which ranks exactly as cosine; queries are normalised here too. Measured in embedded mode (9,742 points,
-  limit 20): cosine 16 ms, dot 10 ms, because local mode re-normalises every stored vector on each cosine query.
+  which ranks exactly as cosine; queries are normalised here too (local mode would re-normalise every stored
+  vector on each cosine query).
 - ``"cf"``: the collaborative retriever's item vector (SASRec, ``Distance.DOT``), for items the trained
   retriever knows; a new catalogue item has the text vector only, which Qdrant allows.
 - payload: ``item_id``, ``title``, ``categories`` (keyword index), ``year`` (integer index; server only —
   embedded mode ignores payload indexes).
 
-Filtering happens in the client. Embedded mode evaluates a filter in Python point by point: a ``must_not``
-on 200 ids cost 61 ms and a category or year filter 170 ms, against 10–25 ms for an unfiltered search. So a
-search over-fetches (``limit`` = k plus the excluded ids, more with payload filters), drops what the
-filter rejects, and widens the fetch when too little survives; only a very selective payload filter falls
-back to Qdrant's own filtering.
+Filtering happens in the client. Embedded mode evaluates a filter in Python point by point, several times
+slower than an unfiltered search (DESIGN §6). So a search over-fetches (``limit`` = k plus the excluded ids,
+more with payload filters), drops what the filter rejects, and widens the fetch when too little survives;
+only a very selective payload filter falls back to Qdrant's own filtering.
 
-Point ids are uuid5 of the item id, so an item's re-index replaces its point. Every call retries with
-exponential backoff and then raises `IndexUnavailable`. Embedded mode keeps a file lock: one process owns
+Point ids are uuid5 of the item id, so an item's re-index replaces its point. Every call retries under the
+adapters' `RetryPolicy` and then raises `IndexUnavailable`. Embedded mode keeps a file lock: one process owns
 the storage. ``AsyncItemIndex`` runs the (blocking) calls on one dedicated thread so an event loop stays
 responsive and calls never overlap.
 """
@@ -25,22 +24,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import random
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
+from instructrec.adapters.retry import RetryPolicy
+from instructrec.candidates import CF, NO_FILTER, TEXT, CandidateFilter, Hit, VectorName
 from instructrec.config import QdrantSettings
 
 log = logging.getLogger(__name__)
 
-TEXT, CF = "text", "cf"
-VectorName = Literal["text", "cf"]
 TEXT_DIM = 384  # all-MiniLM-L6-v2
 PAYLOAD_FIELDS = ["item_id", "title", "categories", "year"]
 _POINT_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "instructrec/items")
@@ -53,6 +51,10 @@ class IndexUnavailable(RuntimeError):
 
 class SchemaMismatch(ValueError):
     """The collection exists with other vectors: a configuration error, never retried."""
+
+
+def _transient(error: BaseException) -> bool:
+    return not isinstance(error, SchemaMismatch)
 
 
 def point_id(item_id: str) -> str:
@@ -73,61 +75,23 @@ class IndexedItem:
     cf_vector: np.ndarray | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Hit:
-    item_id: str
-    score: float
-    title: str = ""
-    categories: tuple[str, ...] = ()
-    year: int | None = None
+def payload_filter(flt: CandidateFilter):
+    """The payload part as a Qdrant filter (ids stay client-side): the slow path, see the module doc."""
+    from qdrant_client import models
 
-
-@dataclass(frozen=True)
-class CandidateFilter:
-    """Hard constraints on candidates: any of `categories`, none of `exclude_categories`, a year range
-    (inclusive; an item without a year fails a range) and item ids to leave out (consumed, excluded)."""
-
-    categories: frozenset[str] = frozenset()
-    exclude_categories: frozenset[str] = frozenset()
-    year_min: int | None = None
-    year_max: int | None = None
-    exclude_ids: frozenset[str] = frozenset()
-
-    @property
-    def constrains_payload(self) -> bool:
-        return bool(self.categories or self.exclude_categories) or self.year_min is not None or (
-            self.year_max is not None
+    must: list[Any] = []
+    must_not: list[Any] = []
+    if flt.categories:
+        must.append(
+            models.FieldCondition(key="categories", match=models.MatchAny(any=sorted(flt.categories)))
         )
-
-    def accepts(self, item_id: str, categories: Collection[str] = (), year: int | None = None) -> bool:
-        if item_id in self.exclude_ids:
-            return False
-        if self.categories and not self.categories.intersection(categories):
-            return False
-        if self.exclude_categories and self.exclude_categories.intersection(categories):
-            return False
-        if self.year_min is not None and (year is None or year < self.year_min):
-            return False
-        return not (self.year_max is not None and (year is None or year > self.year_max))
-
-    def accepts_hit(self, hit: Hit) -> bool:
-        return self.accepts(hit.item_id, hit.categories, hit.year)
-
-    def payload_filter(self):
-        """The payload part as a Qdrant filter (ids stay client-side): the slow path, see the module doc."""
-        from qdrant_client import models
-
-        must: list[Any] = []
-        must_not: list[Any] = []
-        if self.categories:
-            must.append(models.FieldCondition(key="categories", match=models.MatchAny(any=sorted(self.categories))))
-        if self.exclude_categories:
-            must_not.append(
-                models.FieldCondition(key="categories", match=models.MatchAny(any=sorted(self.exclude_categories)))
-            )
-        if self.year_min is not None or self.year_max is not None:
-            must.append(models.FieldCondition(key="year", range=models.Range(gte=self.year_min, lte=self.year_max)))
-        return models.Filter(must=must or None, must_not=must_not or None)
+    if flt.exclude_categories:
+        must_not.append(
+            models.FieldCondition(key="categories", match=models.MatchAny(any=sorted(flt.exclude_categories)))
+        )
+    if flt.year_min is not None or flt.year_max is not None:
+        must.append(models.FieldCondition(key="year", range=models.Range(gte=flt.year_min, lte=flt.year_max)))
+    return models.Filter(must=must or None, must_not=must_not or None)
 
 
 def fetch_limits(k: int, flt: CandidateFilter, max_fetch: int) -> list[int]:
@@ -207,7 +171,9 @@ class ItemIndex:
             path.mkdir(parents=True, exist_ok=True)
             return QdrantClient(path=str(path))
         api_key = self.settings.api_key.get_secret_value() if self.settings.api_key else None
-        return QdrantClient(url=self.settings.url, api_key=api_key, timeout=math.ceil(self.settings.timeout_s))
+        return QdrantClient(
+            url=self.settings.url, api_key=api_key, timeout=math.ceil(self.settings.timeout_s)
+        )
 
     def close(self) -> None:
         if self._client is not None:
@@ -222,22 +188,20 @@ class ItemIndex:
 
     # -- retries
 
-    def _call(self, what: str, fn: Callable[[], T]) -> T:
-        attempts = self.settings.retries + 1
-        for attempt in range(attempts):
-            try:
-                return fn()
-            except SchemaMismatch:
-                raise
-            except Exception as error:  # any client, transport or storage error is worth a retry
-                if attempt == attempts - 1:
-                    raise IndexUnavailable(
-                        f"qdrant: could not {what} after {attempts} attempt(s): {type(error).__name__}: {error}"
-                    ) from error
-                delay = self.settings.backoff_s * 2**attempt * (0.5 + random.random())  # jitter
-                log.warning("qdrant: %s failed (%s); retrying in %.0f ms", what, error, delay * 1000)
-                self.sleep(delay)
-        raise AssertionError("unreachable")
+    def _call(self, what: str, fn: Callable[[], T], policy: RetryPolicy | None = None) -> T:
+        policy = policy or self.retry_policy
+        try:
+            return policy.call(fn, what=f"qdrant: {what}", transient=_transient, sleep=self.sleep)
+        except SchemaMismatch:
+            raise
+        except Exception as error:  # any client, transport or storage error, once the retries are spent
+            raise IndexUnavailable(
+                f"qdrant: could not {what} after {policy.attempts} attempt(s): {type(error).__name__}: {error}"
+            ) from error
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(self.settings.retries, self.settings.backoff_s, max(self.settings.backoff_s, 1.0))
 
     # -- schema
 
@@ -263,7 +227,9 @@ class ItemIndex:
                 )
                 created = True
                 if not self.local:  # embedded mode ignores payload indexes (and warns about them)
-                    client.create_payload_index(self.collection, "categories", models.PayloadSchemaType.KEYWORD)
+                    client.create_payload_index(
+                        self.collection, "categories", models.PayloadSchemaType.KEYWORD
+                    )
                     client.create_payload_index(self.collection, "year", models.PayloadSchemaType.INTEGER)
             self._tune_local_storage()
             return created
@@ -272,7 +238,9 @@ class ItemIndex:
 
     def _check_schema(self, info) -> None:
         vectors = info.config.params.vectors
-        sizes = {name: params.size for name, params in vectors.items()} if isinstance(vectors, Mapping) else {}
+        sizes = (
+            {name: params.size for name, params in vectors.items()} if isinstance(vectors, Mapping) else {}
+        )
         expected = {TEXT: self.text_dim, CF: self.cf_dim}
         if sizes != expected:
             raise SchemaMismatch(
@@ -281,10 +249,13 @@ class ItemIndex:
             )
 
     def _tune_local_storage(self) -> None:
-        """Embedded mode commits every point to SQLite with an fsync: 17 ms per point here, 2.8 minutes for
-        ml-latest-small. WAL with synchronous=NORMAL measured 0.3 ms per point: a committed write survives a
-        crash of the process, only an OS crash may lose the last ones (the items topic can replay them).
-        This reaches into the client's internals, so it is best effort."""
+        """Embedded mode commits every point to SQLite with an fsync, which makes indexing a catalogue take
+        minutes; WAL with synchronous=NORMAL is tens of times faster (`benchmarks/stream.py` times the
+        catalogue build). A committed write survives a crash of the process; only an OS crash may lose the last
+        ones (the items topic can replay them).
+
+        The one private API of this adapter (qdrant-client 1.20's local-mode internals: `QdrantClient._client
+        .collections[name].storage.storage`, a sqlite3 connection), so it is best effort."""
         if not self.local:
             return
         collection = getattr(self._client, "_client", None)
@@ -298,8 +269,9 @@ class ItemIndex:
 
     # -- writes
 
-    def upsert(self, items: Sequence[IndexedItem]) -> int:
-        """Write items in batches of `upsert_batch`; returns how many were written."""
+    def upsert(self, items: Sequence[IndexedItem], policy: RetryPolicy | None = None) -> int:
+        """Write items in batches of `upsert_batch`; returns how many were written. `policy` overrides the
+        configured retries (the catalog agent rides out longer outages than a query can wait for)."""
         from qdrant_client import models
 
         points = []
@@ -309,7 +281,11 @@ class ItemIndex:
                 vectors[TEXT] = normalised(item.text_vector)
             if item.cf_vector is not None:
                 vectors[CF] = np.asarray(item.cf_vector, dtype=np.float32).reshape(-1).tolist()
-            payload: dict[str, Any] = {"item_id": item.item_id, "title": item.title, "categories": list(item.categories)}
+            payload: dict[str, Any] = {
+                "item_id": item.item_id,
+                "title": item.title,
+                "categories": list(item.categories),
+            }
             if item.year is not None:
                 payload["year"] = int(item.year)
             points.append(models.PointStruct(id=point_id(item.item_id), vector=vectors, payload=payload))
@@ -317,17 +293,26 @@ class ItemIndex:
         for start in range(0, len(points), size):
             batch = points[start : start + size]
             self._call(
-                f"upsert {len(batch)} points", lambda b=batch: self.client.upsert(self.collection, b, wait=True)
+                f"upsert {len(batch)} points",
+                lambda b=batch: self.client.upsert(self.collection, b, wait=True),
+                policy,
             )
         return len(points)
 
     # -- reads
 
-    def search(self, using: VectorName, vector: Sequence[float] | np.ndarray, k: int,
-               flt: CandidateFilter = CandidateFilter()) -> list[Hit]:  # fmt: skip
+    def search(
+        self,
+        using: VectorName,
+        vector: Sequence[float] | np.ndarray,
+        k: int,
+        flt: CandidateFilter = NO_FILTER,
+    ) -> list[Hit]:
         """The best `k` items by the named vector that pass `flt`, best first (fewer if the catalogue has
         fewer)."""
-        query = normalised(vector) if using == TEXT else np.asarray(vector, dtype=np.float32).reshape(-1).tolist()
+        query = (
+            normalised(vector) if using == TEXT else np.asarray(vector, dtype=np.float32).reshape(-1).tolist()
+        )
         hits: list[Hit] = []
         fetched = 0
         for limit in fetch_limits(k, flt, self.settings.max_fetch):
@@ -338,20 +323,27 @@ class ItemIndex:
                 return hits[:k]
         if flt.constrains_payload:
             # Most of the catalogue fails the payload filter: let Qdrant filter (slow in embedded mode, rare).
-            points = self._query(using, query, k + len(flt.exclude_ids), flt.payload_filter())
+            points = self._query(using, query, k + len(flt.exclude_ids), payload_filter(flt))
             hits = [hit for hit in map(_hit, points) if flt.accepts_hit(hit)]
         return hits[:k]
 
     def _query(self, using: str, query: list[float], limit: int, query_filter=None) -> list:
         def run():
             return self.client.query_points(
-                self.collection, query=query, using=using, limit=limit, query_filter=query_filter,
-                with_payload=PAYLOAD_FIELDS, with_vectors=False,
-            ).points  # fmt: skip
+                self.collection,
+                query=query,
+                using=using,
+                limit=limit,
+                query_filter=query_filter,
+                with_payload=PAYLOAD_FIELDS,
+                with_vectors=False,
+            ).points
 
         return self._call(f"search {using!r} (limit {limit})", run)
 
-    def lookup(self, item_ids: Iterable[str], vectors: Sequence[VectorName] = ()) -> dict[str, tuple[Hit, dict]]:
+    def lookup(
+        self, item_ids: Iterable[str], vectors: Sequence[VectorName] = ()
+    ) -> dict[str, tuple[Hit, dict]]:
         """Stored items by id: (payload as a Hit with score 0, {vector name: array}); unknown ids are absent."""
         ids = list(dict.fromkeys(item_ids))
         if not ids:
@@ -359,9 +351,11 @@ class ItemIndex:
 
         def run():
             return self.client.retrieve(
-                self.collection, ids=[point_id(i) for i in ids], with_payload=PAYLOAD_FIELDS,
+                self.collection,
+                ids=[point_id(i) for i in ids],
+                with_payload=PAYLOAD_FIELDS,
                 with_vectors=list(vectors) if vectors else False,
-            )  # fmt: skip
+            )
 
         out: dict[str, tuple[Hit, dict]] = {}
         for record in self._call(f"retrieve {len(ids)} points", run):
@@ -391,10 +385,10 @@ class AsyncItemIndex:
     async def ensure_collection(self) -> bool:
         return await self._run(self.index.ensure_collection)
 
-    async def upsert(self, items: Sequence[IndexedItem]) -> int:
-        return await self._run(self.index.upsert, items)
+    async def upsert(self, items: Sequence[IndexedItem], policy: RetryPolicy | None = None) -> int:
+        return await self._run(self.index.upsert, items, policy)
 
-    async def search(self, using: VectorName, vector, k: int, flt: CandidateFilter = CandidateFilter()) -> list[Hit]:
+    async def search(self, using: VectorName, vector, k: int, flt: CandidateFilter = NO_FILTER) -> list[Hit]:
         return await self._run(self.index.search, using, vector, k, flt)
 
     async def search_many(self, searches: Sequence[tuple[VectorName, Any, int, CandidateFilter]]) -> list:

@@ -23,19 +23,21 @@ import asyncio
 import logging
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from instructrec.adapters.qdrant import IndexUnavailable
+from instructrec.candidates import CandidateFilter, Hit, mean_vector, merge, plan_searches, sizes
 from instructrec.events import QueryEvent, RankedItem, Recommendation, encode
 from instructrec.instructions import Instruction, request_instruction
-from instructrec.qdrant import CandidateFilter, Hit, IndexUnavailable
-from streams.app import processing, send
-from streams.candidates import candidate_filter, fallback, mean_vector, merge, plan_searches, sizes
-from streams.context import UserContext
-from streams.served import Impression, Served
+from instructrec.serving.wire import encode_request
+from streams.kafka.compat import processing
+from streams.services import ItemInfo, Services
+from streams.state.context import UserContext
+from streams.state.served import Impression, Served
 
 if TYPE_CHECKING:
     from streams.app import StreamApp
@@ -88,6 +90,46 @@ class Pending:
             self.reasons.append(reason)
 
 
+def candidate_filter(query: QueryEvent, context: UserContext) -> CandidateFilter:
+    f = query.filters
+    excluded = set(f.exclude_item_ids)
+    if f.exclude_seen:
+        excluded |= context.consumed()
+    return CandidateFilter(
+        categories=frozenset(f.categories),
+        exclude_categories=frozenset(f.exclude_categories),
+        year_min=f.year_min,
+        year_max=f.year_max,
+        exclude_ids=frozenset(excluded),
+    )
+
+
+def fallback(
+    services: Services, query_vector: np.ndarray | None, k: int, flt: CandidateFilter
+) -> tuple[list[Hit], str]:
+    """Candidates without Qdrant: the collaborative neighbours of the user's recent items, else popularity.
+    Returns the hits and which source answered."""
+    info: Callable[[str], ItemInfo | None] = services.items.get
+    collaborative = services.collaborative
+    if collaborative is not None and query_vector is not None:
+        pairs, source = collaborative.neighbours(query_vector, k, flt, info), "recent-item neighbours"
+    else:
+        pairs, source = services.popularity.top(k, flt, info), "popularity"
+    hits = []
+    for item, score in pairs:
+        known = info(item)
+        hits.append(
+            Hit(
+                item,
+                score,
+                known.title if known else "",
+                known.categories if known else (),
+                known.year if known else None,
+            )
+        )
+    return hits, source
+
+
 def request_seed(request_id: str) -> int:
     """A stable seed per request: the same query renders the same instruction in every process."""
     return zlib.crc32(request_id.encode())
@@ -117,8 +159,17 @@ def intake(stream: StreamApp, events: Sequence, now: float) -> list[Pending]:
                 stream.tables.context[query.user_id] = context.to_bytes()
         rerank_n, fetch_n = sizes(query.k, settings.model.candidates)
         sent_at = event.message.timestamp or now
-        pending.append(Pending(event, query, context, candidate_filter(query, context), rerank_n, fetch_n,
-                               queue_ms=max(0.0, (now - sent_at) * 1000)))  # fmt: skip
+        pending.append(
+            Pending(
+                event,
+                query,
+                context,
+                candidate_filter(query, context),
+                rerank_n,
+                fetch_n,
+                queue_ms=max(0.0, (now - sent_at) * 1000),
+            )
+        )
     return pending
 
 
@@ -162,7 +213,9 @@ async def retrieve(stream: StreamApp, batch: list[Pending]) -> None:
     plans = []
     for i, p in enumerate(batch):
         plans.append(plan_searches(p.intention, p.history, history_text.get(i)))
-    searches = [(s.using, s.vector, p.fetch_n, p.flt) for p, plan in zip(batch, plans, strict=True) for s in plan]
+    searches = [
+        (s.using, s.vector, p.fetch_n, p.flt) for p, plan in zip(batch, plans, strict=True) for s in plan
+    ]
     results = iter(await services.index.search_many(searches) if searches else ())
     for p, plan in zip(batch, plans, strict=True):
         lists, failures = [], []
@@ -226,8 +279,6 @@ async def render(stream: StreamApp, batch: list[Pending]) -> None:
         except ValueError as error:
             p.degrade(f"no instruction: {error}")
     await _resolve_titles(stream, batch)
-    from instructrec.model.serving import encode_request
-
     collaborative = stream.services.collaborative
     for p in batch:
         if p.instruction is None:
@@ -238,8 +289,13 @@ async def render(stream: StreamApp, batch: list[Pending]) -> None:
             ids = [p.items.ids[c] for c in p.instruction.candidates]
             scores = _fill_unknown(collaborative.scores(p.prior, ids))
             weight = collaborative.fusion_weight
-        p.request = encode_request(p.instruction, p.items.ids.__getitem__, titles.__getitem__,
-                                   retrieval_scores=scores, fusion_weight=weight)  # fmt: skip
+        p.request = encode_request(
+            p.instruction,
+            p.items.ids.__getitem__,
+            titles.__getitem__,
+            retrieval_scores=scores,
+            fusion_weight=weight,
+        )
 
 
 async def _resolve_titles(stream: StreamApp, batch: list[Pending]) -> None:
@@ -302,9 +358,7 @@ async def rerank(stream: StreamApp, batch: list[Pending]) -> float:
 
 
 def _circuit_gauge(stream: StreamApp) -> None:
-    breaker = getattr(stream.services.reranker, "breaker", None)
-    if breaker is not None:
-        stream.metrics.reranker_circuit_open.set(1 if getattr(breaker.state, "value", "") == "open" else 0)
+    stream.metrics.reranker_circuit_open.set(1 if stream.services.reranker.circuit_state == "open" else 0)
 
 
 # ------------------------------------------------------------------------------------------------ answer
@@ -346,14 +400,18 @@ def recommendation(p: Pending, model_version: str, timings: dict[str, float]) ->
 
 
 def publish(stream: StreamApp, p: Pending, answer: Recommendation, impression: Impression | None) -> None:
-    """Record the request as answered and queue the answer — one synchronous step (see streams.served)."""
+    """Record the request as answered and queue the answer — one synchronous step (see streams.state.served)."""
     settings = stream.settings.stream
     with processing(p.event):
         served = Served.from_bytes(stream.tables.served.get(p.query.user_id))
-        served.record(p.query.request_id, impression, answered=settings.answered_requests,
-                      impressions=settings.impressions)  # fmt: skip
+        served.record(
+            p.query.request_id,
+            impression,
+            answered=settings.answered_requests,
+            impressions=settings.impressions,
+        )
         stream.tables.served[p.query.user_id] = served.to_bytes()
-        send(stream.topics.recommendations, p.query.user_id, encode(answer), stream.metrics, "recommendations")
+        stream.send(stream.topics.recommendations, p.query.user_id, encode(answer), "recommendations")
     if answer.degraded:
         stream.metrics.degraded.labels(_cause(answer.reason or "")).inc()
 
@@ -429,9 +487,15 @@ async def _answer(stream: StreamApp, batch: list[Pending], started: float) -> in
             impression = _impression(stream, p, answer)
         except Exception as error:  # one query's problem stays that query's
             stream.dead_letters.send_event(p.event, error)
-            answer = Recommendation(request_id=p.query.request_id, user_id=p.query.user_id, items=(),
-                                    model_version=NO_MODEL, template_id=NO_TEMPLATE, degraded=True,
-                                    reason=f"error: {type(error).__name__}")  # fmt: skip
+            answer = Recommendation(
+                request_id=p.query.request_id,
+                user_id=p.query.user_id,
+                items=(),
+                model_version=NO_MODEL,
+                template_id=NO_TEMPLATE,
+                degraded=True,
+                reason=f"error: {type(error).__name__}",
+            )
             impression = None
         publish(stream, p, answer, impression)
         published += 1

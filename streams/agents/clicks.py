@@ -3,7 +3,7 @@
 Clicks arrive in batches; a user's clicks in one batch are folded into the context in order and the record
 is written once (a user's events share one partition, so the write goes to that partition's changelog).
 A redelivered click (same event id) changes nothing. A click that names the request it followed is joined
-with that request's impression (`streams.served`) into a `FeedbackEvent` for the fine-tune worker.
+with that request's impression (`streams.state.served`) into a `FeedbackEvent` for the fine-tune worker.
 
 User-keyed topics must be keyed by the user id with Kafka's default (murmur2) partitioner: a click keyed
 otherwise would update a context that the user's queries never read, so it goes to the dead-letter topic.
@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from instructrec.events import ClickEvent, encode
-from streams.app import processing, send
-from streams.context import ContextLimits, UserContext
-from streams.served import Served, feedback_for
+from streams.kafka.compat import processing
+from streams.state.context import ContextLimits, UserContext
+from streams.state.served import Served, feedback_for
 
 if TYPE_CHECKING:
     from streams.app import StreamApp
@@ -67,7 +67,7 @@ def _apply_user(stream: StreamApp, user: str, clicks: list, limits: ContextLimit
             impression = served.impression(click.request_id)
             feedback = feedback_for(click, impression) if impression else None
             if feedback is not None:
-                send(stream.topics.feedback, user, encode(feedback), stream.metrics, "feedback")
+                stream.send(stream.topics.feedback, user, encode(feedback), "feedback")
     if applied:
         stream.tables.context[user] = context.to_bytes()
     return applied

@@ -5,14 +5,14 @@
     reranker.model_version                                # the version that answered last ("" until known)
 
 Requests are sent concurrently, one Triton request each: the server's dynamic batcher gathers them into
-one forward pass, so the client needs no batching of its own.
+one forward pass, so the client needs no batching of its own. The protocol (gRPC or HTTP) is a transport
+(`transports/`): one base class, a subclass per protocol.
 
 Failure handling, from the cheapest answer to the most expensive:
 - a malformed request is the caller's bug: `RerankerRequestError` at once, never retried, and it does not
   count against the server's health;
 - transient errors (UNAVAILABLE, DEADLINE_EXCEEDED, timeouts, refused or reset connections) are retried
-  `settings.retries` times with exponential backoff and full jitter (concurrent callers do not retry in
-  lock-step);
+  `settings.retries` times under the adapters' `RetryPolicy` (exponential backoff, full jitter);
 - every failed attempt counts towards the circuit breaker: after `failure_threshold` consecutive failures
   it opens and calls fail fast with `RerankerUnavailable` (no network), which the streaming layer turns into
   a degraded answer; after `reset_timeout_s` one probe call goes through (half-open) and its outcome closes
@@ -32,18 +32,16 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
+from instructrec.adapters.retry import RetryPolicy
+from instructrec.adapters.triton.transports import Transport, make_transport
 from instructrec.config import TritonSettings
-from instructrec.model.serving import MALFORMED
+from instructrec.serving.wire import MALFORMED
 
 log = logging.getLogger(__name__)
-
-INPUT = "REQUEST"
-SCORES = "SCORES"
-MODEL_VERSION = "MODEL_VERSION"
 
 # gRPC codes that mean "try again": Triton answers UNAVAILABLE while the server or model is (un)loading
 # and when a request times out in its queue.
@@ -134,17 +132,6 @@ class CircuitBreaker:
         return self._clock() - self._opened_at >= self.reset_timeout_s
 
 
-@dataclass(frozen=True)
-class Backoff:
-    """Exponential backoff with full jitter: attempt n waits uniform(0, min(cap, base · 2ⁿ))."""
-
-    base_s: float = 0.05
-    cap_s: float = 1.0
-
-    def delay(self, attempt: int, rng: Callable[[], float] = random.random) -> float:
-        return rng() * min(self.cap_s, self.base_s * 2**attempt)
-
-
 @dataclass
 class ClientStats:
     """Counters for metrics and tests."""
@@ -155,136 +142,6 @@ class ClientStats:
     failures: int = 0  # calls that ended in RerankerUnavailable
     rejected: int = 0  # refused by the open circuit without a network call
     malformed: int = 0
-
-
-# ------------------------------------------------------------------------------------------- transports
-
-
-class Transport(Protocol):
-    """One protocol's async client, reduced to what the reranker needs. Errors propagate as raised."""
-
-    async def infer(
-        self, model: str, version: str, request: bytes, timeout_s: float
-    ) -> tuple[np.ndarray, str]: ...
-
-    async def is_model_ready(self, model: str, version: str, timeout_s: float) -> bool: ...
-
-    async def model_versions(self, model: str, timeout_s: float) -> list[str]: ...
-
-    async def load_model(self, model: str, config: str | None, timeout_s: float) -> None: ...
-
-    async def unload_model(self, model: str, timeout_s: float) -> None: ...
-
-    async def close(self) -> None: ...
-
-
-def _request_array(request: bytes) -> np.ndarray:
-    return np.array([[request]], dtype=np.object_)  # [batch 1, dims [1]]
-
-
-def _version_of(result: Any) -> str:
-    versions = result.as_numpy(MODEL_VERSION)
-    if versions is None or not versions.size:
-        return ""
-    value = versions.reshape(-1)[0]
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-class GrpcTransport:
-    """tritonclient.grpc.aio. The channel is created on first use, inside the running event loop."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self._client = None
-
-    def _get(self):
-        if self._client is None:
-            from tritonclient.grpc.aio import InferenceServerClient
-
-            self._client = InferenceServerClient(self.url)
-        return self._client
-
-    async def infer(
-        self, model: str, version: str, request: bytes, timeout_s: float
-    ) -> tuple[np.ndarray, str]:
-        from tritonclient.grpc import InferInput, InferRequestedOutput
-
-        data = InferInput(INPUT, [1, 1], "BYTES")
-        data.set_data_from_numpy(_request_array(request))
-        outputs = [InferRequestedOutput(SCORES), InferRequestedOutput(MODEL_VERSION)]
-        # client_timeout is the gRPC deadline: the server learns it too and can drop a request that expired.
-        result = await self._get().infer(model, [data], model_version=version, outputs=outputs,
-                                         client_timeout=timeout_s)  # fmt: skip
-        return result.as_numpy(SCORES)[0], _version_of(result)
-
-    async def is_model_ready(self, model: str, version: str, timeout_s: float) -> bool:
-        return await self._get().is_model_ready(model, version, client_timeout=timeout_s)
-
-    async def model_versions(self, model: str, timeout_s: float) -> list[str]:
-        metadata = await self._get().get_model_metadata(model, client_timeout=timeout_s)
-        return list(metadata.versions)
-
-    async def load_model(self, model: str, config: str | None, timeout_s: float) -> None:
-        await self._get().load_model(model, config=config, client_timeout=timeout_s)
-
-    async def unload_model(self, model: str, timeout_s: float) -> None:
-        await self._get().unload_model(model, client_timeout=timeout_s)
-
-    async def close(self) -> None:
-        if self._client is not None:
-            client, self._client = self._client, None
-            await client.close()
-
-
-class HttpTransport:
-    """tritonclient.http.aio (aiohttp). Its calls take no per-call timeout: `TritonReranker` bounds each one."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self._client = None
-
-    def _get(self):
-        if self._client is None:
-            from tritonclient.http.aio import InferenceServerClient
-
-            self._client = InferenceServerClient(self.url)
-        return self._client
-
-    async def infer(
-        self, model: str, version: str, request: bytes, timeout_s: float
-    ) -> tuple[np.ndarray, str]:
-        from tritonclient.http import InferInput, InferRequestedOutput
-
-        data = InferInput(INPUT, [1, 1], "BYTES")
-        data.set_data_from_numpy(_request_array(request), binary_data=True)
-        outputs = [
-            InferRequestedOutput(SCORES, binary_data=True),
-            InferRequestedOutput(MODEL_VERSION, binary_data=True),
-        ]
-        result = await self._get().infer(model, [data], model_version=version, outputs=outputs)
-        return result.as_numpy(SCORES)[0], _version_of(result)
-
-    async def is_model_ready(self, model: str, version: str, timeout_s: float) -> bool:
-        return await self._get().is_model_ready(model, version)
-
-    async def model_versions(self, model: str, timeout_s: float) -> list[str]:
-        metadata = await self._get().get_model_metadata(model)
-        return list(metadata.get("versions", []))
-
-    async def load_model(self, model: str, config: str | None, timeout_s: float) -> None:
-        await self._get().load_model(model, config=config)
-
-    async def unload_model(self, model: str, timeout_s: float) -> None:
-        await self._get().unload_model(model)
-
-    async def close(self) -> None:
-        if self._client is not None:
-            client, self._client = self._client, None
-            await client.close()
-
-
-def make_transport(settings: TritonSettings) -> Transport:
-    return GrpcTransport(settings.url) if settings.protocol == "grpc" else HttpTransport(settings.url)
 
 
 # ------------------------------------------------------------------------------------- error classes
@@ -321,7 +178,7 @@ class TritonReranker:
         settings: TritonSettings,
         *,
         breaker: CircuitBreaker | None = None,
-        backoff: Backoff = Backoff(),
+        backoff: RetryPolicy | None = None,
         transport: Transport | None = None,
         load_timeout_s: float = 120.0,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
@@ -329,7 +186,7 @@ class TritonReranker:
     ) -> None:
         self.settings = settings
         self.breaker = breaker or CircuitBreaker()
-        self.backoff = backoff
+        self.retry = backoff or RetryPolicy(retries=settings.retries, base_s=0.05, cap_s=1.0)
         self.transport = transport or make_transport(settings)
         self.load_timeout_s = load_timeout_s
         self.stats = ClientStats()
@@ -345,6 +202,11 @@ class TritonReranker:
     def model_version(self) -> str:
         """The version that answered the latest call, or that the metadata named; "" until known."""
         return self._model_version
+
+    @property
+    def circuit_state(self) -> str:
+        """ "closed", "open" or "half_open" (see `CircuitBreaker`)."""
+        return self.breaker.state.value
 
     async def __aenter__(self) -> TritonReranker:
         return self
@@ -373,22 +235,49 @@ class TritonReranker:
     async def score_one(self, request: bytes) -> np.ndarray:
         """One request's scores under the failure policy of the module docstring."""
         self.stats.calls += 1
-        attempts = self.settings.retries + 1
-        for attempt in range(1, attempts + 1):
-            self._admit()
+        attempts = 0
+
+        async def attempt() -> tuple[np.ndarray, str]:
+            nonlocal attempts
+            self._admit()  # raises CircuitOpen, which is not worth a retry
+            attempts += 1
             try:
-                scores, version = await self._infer(request)
+                result = await self._infer(request)
             except asyncio.CancelledError:
                 self.breaker.release()
                 raise
-            except Exception as error:  # sorted by `_after_failure`: it raises unless a retry is due
-                await self._after_failure(error, attempt, attempts)
-                continue
+            except Exception as error:
+                if classify(error) == "request":
+                    self.breaker.record_success()  # the server answered: it is healthy, the request is not
+                    self.stats.malformed += 1
+                    raise RerankerRequestError(str(error)) from error
+                self.breaker.record_failure()
+                raise
             self.breaker.record_success()
-            if version:
-                self._model_version = version
-            return np.asarray(scores, dtype=np.float32)
-        raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
+            return result
+
+        try:
+            scores, version = await self.retry.acall(
+                attempt,
+                what="reranker call",
+                transient=lambda error: classify(error) == "transient",
+                sleep=self._sleep,
+                rng=self._rng,
+                on_retry=self._count_retry,
+            )
+        except (RerankerRequestError, CircuitOpen):
+            raise
+        except Exception as error:  # retries spent, or a server error: the caller degrades
+            self.stats.failures += 1
+            raise RerankerUnavailable(
+                f"reranker call failed after {attempts} attempt(s): {_describe(error)}"
+            ) from error
+        if version:
+            self._model_version = version
+        return np.asarray(scores, dtype=np.float32)
+
+    def _count_retry(self, error: BaseException) -> None:
+        self.stats.retries += 1
 
     def _admit(self) -> None:
         try:
@@ -398,23 +287,6 @@ class TritonReranker:
             self.stats.failures += 1
             raise
         self.stats.attempts += 1
-
-    async def _after_failure(self, error: Exception, attempt: int, attempts: int) -> None:
-        """Raise what the caller should see, or wait out the backoff when the error is worth a retry."""
-        kind = classify(error)
-        if kind == "request":
-            self.breaker.record_success()  # the server answered: it is healthy, the request is not
-            self.stats.malformed += 1
-            raise RerankerRequestError(str(error)) from error
-        self.breaker.record_failure()
-        if kind == "transient" and attempt < attempts:
-            self.stats.retries += 1
-            await self._sleep(self.backoff.delay(attempt - 1, self._rng))
-            return
-        self.stats.failures += 1
-        raise RerankerUnavailable(
-            f"reranker call failed after {attempt} attempt(s): {_describe(error)}"
-        ) from error
 
     async def _infer(self, request: bytes) -> tuple[np.ndarray, str]:
         timeout_s = self.settings.timeout_s
@@ -456,6 +328,11 @@ class TritonReranker:
     async def unload_model(self) -> None:
         async with asyncio.timeout(self.load_timeout_s):
             await self.transport.unload_model(self.model, self.load_timeout_s)
+
+    async def statistics(self) -> dict:
+        """Triton's own inference statistics of the model (queueing and compute per version)."""
+        async with asyncio.timeout(self.settings.timeout_s):
+            return await self.transport.statistics(self.model, self.settings.timeout_s)
 
 
 def _version_key(version: str) -> tuple[int, str]:

@@ -24,7 +24,9 @@ from instructrec.events import ClickEvent, FeedbackEvent
 log = logging.getLogger(__name__)
 
 TABLE = "served"
-POSITIVE_RATING = 4.0  # as in training synthesis: rated at or above is liked, at or below NEGATIVE is disliked
+POSITIVE_RATING = (
+    4.0  # as in training synthesis: rated at or above is liked, at or below NEGATIVE is disliked
+)
 NEGATIVE_RATING = 2.0
 
 
@@ -46,7 +48,9 @@ class Served:
     def has_answered(self, request_id: str) -> bool:
         return request_id in self.answered
 
-    def record(self, request_id: str, impression: Impression | None, *, answered: int, impressions: int) -> None:
+    def record(
+        self, request_id: str, impression: Impression | None, *, answered: int, impressions: int
+    ) -> None:
         if request_id not in self.answered:
             self.answered.append(request_id)
             del self.answered[: max(0, len(self.answered) - answered)]
@@ -76,7 +80,8 @@ class Served:
         try:
             data = orjson.loads(raw)
             impressions = [
-                Impression(str(r), str(text), tuple(c), tuple(s), str(t), v) for r, text, c, s, t, v in data.get("i", [])
+                Impression(str(r), str(text), tuple(c), tuple(s), str(t), v)
+                for r, text, c, s, t, v in data.get("i", [])
             ]
             return cls(answered=[str(r) for r in data.get("a", [])], impressions=impressions)
         except (orjson.JSONDecodeError, TypeError, ValueError) as error:

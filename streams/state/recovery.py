@@ -18,8 +18,10 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from streams.app import StreamApp
+if TYPE_CHECKING:
+    from streams.app import StreamApp
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +76,12 @@ def check(stream: StreamApp, progress: Progress, stall_s: float) -> None:
     if progress.stalled(remaining, now, stall_s):
         progress.restarts += 1
         stream.metrics.recovery_restarts.inc()
-        log.warning("table recovery stalled: %d changelog events outstanding and none received for %.0f s; "
-                    "restarting recovery (restart %d)", remaining, now - progress.since, progress.restarts)  # fmt: skip
+        log.warning(
+            "table recovery stalled: %d changelog events outstanding and none received for %.0f s; "
+            "restarting recovery (restart %d)",
+            remaining,
+            now - progress.since,
+            progress.restarts,
+        )
         progress.reset(now)
         recovery.signal_recovery_start.set()

@@ -13,22 +13,19 @@ A version folder is written under a temporary name and renamed into place, so a 
 a version. Versions are immutable once exported: a changed model is a new version number, and the
 model's `latest` version policy makes `load_model` swap to it while the old one serves until then.
 
-    python -m instructrec.triton_repository RERANKER_DIR [--repository deploy/triton] [--version N]
+    instructrec export RERANKER_DIR [--repository deploy/triton] [--version N]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import shutil
-import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
-from instructrec.model.serving import WEIGHTS_DIR
+from instructrec.artifacts import VERSION_WEIGHTS_DIR as WEIGHTS_DIR
 
 MODEL_NAME = "instructrec_reranker"
 MODEL_FILE = "model.py"
@@ -42,7 +39,7 @@ class ExportError(ValueError):
 
 def default_repository() -> Path:
     """deploy/triton of this checkout (an editable install)."""
-    return Path(__file__).resolve().parent.parent / "deploy" / "triton"
+    return Path(__file__).resolve().parents[3] / "deploy" / "triton"
 
 
 def versions(repository: str | Path, model: str = MODEL_NAME) -> list[int]:
@@ -72,8 +69,10 @@ def export_version(
     """
     source = Path(reranker_dir).resolve()
     if not (source / RERANKER_CONFIG).is_file():
-        raise ExportError(f"{source} is not a saved reranker folder (no {RERANKER_CONFIG}); pass the folder "
-                          "`Reranker.save_pretrained` wrote")  # fmt: skip
+        raise ExportError(
+            f"{source} is not a saved reranker folder (no {RERANKER_CONFIG}); pass the folder "
+            "`Reranker.save_pretrained` wrote"
+        )
     model_dir = Path(repository).resolve() / model
     _ensure_model_config(model_dir)
     if version is None:
@@ -82,8 +81,10 @@ def export_version(
         raise ExportError(f"version {version}: Triton versions are positive integers")
     target = model_dir / str(version)
     if (target / WEIGHTS_DIR).exists() and not overwrite:
-        raise ExportError(f"{target} already holds a model; versions are immutable: export a new version "
-                          "(or pass overwrite=True while no server has it loaded)")  # fmt: skip
+        raise ExportError(
+            f"{target} already holds a model; versions are immutable: export a new version "
+            "(or pass overwrite=True while no server has it loaded)"
+        )
 
     partial = model_dir / f".partial-{version}-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
@@ -163,8 +164,10 @@ def _pin_adapter_base(weights: Path) -> None:
         meta["base"] = str(path.resolve())
         config_path.write_text(json.dumps(meta))
     elif path.is_absolute() or base.startswith("."):
-        raise ExportError(f"the adapter's base checkpoint {base} does not exist; the server must be able to "
-                          "read it (or export a merged, full-weights reranker)")  # fmt: skip
+        raise ExportError(
+            f"the adapter's base checkpoint {base} does not exist; the server must be able to "
+            "read it (or export a merged, full-weights reranker)"
+        )
     # Otherwise a hub name: the server resolves it (offline here, so it must be in its cache).
 
 
@@ -188,47 +191,3 @@ def _move_into_place(partial: Path, target: Path) -> None:
         shutil.rmtree(previous, ignore_errors=True)
     else:
         partial.rename(target)
-
-
-# ------------------------------------------------------------------------------------------ command line
-
-
-def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("reranker", type=Path, help="a saved reranker folder (Reranker.save_pretrained)")
-    parser.add_argument(
-        "--repository", type=Path, default=None, help="Triton model repository (deploy/triton)"
-    )
-    parser.add_argument("--version", type=int, default=None, help="version number (default: the next one)")
-    parser.add_argument("--model", default=MODEL_NAME, help=f"model name in the repository ({MODEL_NAME})")
-    parser.add_argument("--link", action="store_true", help="hard-link the weights instead of copying them")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing version")
-    return parser
-
-
-def export_from_args(args: argparse.Namespace) -> Path:
-    return export_version(
-        args.reranker,
-        args.repository or default_repository(),
-        args.version,
-        model=args.model,
-        link=args.link,
-        overwrite=args.overwrite,
-    )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = add_export_arguments(
-        argparse.ArgumentParser(description="export a reranker as a Triton model version")
-    )
-    args = parser.parse_args(argv)
-    try:
-        target = export_from_args(args)
-    except ExportError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(target)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,14 @@
+"""How the Triton client reaches the server: one base (`Transport`), one subclass per protocol."""
+
+from __future__ import annotations
+
+from instructrec.adapters.triton.transports.base import Transport
+from instructrec.adapters.triton.transports.grpc import GrpcTransport
+from instructrec.adapters.triton.transports.http import HttpTransport
+from instructrec.config import TritonSettings
+
+__all__ = ["GrpcTransport", "HttpTransport", "Transport", "make_transport"]
+
+
+def make_transport(settings: TritonSettings) -> Transport:
+    return GrpcTransport(settings.url) if settings.protocol == "grpc" else HttpTransport(settings.url)

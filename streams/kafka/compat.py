@@ -1,0 +1,135 @@
+"""Every use of a private aiokafka or Faust API, and every process-wide patch, lives here — nowhere else.
+
+Written against aiokafka 0.14.0 and faust-streaming 0.15.3 (the pinned versions); each piece says what it
+relies on, so that an upgrade knows what to re-check. The two patches are harmless against a real Kafka.
+
+1. `rejoin_on_stale_commit` (patches aiokafka's GroupCoordinator._send_req): an offset commit made during a
+rebalance is answered ILLEGAL_GENERATION by noida-db where Kafka answers REBALANCE_IN_PROGRESS. On
+ILLEGAL_GENERATION aiokafka forgets its member id and rejoins as a new member; noida-db then keeps the old id
+as a phantom member and never completes the rebalance — the survivor of a failover is stuck with no
+partitions, re-joining every rebalance timeout (reproduced with two plain aiokafka consumers, no Faust).
+Read as REBALANCE_IN_PROGRESS, the same answer makes aiokafka rejoin with its member id, and the group
+settles in a heartbeat. Against a real Kafka a truly stale member rejoins with its old id, the coordinator
+answers UNKNOWN_MEMBER_ID and aiokafka resets then: one extra round trip. The commit fails either way
+(at-least-once: its events come again and are absorbed as duplicates).
+
+2. `pause_after_empty_fetch` (patches aiokafka's AIOKafkaClient.send): noida-db answers a fetch at once when
+there is nothing to read, ignoring the request's max wait, so aiokafka fetches again immediately and every
+idle consumer spins a core (tests/integration/test_kafka_compat.py counts the fetches). The shim waits
+`pause_s` after an empty answer that came back before the max wait; a record arriving meanwhile waits at
+most `pause_s` longer. A real Kafka holds an empty fetch for its max wait, so it never triggers.
+
+3. `processing(event)` (Faust's private `faust.streams._current_event`): Faust picks the changelog partition
+and the RocksDB shard of a table write from the *current event*, which during a micro-batch
+(`take_events`) is whichever event arrived last, not the one being handled.
+
+4. `refresh_metadata(consumer)` (aiokafka's private `consumer._client`): a consumer outside any group learns
+a freshly created topic's partitions only after a metadata refresh, which the public API does not offer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+ILLEGAL_GENERATION = 22
+REBALANCE_IN_PROGRESS = 27
+_OFFSET_COMMIT = 8  # Kafka API key
+_FETCH = 1  # Kafka API key
+
+
+def rejoin_on_stale_commit() -> None:
+    """Install the shim (process-wide, idempotent)."""
+    from aiokafka.consumer.group_coordinator import GroupCoordinator
+
+    if getattr(GroupCoordinator._send_req, "_instructrec_shim", False):
+        return
+    original = GroupCoordinator._send_req
+
+    @functools.wraps(original)
+    async def _send_req(self, request):
+        response = await original(self, request)
+        if getattr(response, "API_KEY", None) == _OFFSET_COMMIT and hasattr(response, "topics"):
+            response.topics = [
+                (topic, [_translated(p) for p in partitions]) for topic, partitions in response.topics
+            ]
+        return response
+
+    _send_req._instructrec_shim = True
+    GroupCoordinator._send_req = _send_req
+
+
+def _translated(partition: tuple) -> tuple:
+    number, error_code, *rest = partition
+    if error_code == ILLEGAL_GENERATION:
+        log.info(
+            "offset commit during a rebalance answered ILLEGAL_GENERATION: rejoining with the same member id"
+        )
+        return (number, REBALANCE_IN_PROGRESS, *rest)
+    return partition
+
+
+def pause_after_empty_fetch(pause_s: float) -> None:
+    """Install the empty-fetch pause (process-wide; the first installation's pause holds)."""
+    from aiokafka.client import AIOKafkaClient
+
+    if getattr(AIOKafkaClient.send, "_instructrec_shim", False) or pause_s <= 0:
+        return
+    original = AIOKafkaClient.send
+
+    @functools.wraps(original)
+    async def send(self, node_id, request, *args, **kwargs):
+        started = time.monotonic()
+        response = await original(self, node_id, request, *args, **kwargs)
+        if getattr(request, "API_KEY", None) == _FETCH and _empty(response):
+            left = _max_wait_ms(request) / 1000 - (time.monotonic() - started)
+            if left > 0:
+                await asyncio.sleep(min(pause_s, left))
+        return response
+
+    send._instructrec_shim = True
+    AIOKafkaClient.send = send
+
+
+def _max_wait_ms(request) -> int:
+    """The fetch's max wait: aiokafka's FetchRequest builder keeps it private; a built struct has it public."""
+    return int(getattr(request, "_max_wait_ms", None) or getattr(request, "max_wait_time", 0) or 0)
+
+
+def _empty(response) -> bool:
+    """No records and no error in any partition of a fetch response (the records are each entry's last field)."""
+    topics = getattr(response, "topics", None)
+    if topics is None:
+        return False
+    return all(
+        not partition[-1] and partition[1] == 0 for _, partitions in topics for partition in partitions
+    )
+
+
+@contextlib.contextmanager
+def processing(event: Any) -> Iterator[None]:
+    """Make `event` Faust's current event while its table reads and writes run (see the module docstring).
+
+    Faust keeps the current event in a context variable of the agent's task; setting it here touches only
+    this task, and the previous value is restored on exit.
+    """
+    from faust.streams import _current_event
+
+    token = _current_event.set(weakref.ref(event))
+    try:
+        yield
+    finally:
+        _current_event.reset(token)
+
+
+async def refresh_metadata(consumer: Any) -> None:
+    """Ask the broker for fresh cluster metadata (see the module docstring)."""
+    await consumer._client.force_metadata_update()
