@@ -1,7 +1,9 @@
 """Where a trained pipeline lives on disk: one object names every path, so no caller spells the layout.
 
     artifacts/<dataset>/
-        pipeline.json            which retriever feeds the reranker, K, the fusion weight, training wall times
+        pipeline.json            which retriever feeds the reranker, K, the fusion weight, the candidate plan's
+                                 settings, training wall times
+        catalogue.json           the trained items' attributes (`instructrec.catalogue.Catalogue`)
         retrievers/<name>/       every retriever (`load_retriever` reads any of them back)
         retrievers/<name>/item_ids.json   row → catalogue item id (the stream maps ids to rows with it)
         reranker/best/           the reranker checkpoint (what `instructrec export` serves)
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PIPELINE_FILE = "pipeline.json"
+CATALOGUE_FILE = "catalogue.json"
 # A Triton model version folder holds the saved `Reranker` under this name, beside the backend's model.py.
 VERSION_WEIGHTS_DIR = "reranker"
 ITEM_IDS_FILE = "item_ids.json"
@@ -39,6 +42,10 @@ class Artifacts:
     @property
     def pipeline(self) -> Path:
         return self.root / PIPELINE_FILE
+
+    @property
+    def catalogue(self) -> Path:
+        return self.root / CATALOGUE_FILE
 
     @property
     def retrievers(self) -> Path:

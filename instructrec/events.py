@@ -80,6 +80,8 @@ MAX_QUERY_TEXT_CHARS = 2_000
 MAX_REVIEW_CHARS = 10_000
 MAX_INSTRUCTION_CHARS = 20_000  # a rendered instruction: template + history titles + candidate titles
 MAX_REASON_CHARS = 2_000
+MAX_ITEM_REASON_CHARS = 200  # one "why this item" line: rendered from data, short by construction
+MAX_ITEM_REASONS = 3
 MAX_ERROR_CHARS = 4_096
 MAX_ATTR_TEXT_CHARS = 1_024
 MAX_RAW_BYTES = 4_096  # dead-letter raw value; stored base64-encoded (see DeadLetter)
@@ -200,6 +202,7 @@ ItemText = _text(MAX_ITEM_TEXT_CHARS)
 ReviewText = _text(MAX_REVIEW_CHARS)
 QueryText = _text(MAX_QUERY_TEXT_CHARS)
 Reason = _text(MAX_REASON_CHARS)
+ItemReason = _text(MAX_ITEM_REASON_CHARS, min_chars=1)
 InstructionText = _text(MAX_INSTRUCTION_CHARS, min_chars=1)
 ErrorText = _text(MAX_ERROR_CHARS, min_chars=1)
 
@@ -364,6 +367,8 @@ class RankedItem(BaseModel):
     item_id: Id
     title: OptionalTitle = ""
     score: Score
+    # Why it is here, from data: the request attributes it matches, the history item it neighbours.
+    reasons: Annotated[tuple[ItemReason, ...], Field(max_length=MAX_ITEM_REASONS)] = ()
 
 
 class Recommendation(Event):
@@ -371,7 +376,9 @@ class Recommendation(Event):
 
     ``items`` are in rank order, best first (scores are the model's, not necessarily monotone after
     re-ordering). ``degraded`` marks a fallback answer (e.g. the reranker was down) and then needs a
-    ``reason``. ``timings`` are per-stage durations in milliseconds.
+    ``reason``. ``timings`` are per-stage durations in milliseconds. ``instruction`` is the rendered
+    InstructRec instruction the model scored (absent when no model ranked the answer); ``relaxed`` names the
+    parts of the request that no item satisfied and were let go.
     """
 
     topic: ClassVar[str] = "recommendations"
@@ -387,6 +394,8 @@ class Recommendation(Event):
         dict[Label, Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False)]],
         Field(max_length=MAX_LABELS),
     ] = Field(default_factory=dict)
+    instruction: InstructionText | None = None
+    relaxed: Annotated[tuple[Label, ...], Field(max_length=MAX_LABELS)] = ()
 
     @model_validator(mode="after")
     def _rules(self) -> Recommendation:

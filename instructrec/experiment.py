@@ -1,5 +1,5 @@
-"""The offline pipeline end to end: fit the retrievers, instruction-tune the reranker on the retriever's
-candidates, and evaluate every method under both protocols of DESIGN §5.
+"""The offline pipeline end to end: fit the retrievers, tune the candidate plan, instruction-tune the reranker
+on the plan's candidates, and evaluate every method under both protocols of DESIGN §5.
 
 Artefacts of one dataset live in one folder, laid out by `instructrec.artifacts.Artifacts`.
 """
@@ -9,14 +9,15 @@ from __future__ import annotations
 import copy
 import json
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from instructrec.artifacts import Artifacts
+from instructrec.candidates import PlanConfig
+from instructrec.catalogue import Catalogue
 from instructrec.data.dataset import Dataset
 from instructrec.data.split import LeaveOneOut, Stage
 from instructrec.evaluation.metrics import ranking_metrics
@@ -27,10 +28,18 @@ from instructrec.evaluation.protocols import (
     sampled_ranks,
     top_k,
 )
-from instructrec.instructions import SynthesisConfig, Synthesizer, request_instruction
+from instructrec.instructions import (
+    SynthesisConfig,
+    Synthesizer,
+    intention_kind,
+    request_instruction,
+    specific_intention,
+    vague_intention,
+)
+from instructrec.instructions.render import rng_for
 from instructrec.model.reranker import Reranker, RerankerConfig, default_model
 from instructrec.model.scoring import fuse, score
-from instructrec.model.training import TrainConfig, item_lookups, train
+from instructrec.model.training import EvalSet, TrainConfig, item_lookups, train, validation_set
 from instructrec.retrieval.base import Retriever, load_retriever
 from instructrec.retrieval.sasrec import SASRec, SASRecConfig
 
@@ -50,9 +59,19 @@ class PipelineConfig:
     decoder_layers: int = 2
     lora: bool = False  # LoRA adapters instead of a full fine-tune (for large checkpoints)
     collaborative: bool = True  # give the reranker the retriever's item vectors
-    fusion_weight: float = 0.0  # weight of the retriever's log-probabilities added to the reranker's
+    fusion_weight: float = (
+        0.0  # weight of the retriever's log-probabilities added to the reranker's (no text)
+    )
+    # The same per intention kind ("I0", "I1", "I2"): a request's text changes how far to trust the prior.
+    fusion_weights: dict[str, float] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)  # the candidate plan's weights, tuned on validation
+    seed: int = 0  # SASRec's and the reranker's
     seconds: dict[str, float] = field(default_factory=dict)  # training wall time per model
+
+    def weight_for(self, text: str | None) -> float:
+        """The fusion weight for a request with this text (its intention kind's)."""
+        return self.fusion_weights.get(intention_kind(text).value, self.fusion_weight)
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2))
@@ -62,36 +81,8 @@ class PipelineConfig:
         raw = json.loads(path.read_text())
         raw["train"] = TrainConfig(**raw["train"])
         raw["sasrec"] = SASRecConfig(**raw["sasrec"])
+        raw["plan"] = PlanConfig(**raw.get("plan", {}))
         return cls(**raw)
-
-
-def candidates_fn(retriever: Retriever, chunk: int = 1024):
-    """(histories, k) → the retriever's top-k per history, history items excluded."""
-
-    def retrieve(histories: Sequence[Sequence[int]], k: int) -> list[list[int]]:
-        out: list[list[int]] = []
-        for start in range(0, len(histories), chunk):
-            part = histories[start : start + chunk]
-            out.extend(top_k(retriever.score(part), k, part).tolist())
-        return out
-
-    return retrieve
-
-
-def prior_fn(retriever: Retriever, chunk: int = 1024):
-    """(histories, candidate lists) → the retriever's scores of those candidates: the prior the reranker is
-    trained against, on the same scale as the scores `tune_fusion` and the evaluation fuse with."""
-
-    def prior(histories: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]]) -> list[np.ndarray]:
-        out: list[np.ndarray] = []
-        for start in range(0, len(histories), chunk):
-            scores = retriever.score(histories[start : start + chunk])
-            out.extend(
-                row[list(cands)] for row, cands in zip(scores, candidates[start : start + chunk], strict=True)
-            )
-        return out
-
-    return prior
 
 
 # -- fitting -----------------------------------------------------------------------------------------
@@ -166,29 +157,69 @@ def build_reranker(config: PipelineConfig, dataset: Dataset, retriever: Retrieve
 def fit(
     dataset: Dataset, out: Artifacts, config: PipelineConfig, resume: bool = True, verbose: bool = True
 ) -> PipelineConfig:
-    """Retrievers, then the reranker on the chosen retriever's candidates, then the fusion weight."""
+    """Retrievers, the catalogue, the candidate plan's weights, then the reranker on the plan's candidates,
+    then the fusion weight."""
+    from instructrec.planner import OfflinePlanner
+
     split = LeaveOneOut(dataset)
     out.root.mkdir(parents=True, exist_ok=True)
+    config.sasrec.seed = config.train.seed = config.seed
     config.seconds.update(fit_retrievers(split, out, config.sasrec, verbose))
-    retriever = load_retriever(out.retriever(config.retriever))
+    Catalogue.from_dataset(dataset).save(out.catalogue)
+    started = time.perf_counter()
+    planner = OfflinePlanner.load(out, dataset, config.retriever)
+    config.plan = planner.config = tune_plan(planner, dataset, split, config.k)
+    config.seconds["plan"] = time.perf_counter() - started
+    retriever = planner.retriever
     reranker = build_reranker(config, dataset, retriever)
     synthesizer = Synthesizer(dataset, SynthesisConfig(n_candidates=config.k))
+    valid = validation_set(dataset, split, planner, synthesizer, config.k, "valid")
     result = train(
-        reranker,
-        dataset,
-        split,
-        candidates_fn(retriever),
-        synthesizer,
-        config.train,
-        out.reranker,
-        resume=resume,
-        prior=prior_fn(retriever),
+        reranker, dataset, split, planner, synthesizer, config.train, out.reranker, resume=resume, valid=valid
     )
     config.seconds["reranker"] = result.seconds
     best = Reranker.from_pretrained(out.best_reranker)
-    config.fusion_weight = tune_fusion(best, dataset, split, retriever, config.k)
+    config.fusion_weights = tune_fusion(best, dataset, valid)
+    config.fusion_weight = config.fusion_weights.get("I0", 0.0)
     config.save(out.pipeline)
     return config
+
+
+PLAN_GRID = {"affinity_weight": (0.0, 0.5, 1.0, 2.0, 4.0), "text_weight": (0.0, 0.5, 1.0, 2.0)}
+
+
+def tune_plan(planner, dataset: Dataset, split: LeaveOneOut, k: int = 20) -> PlanConfig:
+    """The plan's weights with the best validation NDCG@10 of its own order, over requests with a text
+    (vague and specific, with and without the history), written from the validation items with the training
+    phrasings; with no text the plan is the retriever and these weights do not apply."""
+    requests = []  # (user, with the history?, text, target)
+    for u in range(dataset.n_users):
+        target = split.target(u, "valid")
+        for i, write in enumerate((vague_intention, specific_intention)):
+            wish = write(dataset.items[target], rng_for(u, f"plan:{i}"), nouns=dataset.nouns)
+            if wish is not None:
+                requests += [(u, True, wish.text, target), (u, False, wish.text, target)]
+    if not requests:  # nothing in the catalogue to write a request from (titles only): nothing to tune
+        return planner.config
+    histories = [[x.item for x in split.history(u, "valid")] for u in range(dataset.n_users)]
+    retrieval = planner.retrieval(histories)
+    vectors = planner.vectors([text for _, _, text, _ in requests])
+    best, best_ndcg = planner.config, -1.0
+    for affinity in PLAN_GRID["affinity_weight"]:
+        for text_weight in PLAN_GRID["text_weight"]:
+            config = replace(planner.config, affinity_weight=affinity, text_weight=text_weight)
+            gains = []
+            for (u, personal, text, target), vector in zip(requests, vectors, strict=True):
+                history = histories[u] if personal else []
+                plan, _ = planner.plan_with(
+                    history, text, vector, retrieval[u] if personal else None, n=10, config=config
+                )
+                rows = [c.row for c in plan.candidates]
+                gains.append(1.0 / np.log2(rows.index(target) + 2) if target in rows else 0.0)
+            ndcg = float(np.mean(gains))
+            if ndcg > best_ndcg:
+                best, best_ndcg = config, ndcg
+    return best
 
 
 def method_seconds(config: PipelineConfig) -> dict[str, float]:
@@ -221,14 +252,18 @@ def rerank(
     seed: int = 0,
 ) -> np.ndarray:
     """Reranker scores [users × K] of each user's candidate row, as a live request would render it."""
-    title_of, row_of = item_lookups(reranker, dataset)
+    title_of, row_of, text_of = item_lookups(reranker, dataset)
     instructions = [
         request_instruction(
-            split.history(u, stage), row.tolist(), seed=seed + u, max_history=reranker.config.max_history
+            split.history(u, stage),
+            row.tolist(),
+            seed=seed + u,
+            max_history=reranker.config.max_history,
+            nouns=dataset.nouns,
         )
         for u, row in enumerate(candidates)
     ]
-    scored = score(reranker, instructions, title_of, row_of)
+    scored = score(reranker, instructions, title_of, row_of, text_of=text_of)
     # back to the candidates' row order (instructions present them shuffled)
     out = np.empty(candidates.shape, dtype=np.float64)
     for u, (ins, s) in enumerate(zip(instructions, scored, strict=True)):
@@ -254,20 +289,33 @@ def rerank_top_k(
     return candidates, reranked, np.take_along_axis(retrieval, candidates, axis=1)
 
 
-def tune_fusion(
-    reranker: Reranker, dataset: Dataset, split: LeaveOneOut, retriever: Retriever, k: int
-) -> float:
-    """The fusion weight with the best validation NDCG@10 (0 means the reranker alone)."""
-    histories, targets = split.histories("valid"), split.targets("valid")
-    retrieval = retriever.score(histories)
-    candidates, reranked, first = rerank_top_k(reranker, dataset, split, "valid", retrieval, k)
-    best_weight, best = 0.0, -1.0
-    for weight in FUSION_GRID:
-        fused = fuse(reranked, first, weight)
-        ndcg = ranking_metrics(reranked_ranks(retrieval, candidates, fused, targets, histories))["NDCG@10"]
-        if ndcg > best:
-            best_weight, best = weight, ndcg
-    return best_weight
+def tune_fusion(reranker: Reranker, dataset: Dataset, valid: EvalSet) -> dict[str, float]:
+    """Per intention kind of the validation set's requests, the fusion weight with the best validation
+    NDCG@10 (0 means the reranker alone)."""
+    title_of, row_of, text_of = item_lookups(reranker, dataset)
+    scored = score(reranker, valid.instructions, title_of, row_of, text_of=text_of)
+    weights: dict[str, float] = {}
+    kinds = sorted({ins.combination.intention.value for ins in valid.instructions})
+    for kind in kinds:
+        best_weight, best = 0.0, -1.0
+        for weight in FUSION_GRID:
+            gains = []
+            for ins, raw, prior, target in zip(
+                valid.instructions, scored, valid.priors, valid.targets, strict=True
+            ):
+                if ins.combination.intention.value != kind:
+                    continue
+                if target not in ins.candidates:
+                    gains.append(0.0)
+                    continue
+                fused = fuse(raw, prior, weight)
+                rank = int((fused > fused[ins.candidates.index(target)]).sum())
+                gains.append(1.0 / np.log2(rank + 2) if rank < 10 else 0.0)
+            ndcg = float(np.mean(gains))
+            if ndcg > best:
+                best_weight, best = weight, ndcg
+        weights[kind] = best_weight
+    return weights
 
 
 def evaluate(

@@ -20,8 +20,10 @@ import numpy as np
 
 from instructrec.adapters.qdrant import AsyncItemIndex, ItemIndex
 from instructrec.artifacts import Artifacts
-from instructrec.candidates import CandidateFilter, Hit
+from instructrec.candidates import CandidateFilter, GenreAffinity, Hit, PlanConfig
+from instructrec.catalogue import Catalogue
 from instructrec.config import Settings
+from instructrec.instructions import intention_kind
 from instructrec.retrieval.base import Retriever, VectorRetriever
 
 log = logging.getLogger(__name__)
@@ -164,9 +166,10 @@ class Collaborative:
 
     retriever: VectorRetriever  # item_vectors(), query_vectors(histories of dense rows)
     item_ids: list[str]  # row → catalogue item id
-    fusion_weight: float = 0.0
+    fusion_weight: float = 0.0  # a request without a text
     name: str = "sasrec"
     scorer: Retriever | None = None  # scores the whole catalogue: score(histories of rows) → [users × items]
+    fusion_weights: dict[str, float] = field(default_factory=dict)  # per intention kind ("I0", "I1", "I2")
     rows: dict[str, int] = field(init=False)
     vectors: np.ndarray = field(init=False)
 
@@ -179,6 +182,10 @@ class Collaborative:
     @property
     def dim(self) -> int:
         return int(self.vectors.shape[1])
+
+    def weight_for(self, text: str | None) -> float:
+        """The fusion weight for a request with this text: its intention kind's, as tuned on validation."""
+        return self.fusion_weights.get(intention_kind(text).value, self.fusion_weight)
 
     def vector_of(self, item_id: str) -> np.ndarray | None:
         row = self.rows.get(item_id)
@@ -255,7 +262,8 @@ def load_collaborative(settings: Settings) -> Collaborative | None:
     item_ids = artifacts.item_ids(name) or _dataset_item_ids(settings)
     if item_ids is None:
         return None
-    return Collaborative(vector, item_ids, weight, name, scorer=None if vector is retriever else retriever)
+    weights = {k: float(v) for k, v in pipeline.get("fusion_weights", {}).items()}
+    return Collaborative(vector, item_ids, weight, name, None if vector is retriever else retriever, weights)
 
 
 def _dataset_item_ids(settings: Settings) -> list[str] | None:
@@ -269,18 +277,44 @@ def _dataset_item_ids(settings: Settings) -> list[str] | None:
     return [item.id for item in dataset.items]
 
 
-def load_popularity(settings: Settings, collaborative: Collaborative | None) -> LivePopularity:
-    """Popularity counts of the trained model, when there are counts and item ids to name them with."""
+def load_counts(settings: Settings, catalogue: Catalogue) -> np.ndarray | None:
+    """Training interactions per catalogue item (the plan's source without a history), when trained."""
     directory = Artifacts.of(settings.model.artifacts, settings.stream.dataset).retriever("popularity")
-    if collaborative is None or not (directory / "config.json").is_file():
-        return LivePopularity()
+    if not len(catalogue) or not (directory / "config.json").is_file():
+        return None
     from instructrec.retrieval.popularity import Popularity
 
-    counts = Popularity.load(directory).counts
-    if len(counts) != len(collaborative.item_ids):
+    counts = np.asarray(Popularity.load(directory).counts, dtype=np.float64)
+    return counts if len(counts) == len(catalogue) else None
+
+
+def load_catalogue(settings: Settings, collaborative: Collaborative | None) -> Catalogue:
+    """The trained items' attributes, aligned with the collaborative retriever's rows; empty when untrained."""
+    path = Artifacts.of(settings.model.artifacts, settings.stream.dataset).catalogue
+    if path.is_file():
+        catalogue = Catalogue.load(path)
+    elif collaborative is not None:  # artefacts from before the catalogue was saved: rebuild it from the data
+        try:
+            from instructrec.data import load
+
+            catalogue = Catalogue.from_dataset(load(settings.stream.dataset, root=settings.data_root))
+        except (FileNotFoundError, ValueError) as error:
+            log.warning("no catalogue.json and no dataset to rebuild it (%s): planning without it", error)
+            return Catalogue.empty()
+    else:
+        return Catalogue.empty()
+    if collaborative is not None and catalogue.item_ids != collaborative.item_ids:
+        log.error("catalogue.json and the retriever's item ids disagree: planning without the catalogue")
+        return Catalogue.empty(catalogue.nouns)
+    return catalogue
+
+
+def top_popular(catalogue: Catalogue, counts: np.ndarray | None, n: int = 1000) -> LivePopularity:
+    """The live popularity's prior: the trained catalogue's most interacted items."""
+    if counts is None:
         return LivePopularity()
-    top = np.argsort(-counts)[:1000]
-    return LivePopularity({collaborative.item_ids[int(r)]: float(counts[r]) for r in top})
+    top = np.argsort(-counts)[:n]
+    return LivePopularity({catalogue.item_ids[int(r)]: float(counts[r]) for r in top})
 
 
 # ------------------------------------------------------------------------------------------------ services
@@ -294,6 +328,12 @@ class Services:
     collaborative: Collaborative | None = None
     popularity: LivePopularity = field(default_factory=LivePopularity)
     items: ItemCache = field(default_factory=ItemCache)
+    catalogue: Catalogue = field(default_factory=Catalogue.empty)  # the trained items (the plan's catalogue)
+    counts: np.ndarray | None = (
+        None  # training interactions per catalogue item (popularity without a history)
+    )
+    plan: PlanConfig = field(default_factory=PlanConfig)  # the candidate plan's weights, as trained
+    affinity: GenreAffinity | None = None  # request text → category affinity (built from the encoder)
     intentions: CachedEncoder = field(init=False)  # the encoder behind a cache, for query texts
     _models: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="models"), repr=False
@@ -312,6 +352,11 @@ class Services:
         from instructrec.retrieval.text import TextEncoder
 
         collaborative = load_collaborative(settings)
+        catalogue = load_catalogue(settings, collaborative)
+        counts = load_counts(settings, catalogue)
+        plan = (
+            Artifacts.of(settings.model.artifacts, settings.stream.dataset).pipeline_summary().get("plan", {})
+        )
         cf_dim = collaborative.dim if collaborative is not None else settings.qdrant.cf_dim
         index = ItemIndex(settings.qdrant, cf_dim=cf_dim)
         index.ensure_collection()
@@ -326,7 +371,11 @@ class Services:
             encoder=encoder,
             reranker=reranker,
             collaborative=collaborative,
-            popularity=load_popularity(settings, collaborative),
+            popularity=top_popular(catalogue, counts),
+            catalogue=catalogue,
+            counts=counts,
+            plan=PlanConfig(**plan),
+            affinity=GenreAffinity.build(encoder.encode, catalogue) if catalogue.categories else None,
         )
 
     async def close(self) -> None:

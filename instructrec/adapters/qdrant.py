@@ -29,16 +29,19 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
 from instructrec.adapters.retry import RetryPolicy
-from instructrec.candidates import CF, NO_FILTER, TEXT, CandidateFilter, Hit, VectorName
+from instructrec.candidates import NO_FILTER, CandidateFilter, Hit
 from instructrec.config import QdrantSettings
 
 log = logging.getLogger(__name__)
 
+VectorName = Literal["text", "cf"]
+TEXT: VectorName = "text"
+CF: VectorName = "cf"
 TEXT_DIM = 384  # all-MiniLM-L6-v2
 PAYLOAD_FIELDS = ["item_id", "title", "categories", "year"]
 _POINT_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "instructrec/items")

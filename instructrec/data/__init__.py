@@ -5,7 +5,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from instructrec.data.dataset import Dataset, Interaction, Item, sort_history
+from instructrec.data.dataset import (
+    CATALOGUES,
+    MOVIES,
+    Dataset,
+    Interaction,
+    Item,
+    Nouns,
+    item_text,
+    sort_history,
+)
 from instructrec.data.filtering import k_core
 from instructrec.data.movielens import load_movielens
 from instructrec.data.recbole import load_recbole
@@ -16,12 +25,16 @@ from instructrec.data.split import LeaveOneOut
 KNOWN = {"ml-latest-small": load_movielens, "ml-100k": load_recbole}
 
 __all__ = [
+    "CATALOGUES",
     "KNOWN",
+    "MOVIES",
     "DataFormatError",
     "Dataset",
     "Interaction",
     "Item",
     "LeaveOneOut",
+    "Nouns",
+    "item_text",
     "k_core",
     "load",
     "load_movielens",

@@ -12,6 +12,41 @@ from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
+class Nouns:
+    """How instructions name a catalogue's items and what users do with them: movies are "watched" by a
+    "viewer", games "played" by a "player", products "bought" by a "shopper". Templates and synthesised
+    requests take their words from here, so one model family serves any catalogue."""
+
+    item: str = "movie"
+    items: str = "movies"
+    did: str = "watched"  # past tense and participle: "the user has watched"
+    do: str = "watch"  # infinitive: "would they want to watch"
+    person: str = "viewer"
+    activity: str = "viewing"  # "viewing history"
+
+    @classmethod
+    def named(cls, kind: str) -> Nouns:
+        """A preset by catalogue kind: movie(s), game(s), product(s), article(s), book(s), item(s)."""
+        key = kind.lower().rstrip("s")
+        if key not in CATALOGUES:
+            raise ValueError(
+                f"unknown catalogue kind {kind!r}; choose one of {sorted(CATALOGUES)} or build Nouns"
+            )
+        return CATALOGUES[key]
+
+
+CATALOGUES: dict[str, Nouns] = {
+    "movie": Nouns(),
+    "game": Nouns("game", "games", "played", "play", "player", "playing"),
+    "product": Nouns("product", "products", "bought", "buy", "shopper", "shopping"),
+    "article": Nouns("article", "articles", "read", "read", "reader", "reading"),
+    "book": Nouns("book", "books", "read", "read", "reader", "reading"),
+    "item": Nouns("item", "items", "chose", "choose", "user", "browsing"),
+}
+MOVIES = CATALOGUES["movie"]
+
+
+@dataclass(frozen=True, slots=True)
 class Item:
     id: str  # the source's item id
     title: str  # without the year, e.g. "Toy Story"
@@ -49,6 +84,7 @@ class Dataset:
     items: list[Item]
     users: list[str]  # dense user index -> source user id
     histories: list[list[Interaction]]  # per dense user, time-ordered
+    nouns: Nouns = MOVIES  # how instructions name the catalogue's items
     _item_index: dict[str, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -73,6 +109,15 @@ class Dataset:
 
     def sequence(self, user: int) -> list[int]:
         return [x.item for x in self.histories[user]]
+
+    @property
+    def categories(self) -> list[str]:
+        """Every category (genre) label of the catalogue, most common first."""
+        counts: dict[str, int] = {}
+        for item in self.items:
+            for genre in item.genres:
+                counts[genre] = counts.get(genre, 0) + 1
+        return sorted(counts, key=lambda g: (-counts[g], g))
 
     def describe(self) -> dict:
         lengths = sorted(len(h) for h in self.histories)

@@ -42,4 +42,5 @@ def k_core(dataset: Dataset, k: int = 5) -> Dataset:
             ]
             for u in kept_users
         ],
+        nouns=dataset.nouns,
     )

@@ -11,7 +11,7 @@ import csv
 from collections import defaultdict
 from pathlib import Path
 
-from instructrec.data.dataset import Dataset, Interaction, Item, sort_history
+from instructrec.data.dataset import CATALOGUES, MOVIES, Dataset, Interaction, Item, sort_history
 from instructrec.data.source import DataFormatError, numeric_first, parse_field, require_file
 from instructrec.data.titles import parse_title
 
@@ -38,7 +38,7 @@ def load_recbole(path_or_dir: str | Path, name: str | None = None) -> Dataset:
         folder, name = path, name or path.name
     inter = require_file(folder / f"{name}.inter", "a RecBole atomic dataset needs <name>.inter")
     item_file = folder / f"{name}.item"
-    items = _read_items(item_file) if item_file.is_file() else []
+    items, is_movies = _read_items(item_file) if item_file.is_file() else ([], False)
     item_index = {item.id: i for i, item in enumerate(items)}
 
     histories: dict[str, list[Interaction]] = defaultdict(list)
@@ -63,7 +63,11 @@ def load_recbole(path_or_dir: str | Path, name: str | None = None) -> Dataset:
 
     users = sorted(histories, key=numeric_first)
     return Dataset(
-        name=name, items=items, users=users, histories=[sort_history(histories[u], items) for u in users]
+        name=name,
+        items=items,
+        users=users,
+        histories=[sort_history(histories[u], items) for u in users],
+        nouns=MOVIES if is_movies else CATALOGUES["item"],
     )
 
 
@@ -105,16 +109,19 @@ def _read_atomic(path: Path, required: tuple[str, ...]):
             yield reader.line_num, typed
 
 
-def _read_items(path: Path) -> list[Item]:
+def _read_items(path: Path) -> tuple[list[Item], bool]:
+    """The items, and whether they are movies (a `movie_title` field, as RecBole's MovieLens conversions)."""
     items = []
+    movies = False
     for _, row in _read_atomic(path, required=("item_id",)):
+        movies = movies or "movie_title" in row
         raw_title = _first(row, TITLE_FIELDS)
         raw_title = " ".join(raw_title) if isinstance(raw_title, list) else raw_title
         title, title_year = parse_title(raw_title) if raw_title else (row["item_id"], None)
         year = _year(_first(row, YEAR_FIELDS)) or title_year
         genres = tuple(g for g in _tokens(_first(row, GENRE_FIELDS)) if g.lower() not in UNKNOWN)
         items.append(Item(row["item_id"], title, year, genres, _tokens(_first(row, TAG_FIELDS))))
-    return items
+    return items, movies
 
 
 def _number(path: Path, line: int, name: str, value) -> float:

@@ -1,14 +1,18 @@
 """The instruction layer: the P/I/T taxonomy, templates, rendering and training-instruction synthesis."""
 
 from instructrec.instructions.instruction import LETTERS, NO, YES, Instruction, ItemMention, Role
+from instructrec.instructions.intent import Ask, compliance, parse_ask
 from instructrec.instructions.render import choose_template, render, resolve
 from instructrec.instructions.request import request_instruction
 from instructrec.instructions.synthesis import (
     Example,
     RandomNegatives,
+    Request,
     SynthesisConfig,
     Synthesizer,
+    Wish,
     explicit_preferences,
+    negative_intention,
     specific_intention,
     vague_intention,
 )
@@ -22,6 +26,7 @@ __all__ = [
     "NO",
     "TEMPLATES",
     "YES",
+    "Ask",
     "Combination",
     "Example",
     "Instruction",
@@ -29,15 +34,20 @@ __all__ = [
     "ItemMention",
     "Preference",
     "RandomNegatives",
+    "Request",
     "Role",
     "SynthesisConfig",
     "Synthesizer",
     "Task",
     "Template",
+    "Wish",
     "choose_template",
+    "compliance",
     "explicit_preferences",
     "get_template",
     "intention_kind",
+    "negative_intention",
+    "parse_ask",
     "render",
     "request_instruction",
     "resolve",

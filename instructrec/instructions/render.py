@@ -13,15 +13,17 @@ import random
 import re
 from collections.abc import Sequence
 
+from instructrec.data.dataset import MOVIES, Nouns
 from instructrec.instructions.instruction import LETTERS, YES, Instruction, ItemMention, Role
 from instructrec.instructions.taxonomy import Combination, Intention, Preference, Task
-from instructrec.instructions.templates import PLACEHOLDER, Template, get_template, templates_for
+from instructrec.instructions.templates import NOUN_SLOTS, PLACEHOLDER, Template, get_template, templates_for
 from instructrec.instructions.vocabulary import intention_kind
 
 _ALTERNATIVES = re.compile(r"\[([^\[\]]*)\]")
+_NOUN = re.compile(r"\{(" + "|".join(sorted(NOUN_SLOTS)) + r")\}")
 _LIKED = ("loved {}", "rated {} highly", "enjoyed {}", "gave high ratings to {}")
 _DISLIKED = ("disliked {}", "did not enjoy {}", "rated {} poorly", "gave low ratings to {}")
-_TAGGED = ("tagged movies with {}", "described movies they watched as {}", "used tags such as {}")
+_TAGGED = ("tagged {items} with {{}}", "described {items} they {did} as {{}}", "used tags such as {{}}")
 
 Part = str | ItemMention
 
@@ -53,8 +55,9 @@ def render(
     max_history: int = 10,
     max_explicit: int = 5,
     shuffle: bool = True,
+    nouns: Nouns = MOVIES,
 ) -> Instruction:
-    """Render a template for one user and candidate list.
+    """Render a template for one user and candidate list, in the catalogue's words (`nouns`).
 
     history, liked and disliked are item indices, most recent last, cut to the most recent `max_history`
     (history) or `max_explicit` (liked, disliked); tags are the user's own words, most important first, cut
@@ -83,11 +86,13 @@ def render(
     }
     if combination.preference is Preference.P2:
         slots["explicit"] = _explicit(
-            liked[-max_explicit:], disliked[-max_explicit:], tags[:max_explicit], paraphrase
+            liked[-max_explicit:], disliked[-max_explicit:], tags[:max_explicit], paraphrase, nouns
         )
 
     parts: list[Part] = []
+    words = {name: getattr(nouns, name) for name in NOUN_SLOTS}
     for clause in template.clauses:
+        clause = _NOUN.sub(lambda m: words[m.group(1)], clause)
         clause = _ALTERNATIVES.sub(lambda m: paraphrase.choice(m.group(1).split("|")), clause)
         if any(not slots[name] for name in PLACEHOLDER.findall(clause)):
             continue  # an optional slot left empty (P2 without history): drop the clause, keep the grammar
@@ -172,7 +177,7 @@ def _candidates(order: list[int], labels: tuple[str, ...], task: Task) -> list[P
     return parts
 
 
-def _explicit(liked, disliked, tags, rng: random.Random) -> list[Part]:
+def _explicit(liked, disliked, tags, rng: random.Random, nouns: Nouns) -> list[Part]:
     """A past-tense verb phrase ("loved A, B; disliked C; and tagged movies with 'dark'"): fits "the user" and
     "they" alike."""
     pieces: list[list[Part]] = []
@@ -181,7 +186,7 @@ def _explicit(liked, disliked, tags, rng: random.Random) -> list[Part]:
             before, after = rng.choice(phrases).split("{}")
             pieces.append([before, *_items(items, role), after])
     if tags:
-        before, after = rng.choice(_TAGGED).split("{}")
+        before, after = rng.choice(_TAGGED).format(items=nouns.items, did=nouns.did).split("{}")
         pieces.append([before + ", ".join(f"'{t}'" for t in tags) + after])
     parts: list[Part] = []
     for i, piece in enumerate(pieces):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from instructrec.data.dataset import Interaction
+from instructrec.data.dataset import MOVIES, Interaction, Nouns
 from instructrec.instructions.instruction import Instruction
 from instructrec.instructions.render import choose_template, render
 from instructrec.instructions.synthesis import explicit_preferences
@@ -20,6 +20,7 @@ def request_instruction(
     max_explicit: int = 5,
     use_explicit: bool = True,
     shuffle: bool = True,
+    nouns: Nouns = MOVIES,
 ) -> Instruction:
     """Choose the template (`choose_template`) and render it from the user's interactions, oldest first.
 
@@ -42,4 +43,5 @@ def request_instruction(
         max_history=max_history,
         max_explicit=max_explicit,
         shuffle=shuffle,
+        nouns=nouns,
     )

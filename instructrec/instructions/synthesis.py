@@ -5,10 +5,15 @@ For a history prefix and the item the user chose next (the target):
 - explicit preference (P2): liked (rating ≥ 4) and disliked (rating ≤ 2) items and the user's own tags;
 - vague intention (I1): a mood phrase for one of the target's genres, or one of its tags ("something
   scary", "something atmospheric"); specific intention (I2): genres with a year or decade ("a 1990s sci-fi
-  thriller", "a comedy from around 1995"). An intention never contains the target's title;
+  thriller", "a comedy from around 1995"); a negative constraint: a category the target lacks and the user's
+  recent history has ("nothing animated"). An intention never contains the target's title;
+- every intention comes with what it asks (`Ask`: the categories, period or exclusion it was written from):
+  the gold standard of compliance and of the filtered-retriever reference;
+- phrasings come from the training pool of each `vocabulary.Phrasings`; `pool="heldout"` writes with the
+  wordings training never sees (evaluation only);
 - a mixture over tasks and combinations (configurable weights) and uniformly over each combination's
-  templates. Negatives come from the caller (hard negatives from a retriever); `RandomNegatives` is the
-  fallback. Everything is deterministic for a seed.
+  templates. Candidates come from the caller (the candidate plan, as serving has them); `RandomNegatives` is
+  the fallback. Everything is deterministic for a seed.
 """
 
 from __future__ import annotations
@@ -21,21 +26,45 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from instructrec.data.dataset import Dataset, Interaction, Item
+from instructrec.data.dataset import MOVIES, Dataset, Interaction, Item, Nouns
 from instructrec.instructions.instruction import NO, YES, Instruction
+from instructrec.instructions.intent import AROUND_YEARS, PART_OF_DECADE, Ask
 from instructrec.instructions.render import render, rng_for
 from instructrec.instructions.taxonomy import Combination, Intention, Preference, Task
 from instructrec.instructions.templates import templates_for
-from instructrec.instructions.vocabulary import genre_words, intention_kind
+from instructrec.instructions.vocabulary import (
+    FROM_TAG_PHRASES,
+    FROM_TAGS,
+    LEAD_INS,
+    NEGATIVE,
+    SPECIFIC,
+    SPECIFIC_NO_CATEGORY,
+    SPECIFIC_NO_YEAR,
+    Pool,
+    article,
+    intention_kind,
+    words_for,
+)
 
 # (user, how many, seed) -> negative item indices
 NegativeSampler = Callable[[int, int, int], Sequence[int]]
 
-_LEAD_INS = ("I'd like {}", "show me {}", "I'm in the mood for {}", "looking for {}", "any ideas for {}?")
 _LEAD_IN_RATE = 0.35  # how often a phrase is wrapped as a request, as live queries are
 # Bookkeeping tags that say nothing about a movie (MovieLens users keep watch lists in tags).
 _NOT_A_NEED = re.compile(r"netflix|dvd|bd-r|imdb|queue|\bseen\b|download|\bowned?\b")
 _ADJECTIVE = re.compile(r"^[a-z-]+(ic|al|ous|ful|y|ive|ing|ed|ish|less|able|ible|ant|ent)$")
+
+
+@dataclass(frozen=True, slots=True)
+class Wish:
+    """A synthesised request text and what it asks (the attributes it was written from)."""
+
+    text: str
+    ask: Ask = field(default_factory=Ask)
+
+    @property
+    def kind(self) -> Intention:
+        return intention_kind(self.text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +73,19 @@ class Example:
     target: int  # the item the user chose next
     answer: str  # the verbalizer token to predict: the target's letter (T1–T3), "yes"/"no" (T0)
     intention: str | None = None  # the synthesised request text, when the instruction has one
+    ask: Ask = field(default_factory=Ask)  # what the request asks
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A training request before its candidates are known: who (preference), what they say (intention) and
+    which task form; the candidate plan then fetches candidates for it, as serving would."""
+
+    preference: Preference
+    intention: Intention
+    task: Task
+    wish: Wish | None  # None for I0
+    history: tuple[Interaction, ...]  # the prefix (empty for P0: the plan sees no history either)
 
 
 @dataclass(frozen=True)
@@ -57,6 +99,7 @@ class SynthesisConfig:
     intentions: Mapping[Intention, float] = field(
         default_factory=lambda: {Intention.I0: 0.4, Intention.I1: 0.3, Intention.I2: 0.3}
     )
+    negative_rate: float = 0.15  # of I2 requests with a history, the share that rule a category out instead
     n_candidates: int = 20  # T2/T3 list length, target included
     max_history: int = 10
     max_explicit: int = 5
@@ -64,6 +107,7 @@ class SynthesisConfig:
     disliked: float = 2.0  # rating at or below: disliked
     explicit_window: int = 100  # explicit preferences come from this many most recent interactions
     shuffle: bool = True
+    pool: Pool = "train"  # which phrasings intentions are written with
 
 
 def explicit_preferences(
@@ -90,9 +134,14 @@ def explicit_preferences(
     return likes, dislikes, tags
 
 
-def vague_intention(item: Item, rng: random.Random) -> str | None:
-    """A need in a user's words, from the item's genres (mood phrases) and tags; None when it has neither."""
-    options = [mood for genre in item.genres if (words := genre_words(genre)) for mood in words.moods]
+def vague_intention(
+    item: Item, rng: random.Random, *, pool: Pool = "train", nouns: Nouns = MOVIES
+) -> Wish | None:
+    """A need in a user's words, from the item's genres (mood phrases) and tags; None when it has neither.
+    A mood asks for its genre (compliance); a tag asks for nothing checkable."""
+    options: list[tuple[str, Ask]] = [
+        (mood, Ask(frozenset({genre}))) for genre in item.genres for mood in words_for(genre).moods_in(pool)
+    ]
     for tag in item.tags:
         # Tags naming a genre or a year would read as specific; tags with digits are mostly lists ("top 250").
         if (
@@ -102,38 +151,101 @@ def vague_intention(item: Item, rng: random.Random) -> str | None:
             or intention_kind(tag) is not Intention.I1
         ):
             continue
-        if " " not in tag and _ADJECTIVE.match(tag):
-            options += [f"something {tag}", f"{_a(tag)} {tag} movie"]
-        else:
-            options += [f"something involving {tag}", f"something people describe as '{tag}'"]
-    return _first_safe(options, item, rng)
+        phrasings = FROM_TAGS if " " not in tag and _ADJECTIVE.match(tag) else FROM_TAG_PHRASES
+        options += [(_fill(p, nouns, tag=tag, a_tag=article(tag)), Ask()) for p in phrasings.pool(pool)]
+    return _first_safe(options, item, rng, pool)
 
 
-def specific_intention(item: Item, rng: random.Random) -> str | None:
-    """Attributes from the item's genres and year ("a 1990s sci-fi thriller"); None when it has neither."""
-    genres = [w for g in item.genres if (w := genre_words(g)) and g != "IMAX"]
+def specific_intention(
+    item: Item, rng: random.Random, *, pool: Pool = "train", nouns: Nouns = MOVIES
+) -> Wish | None:
+    """Attributes from the item's categories and year ("a 1990s sci-fi thriller"); None when it has neither.
+    The ask is what the phrasing names: the one or two categories, and the period as said."""
+    genres = [(g, words_for(g)) for g in item.genres if g != "IMAX"]
     rng.shuffle(genres)
     year = item.year
-    options: list[str] = []
+    options: list[tuple[str, Ask]] = []
     if genres:
-        one = genres[0].noun
-        two = f"{genres[0].modifier} {genres[1].noun}" if len(genres) > 1 else one
+        (g1, w1), second = genres[0], genres[1] if len(genres) > 1 else None
+        one = w1.noun.format(item=nouns.item)
+        two = f"{w1.modifier} {second[1].noun.format(item=nouns.item)}" if second else one
+        both = frozenset({g1, second[0]}) if second else frozenset({g1})
+        names = {"one": one, "two": two, "a_one": article(one), "a_two": article(two)}
         if year:
-            decade, period = _decade(year)
-            options += [
-                f"{_a(decade)} {decade} {two}",
-                f"{_a(decade)} {decade} {one}",
-                f"{_a(one)} {one} from around {year}",
-                f"{_a(two)} {two} from the {period}",
-                f"{_a(one)} {one} released in {year}",
-                f"{_a(two)} {two} from the {decade}",
-            ]
+            for phrasing in SPECIFIC.pool(pool):
+                words, ask = _period_of(phrasing, year)
+                genres_asked = both if "{two}" in phrasing else frozenset({g1})
+                text = _fill(phrasing, nouns, year=year, **words, **names)
+                options.append((text, Ask(genres_asked, year_min=ask[0], year_max=ask[1])))
         else:
-            options += [f"{_a(two)} {two}", f"{_a(one)} {one}"]
+            for phrasing in SPECIFIC_NO_YEAR.pool(pool):
+                options.append(
+                    (_fill(phrasing, nouns, **names), Ask(both if "{two}" in phrasing else frozenset({g1})))
+                )
     elif year:
-        decade, period = _decade(year)
-        options += [f"a movie from {year}", f"something from the {decade}", f"a film from the {period}"]
-    return _first_safe(options, item, rng)
+        for phrasing in SPECIFIC_NO_CATEGORY.pool(pool):
+            words, ask = _period_of(phrasing, year)
+            options.append(
+                (_fill(phrasing, nouns, year=year, **words), Ask(year_min=ask[0], year_max=ask[1]))
+            )
+    return _first_safe(options, item, rng, pool)
+
+
+def negative_intention(
+    target: Item, history: Sequence[Item], rng: random.Random, *, pool: Pool = "train", nouns: Nouns = MOVIES
+) -> Wish | None:
+    """A category the user should not be offered: the one most common in their recent history that the
+    target does not have (so the constraint bites), ties broken at random; None when there is none."""
+    counts = Counter(
+        g for item in history[-10:] for g in item.genres if g not in target.genres and g != "IMAX"
+    )
+    if not counts:
+        return None
+    top = max(counts.values())
+    genre = rng.choice(sorted(g for g, n in counts.items() if n == top))
+    words = words_for(genre)
+    noun = _plural(words.noun.format(item=nouns.item))
+    options = [
+        (_fill(p, nouns, noun=noun, modifier=words.modifier, a_noun=""), Ask(excluded=frozenset({genre})))
+        for p in NEGATIVE.pool(pool)
+    ]
+    rng.shuffle(options)
+    text, ask = options[0]
+    return Wish(" ".join(text.split()), ask)
+
+
+def _period_of(phrasing: str, year: int) -> tuple[dict[str, str], tuple[int | None, int | None]]:
+    """The period words a phrasing uses and the year range they name (as `intent.parse_ask` reads them)."""
+    decade, period = _decade(year)
+    start = year // 10 * 10
+    words = {"decade": decade, "period": period, "a_decade": article(decade)}
+    decade_word = _DECADE_WORDS.get(start)
+    words["decade_words"] = decade_word or decade
+    if "{period}" in phrasing:
+        part = period.split("-")[0].split()[0] if not period[0].isdigit() else ""
+        first, last = PART_OF_DECADE[part]
+        return words, (start + first, start + last)
+    if "{decade}" in phrasing or "{decade_words}" in phrasing:
+        return words, (start, start + 9)
+    if "around {year}" in phrasing:
+        return words, (year - AROUND_YEARS, year + AROUND_YEARS)
+    return words, (year, year)
+
+
+_DECADE_WORDS = {1950: "fifties", 1960: "sixties", 1970: "seventies", 1980: "eighties", 1990: "nineties"}
+
+
+def _fill(phrasing: str, nouns: Nouns, **values: object) -> str:
+    return phrasing.format(item=nouns.item, items=nouns.items, **values)
+
+
+def _plural(noun: str) -> str:
+    """ "comedy" → "comedies", "thriller" → "thrillers" (the parser reads both forms)."""
+    if noun.endswith("s"):
+        return noun
+    if noun.endswith("y") and noun[-2:-1] not in "aeiou":
+        return noun[:-1] + "ies"
+    return noun + "s"
 
 
 def leaks_title(text: str, title: str) -> bool:
@@ -175,23 +287,31 @@ class Synthesizer:
     def example(
         self, history: Sequence[Interaction], target: int, negatives: Sequence[int], *, seed: int
     ) -> Example:
-        """One training instruction for `target`, chosen after `history` (time-ordered, oldest first)."""
+        """One training instruction for `target`, chosen after `history` (time-ordered, oldest first), over
+        the target and the given negatives (tests and simple uses; training plans candidates per request)."""
+        request = self.request(history, target, seed=seed)
+        return self.render(request, target, negatives, seed=seed)
+
+    def request(self, history: Sequence[Interaction], target: int, *, seed: int) -> Request:
+        """Who asks, what they say and the task form, before candidates: the candidate plan needs the
+        request (its history, text and ask) to fetch candidates the way serving does."""
         cfg = self.config
         rng = rng_for(seed, "synthesis")
         item = self.dataset.items[target]
-        negatives = list(dict.fromkeys(n for n in negatives if n != target))
-        if not negatives:
-            raise ValueError("at least one negative (other than the target) is needed")
-
+        nouns = self.dataset.nouns
         liked, disliked, tags = explicit_preferences(
             history, liked=cfg.liked, disliked=cfg.disliked, window=cfg.explicit_window
         )
         liked = [i for i in liked if i != target]
         disliked = [i for i in disliked if i != target]
+        specific = specific_intention(item, rng, pool=cfg.pool, nouns=nouns)
+        if history and rng.random() < cfg.negative_rate:
+            recent = [self.dataset.items[x.item] for x in history]
+            specific = negative_intention(item, recent, rng, pool=cfg.pool, nouns=nouns) or specific
         intentions = {
             Intention.I0: None,
-            Intention.I1: vague_intention(item, rng),
-            Intention.I2: specific_intention(item, rng),
+            Intention.I1: vague_intention(item, rng, pool=cfg.pool, nouns=nouns),
+            Intention.I2: specific,
         }
         available = {
             Preference.P0: True,
@@ -212,6 +332,28 @@ class Synthesizer:
             )
         preference, intention = rng.choices(pairs, weights)[0]
         task = rng.choices(list(cfg.tasks), list(cfg.tasks.values()))[0]
+        wish = intentions[intention]
+        if wish is not None and wish.kind is not intention:
+            # A negative constraint names a category: it reads as specific whatever slot it filled.
+            intention = wish.kind
+        kept = tuple(history) if preference is not Preference.P0 else ()
+        return Request(preference, intention, task, wish, kept)
+
+    def render(self, request: Request, target: int, candidates: Sequence[int], *, seed: int) -> Example:
+        """The instruction for `request` over the target and `candidates` (the target is dropped from them)."""
+        cfg = self.config
+        rng = rng_for(seed, "render-task")
+        history = request.history
+        negatives = list(dict.fromkeys(n for n in candidates if n != target))
+        if not negatives:
+            raise ValueError("at least one negative (other than the target) is needed")
+        liked, disliked, tags = explicit_preferences(
+            history, liked=cfg.liked, disliked=cfg.disliked, window=cfg.explicit_window
+        )
+        liked = [i for i in liked if i != target]
+        disliked = [i for i in disliked if i != target]
+        preference, intention, task = request.preference, request.intention, request.task
+        wish = request.wish
 
         if task is Task.T0:
             candidates = [target if rng.random() < 0.5 else rng.choice(negatives)]
@@ -223,20 +365,21 @@ class Synthesizer:
             template,
             candidates=candidates,
             history=[x.item for x in history],
-            liked=liked,
-            disliked=disliked,
-            tags=tags,
-            intention=intentions[intention],
+            liked=liked if preference is Preference.P2 else [],
+            disliked=disliked if preference is Preference.P2 else [],
+            tags=tags if preference is Preference.P2 else [],
+            intention=wish.text if wish else None,
             seed=seed,
             max_history=cfg.max_history,
             max_explicit=cfg.max_explicit,
             shuffle=cfg.shuffle,
+            nouns=self.dataset.nouns,
         )
         if task is Task.T0:
             answer = YES if instruction.candidates[0] == target else NO
         else:
             answer = instruction.labels[instruction.candidates.index(target)]
-        return Example(instruction, target, answer, intentions[intention])
+        return Example(instruction, target, answer, wish.text if wish else None, wish.ask if wish else Ask())
 
     def examples(
         self,
@@ -260,13 +403,14 @@ class Synthesizer:
                 )
 
 
-def _first_safe(options: list[str], item: Item, rng: random.Random) -> str | None:
+def _first_safe(options: list[tuple[str, Ask]], item: Item, rng: random.Random, pool: Pool) -> Wish | None:
     """A random option that does not leak the title, sometimes phrased as a request."""
     rng.shuffle(options)
-    for option in options:
-        phrase = rng.choice(_LEAD_INS).format(option) if rng.random() < _LEAD_IN_RATE else option
+    lead_ins = LEAD_INS.pool(pool)
+    for option, ask in options:
+        phrase = rng.choice(lead_ins).format(option) if rng.random() < _LEAD_IN_RATE else option
         if not leaks_title(phrase, item.title):
-            return phrase
+            return Wish(phrase, ask)
     return None
 
 
@@ -277,11 +421,6 @@ def _decade(year: int) -> tuple[str, str]:
     digit = year % 10
     period = f"early {short}" if digit < 4 else f"mid-{short}" if digit < 7 else f"late {short}"
     return f"{decade}s", period
-
-
-def _a(phrase: str) -> str:
-    """The indefinite article as spoken: "an animated film", "an 80s film", "a 1990s film"."""
-    return "an" if phrase[:1].lower() in "aeiou" or phrase.startswith(("8", "18")) else "a"
 
 
 def _normal(text: str) -> str:

@@ -4,7 +4,9 @@ A template is a few clauses. Clauses hold placeholders and paraphrase alternativ
 - `{history}` the user's recent titles (P1 requires it; P2 may use it, the clause is dropped when empty),
   `{explicit}` likes/dislikes/tags as a past-tense verb phrase (P2), `{intention}` the request text (I1/I2),
   `{candidates}` the lettered candidates (T1–T3) or `{candidate}` the single one (T0);
-- `[x|y]` one of x or y, chosen by the render seed.
+- `[x|y]` one of x or y, chosen by the render seed;
+- `{item}`, `{items}`, `{did}`, `{do}`, `{person}`, `{activity}`: the catalogue's words (`data.Nouns`:
+  movie/movies/watched/watch/viewer/viewing for films, game/games/played/play/player/playing for games, ...).
 Ids are "<combination>-<nn>", numbered in the order below. They are logged with every recommendation and
 baked into trained models: append new templates at the end of their combination, never renumber.
 """
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from instructrec.instructions.taxonomy import Combination, Intention, Preference, Task
 
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
+NOUN_SLOTS = frozenset({"item", "items", "did", "do", "person", "activity"})  # filled from `data.Nouns`
 
 # (combination, clauses) in id order within each combination.
 _SOURCE: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -25,15 +28,15 @@ _SOURCE: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         "P1-I0-T3",
         (
-            "The user has watched the following movies in order: {history}.",
-            "Rank the candidate movies by how likely the user is to watch each one next: {candidates}.",
+            "The user has {did} the following {items} in order: {history}.",
+            "Rank the candidate {items} by how likely the user is to {do} each one next: {candidates}.",
             "Answer with the letters of the candidates, best first.",
         ),
     ),
     (
         "P1-I0-T3",
         (
-            "Here is a viewer's [watch history|viewing history], oldest to newest: {history}.",
+            "Here is a {person}'s [{do} history|{activity} history], oldest to newest: {history}.",
             "Which of these should we recommend next? {candidates}.",
             "Order the options from best to worst and reply with their letters.",
         ),
@@ -41,31 +44,31 @@ _SOURCE: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         "P1-I0-T3",
         (
-            "A user recently [watched|saw] {history}, in that order.",
-            "Based on [these viewing habits|this history], rank the following candidates: {candidates}.",
-            "Give the letter of the most fitting movie first.",
+            "A user recently {did} {history}, in that order.",
+            "Based on [these {activity} habits|this history], rank the following candidates: {candidates}.",
+            "Give the letter of the most fitting {item} first.",
         ),
     ),
     (
         "P1-I0-T3",
         (
-            "Given the sequence of movies a user has [watched|seen] ({history}), predict which candidate they "
-            "will watch next and rank all of them: {candidates}.",
+            "Given the sequence of {items} a user has {did} ({history}), predict which candidate they "
+            "will {do} next and rank all of them: {candidates}.",
             "Respond with candidate letters only.",
         ),
     ),
     (
         "P1-I0-T2",
         (
-            "The user has watched the following movies in order: {history}.",
-            "Which of these candidates will they watch next? {candidates}.",
-            "Answer with the letter of that movie.",
+            "The user has {did} the following {items} in order: {history}.",
+            "Which of these candidates will they {do} next? {candidates}.",
+            "Answer with the letter of that {item}.",
         ),
     ),
     (
         "P1-I0-T2",
         (
-            "[After watching|Having watched] {history}, a viewer picks one more movie.",
+            "Having {did} {history}, a {person} picks one more {item}.",
             "Which one is it? {candidates}.",
             "Reply with its letter.",
         ),
@@ -73,16 +76,16 @@ _SOURCE: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         "P1-I0-T1",
         (
-            "The user has watched the following movies in order: {history}.",
-            "Which would they rather watch next: {candidates}?",
+            "The user has {did} the following {items} in order: {history}.",
+            "Which would they rather {do} next: {candidates}?",
             "Answer a or b.",
         ),
     ),
     (
         "P1-I0-T0",
         (
-            "The user has watched the following movies in order: {history}.",
-            "Would they [enjoy|want to watch] {candidate} next?",
+            "The user has {did} the following {items} in order: {history}.",
+            "Would they [enjoy|want to {do}] {candidate} next?",
             "Answer yes or no.",
         ),
     ),
@@ -90,7 +93,7 @@ _SOURCE: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         "P2-I0-T3",
         (
-            "The user has watched {history}.",
+            "The user has {did} {history}.",
             "[From their ratings and tags|From what they told us], the user {explicit}.",
             "Rank these candidates by how well they match the user's taste: {candidates}.",
             "Answer with the letters, best first.",
@@ -99,9 +102,9 @@ _SOURCE: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         "P2-I0-T3",
         (
-            "Here is what we know about a viewer's taste: they {explicit}.",
-            "Recently they [watched|saw] {history}.",
-            "Rank the following movies for them: {candidates}.",
+            "Here is what we know about a {person}'s taste: they {explicit}.",
+            "Recently they {did} {history}.",
+            "Rank the following {items} for them: {candidates}.",
             "Reply with the candidate letters in order of preference.",
         ),
     ),
@@ -109,7 +112,7 @@ _SOURCE: tuple[tuple[str, tuple[str, ...]], ...] = (
         "P2-I0-T3",
         (
             "A user {explicit}.",
-            "Their latest movies were {history}.",
+            "Their latest {items} were {history}.",
             "Which of these candidates would they enjoy most? {candidates}.",
             "Rank all of them and answer with letters.",
         ),
@@ -118,7 +121,7 @@ _SOURCE: tuple[tuple[str, tuple[str, ...]], ...] = (
         "P2-I0-T2",
         (
             "A user {explicit}.",
-            "Their [most recent|latest] movies were {history}.",
+            "Their [most recent|latest] {items} were {history}.",
             "Which of these will they pick next? {candidates}.",
             "Answer with its letter.",
         ),
@@ -127,7 +130,7 @@ _SOURCE: tuple[tuple[str, tuple[str, ...]], ...] = (
         "P2-I0-T1",
         (
             "The user {explicit}.",
-            "They recently watched {history}.",
+            "They recently {did} {history}.",
             "Which would they prefer: {candidates}?",
             "Answer a or b.",
         ),
@@ -136,7 +139,7 @@ _SOURCE: tuple[tuple[str, tuple[str, ...]], ...] = (
         "P2-I0-T0",
         (
             "The user {explicit}.",
-            "They recently watched {history}.",
+            "They recently {did} {history}.",
             "Will they like {candidate}?",
             "Answer yes or no.",
         ),
@@ -145,7 +148,7 @@ _SOURCE: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         "P1-I1-T3",
         (
-            "The user has watched the following movies in order: {history}.",
+            "The user has {did} the following {items} in order: {history}.",
             'Now they [say|tell us]: "{intention}".',
             "Rank the candidates by how well they fit this request and the user's taste: {candidates}.",
             "Answer with the letters, best first.",
@@ -154,7 +157,7 @@ _SOURCE: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         "P1-I1-T3",
         (
-            "A viewer who recently saw {history} is looking for something new.",
+            "A {person} who recently {did} {history} is looking for something new.",
             'Their request: "{intention}".',
             "Order these options from best to worst match: {candidates}.",
             "Reply with candidate letters.",
@@ -163,7 +166,7 @@ _SOURCE: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         "P1-I1-T2",
         (
-            "The user has watched {history}.",
+            "The user has {did} {history}.",
             'They ask for "{intention}".',
             "Which candidate fits best? {candidates}.",
             "Answer with its letter.",
@@ -172,7 +175,7 @@ _SOURCE: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         "P1-I1-T1",
         (
-            'The user has watched {history} and now wants "{intention}".',
+            'The user has {did} {history} and now wants "{intention}".',
             "Which suits them better: {candidates}?",
             "Answer a or b.",
         ),
@@ -180,7 +183,7 @@ _SOURCE: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         "P1-I1-T0",
         (
-            "The user has watched {history}.",
+            "The user has {did} {history}.",
             'They are [in the mood for|looking for] "{intention}".',
             "Is {candidate} a good recommendation?",
             "Answer yes or no.",
@@ -190,7 +193,7 @@ _SOURCE: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         "P1-I2-T3",
         (
-            "The user has watched {history}, in that order.",
+            "The user has {did} {history}, in that order.",
             'They are searching for "{intention}".',
             "Rank the candidates by how well they match both the description and the user's history: "
             "{candidates}.",
@@ -202,22 +205,22 @@ _SOURCE: tuple[tuple[str, tuple[str, ...]], ...] = (
         (
             "Viewing history (oldest first): {history}.",
             'Request: "{intention}".',
-            "Rank [these candidates|the following movies] for this user: {candidates}.",
+            "Rank [these candidates|the following {items}] for this user: {candidates}.",
             "Give the letters in order.",
         ),
     ),
     (
         "P1-I2-T2",
         (
-            'A user who watched {history} wants "{intention}".',
-            "Which candidate is the movie they are after? {candidates}.",
+            'A user who {did} {history} wants "{intention}".',
+            "Which candidate is the {item} they are after? {candidates}.",
             "Answer with its letter.",
         ),
     ),
     (
         "P1-I2-T1",
         (
-            "The user has watched {history}.",
+            "The user has {did} {history}.",
             'They want "{intention}".',
             "Which is the better match: {candidates}?",
             "Answer a or b.",
@@ -226,7 +229,7 @@ _SOURCE: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         "P1-I2-T0",
         (
-            'The user has watched {history} and asks for "{intention}".',
+            'The user has {did} {history} and asks for "{intention}".',
             "Does {candidate} fit [the request|what they want]?",
             "Answer yes or no.",
         ),
@@ -236,7 +239,7 @@ _SOURCE: tuple[tuple[str, tuple[str, ...]], ...] = (
         "P2-I1-T3",
         (
             "The user {explicit}.",
-            "They recently watched {history}.",
+            "They recently {did} {history}.",
             'Today they [say|write]: "{intention}".',
             "Rank these candidates for them: {candidates}.",
             "Answer with the letters, best first.",
@@ -283,7 +286,7 @@ _SOURCE: tuple[tuple[str, tuple[str, ...]], ...] = (
         "P2-I2-T3",
         (
             "The user {explicit}.",
-            "They recently watched {history}.",
+            "They recently {did} {history}.",
             'They are looking for "{intention}".',
             "Rank the candidates by how well they fit: {candidates}.",
             "Answer with the letters, best first.",
@@ -294,7 +297,7 @@ _SOURCE: tuple[tuple[str, tuple[str, ...]], ...] = (
         (
             "User taste: they {explicit}.",
             'Request: "{intention}".',
-            "Rank [these candidates|the following movies]: {candidates}.",
+            "Rank [these candidates|the following {items}]: {candidates}.",
             "Give the letters in order.",
         ),
     ),
@@ -330,7 +333,7 @@ _SOURCE: tuple[tuple[str, tuple[str, ...]], ...] = (
         "P0-I1-T3",
         (
             'A user [asks for|is looking for] "{intention}".',
-            "Rank these movies by how well they match the request: {candidates}.",
+            "Rank these {items} by how well they match the request: {candidates}.",
             "Answer with the letters, best first.",
         ),
     ),
@@ -346,7 +349,7 @@ _SOURCE: tuple[tuple[str, tuple[str, ...]], ...] = (
         "P0-I1-T2",
         (
             'A user says: "{intention}".',
-            "Which of these movies do they want? {candidates}.",
+            "Which of these {items} do they want? {candidates}.",
             "Answer with its letter.",
         ),
     ),
@@ -369,7 +372,7 @@ _SOURCE: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         "P0-I2-T3",
         (
-            'Find movies matching this description: "{intention}".',
+            'Find {items} matching this description: "{intention}".',
             "Rank the candidates: {candidates}.",
             "Answer with the letters, best first.",
         ),
@@ -378,14 +381,14 @@ _SOURCE: tuple[tuple[str, tuple[str, ...]], ...] = (
         "P0-I2-T3",
         (
             'A user is searching for "{intention}".',
-            "Rank [these candidates|the following movies] by how well they match: {candidates}.",
+            "Rank [these candidates|the following {items}] by how well they match: {candidates}.",
             "Give the letters in order.",
         ),
     ),
     (
         "P0-I2-T2",
         (
-            'Which of these movies is "{intention}"? {candidates}.',
+            'Which of these {items} is "{intention}"? {candidates}.',
             "Answer with its letter.",
         ),
     ),
@@ -419,7 +422,8 @@ class Template:
 
     @property
     def placeholders(self) -> frozenset[str]:
-        return frozenset(PLACEHOLDER.findall(" ".join(self.clauses)))
+        """The slots the template fills with the request's parts (the catalogue's words are not counted)."""
+        return frozenset(PLACEHOLDER.findall(" ".join(self.clauses))) - NOUN_SLOTS
 
 
 def check(template: Template) -> None:
@@ -440,7 +444,7 @@ def check(template: Template) -> None:
             f"template {template.id} uses {sorted(used)}; {c.code} needs {sorted(required)}, "
             f"allows {sorted(allowed)}"
         )
-    names = PLACEHOLDER.findall(" ".join(template.clauses))
+    names = [n for n in PLACEHOLDER.findall(" ".join(template.clauses)) if n not in NOUN_SLOTS]
     if len(names) != len(used):
         raise ValueError(f"template {template.id} uses a placeholder twice: {names}")
 

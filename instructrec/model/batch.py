@@ -42,11 +42,22 @@ class Batch:
 
 
 class Tokenizer:
-    """Tokenises instructions with per-title budgets; caches fragments and titles (they repeat a lot)."""
+    """Tokenises instructions with per-title budgets; caches fragments and titles (they repeat a lot).
 
-    def __init__(self, tokenizer, title_tokens: int, max_encoder_tokens: int, decoder_start_id: int) -> None:
+    History items are their titles (`title_tokens` each, in the encoder); a candidate is its description —
+    title, categories, a few tags (`catalogue.describe`) — cut to `candidate_tokens` in its decoder block."""
+
+    def __init__(
+        self,
+        tokenizer,
+        title_tokens: int,
+        max_encoder_tokens: int,
+        decoder_start_id: int,
+        candidate_tokens: int | None = None,
+    ) -> None:
         self.tokenizer = tokenizer
         self.title_tokens = title_tokens
+        self.candidate_tokens = candidate_tokens or title_tokens
         self.max_encoder_tokens = max_encoder_tokens
         self.decoder_start_id = decoder_start_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -89,17 +100,20 @@ class Tokenizer:
         rows = [0] * len(self._prefix) + rows[:budget] + [0] * len(self._suffix)
         return ids, rows
 
-    def decoder_ids(self, title: str) -> list[int]:
-        return [self.decoder_start_id, *self.title(title)]
+    def decoder_ids(self, text: str) -> list[int]:
+        return [self.decoder_start_id, *self._ids(text)[: self.candidate_tokens]]
 
     def collate(
         self,
         instructions: Sequence[Instruction],
         title_of: Callable[[int], str],
         row_of: Callable[[int], int],
+        text_of: Callable[[int], str] | None = None,
     ) -> Batch:
+        """`text_of`: a candidate's description (default: its title)."""
+        text_of = text_of or title_of
         encoded = [self.encoder_ids(ins, title_of, row_of) for ins in instructions]
-        blocks = [[self.decoder_ids(title_of(c)) for c in ins.candidates] for ins in instructions]
+        blocks = [[self.decoder_ids(text_of(c)) for c in ins.candidates] for ins in instructions]
         enc_len = max(len(ids) for ids, _ in encoded)
         dec_len = max(sum(len(b) for b in bs) for bs in blocks)
         n_cand = max(len(bs) for bs in blocks)

@@ -44,7 +44,8 @@ ITEMS_FILE = "items.safetensors"
 @dataclass
 class RerankerConfig:
     max_history: int = 10  # most recent items shown in the instruction
-    title_tokens: int = 12  # budget per title, in the model's tokens
+    title_tokens: int = 12  # budget per history title, in the model's tokens
+    candidate_tokens: int = 24  # budget per candidate: its title, categories and a few tags
     max_encoder_tokens: int = 256
     yes: str = "yes"
     no: str = "no"
@@ -93,7 +94,9 @@ class Reranker(nn.Module):
         base = meta.get("base")
         seq2seq = AutoModelForSeq2SeqLM.from_pretrained(base or str(path))
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        config = RerankerConfig(**meta.get("config", {}))
+        # A checkpoint saved before `candidate_tokens` existed saw titles alone: keep its budget.
+        saved = meta.get("config", {})
+        config = RerankerConfig(**{"candidate_tokens": saved.get("title_tokens", 12), **saved})
         for key, value in overrides.items():
             setattr(config, key, value)
         item_ids, item_vectors, proj = (), None, None
@@ -149,7 +152,13 @@ class Reranker(nn.Module):
         start = self.seq2seq.config.decoder_start_token_id
         if start is None:
             start = self.tokenizer.pad_token_id
-        return Tokenizer(self.tokenizer, self.config.title_tokens, self.config.max_encoder_tokens, start)
+        return Tokenizer(
+            self.tokenizer,
+            self.config.title_tokens,
+            self.config.max_encoder_tokens,
+            start,
+            self.config.candidate_tokens,
+        )
 
     # -- scoring ----------------------------------------------------------------------------------
 

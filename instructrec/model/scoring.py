@@ -19,8 +19,10 @@ def score(
     row_of: Callable[[int], int],
     batch_size: int = 32,
     tokenizer: Tokenizer | None = None,
+    text_of: Callable[[int], str] | None = None,
 ) -> list[np.ndarray]:
-    """One score per candidate of each instruction, in the instruction's candidate order."""
+    """One score per candidate of each instruction, in the instruction's candidate order (`text_of`: the
+    candidates' descriptions, default their titles)."""
     tokenizer = tokenizer or reranker.text_tokenizer()
     was_training = reranker.training
     reranker.eval()
@@ -30,7 +32,7 @@ def score(
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            batch = tokenizer.collate([instructions[i] for i in chunk], title_of, row_of)
+            batch = tokenizer.collate([instructions[i] for i in chunk], title_of, row_of, text_of)
             scores = reranker(batch).float().numpy()
             for row, i in enumerate(chunk):
                 by_position[i] = scores[row, : len(instructions[i].candidates)].copy()

@@ -1,17 +1,19 @@
 """Instruction tuning of the reranker over mixed tasks and templates.
 
-Each epoch draws fresh training targets from the recent end of every user's training sequence, asks the
-retriever for that prefix's top-K candidates (the hard negatives the reranker will face when serving),
-renders an instruction from a randomly chosen task and template, and trains with the task's loss:
-listwise cross-entropy for matching and reranking (T2, T3), a two-way choice for pairwise (T1) and a yes/no
-logistic loss for pointwise (T0). Validation reranks each user's retrieved candidates for the held-out
-item; training stops early when validation NDCG@10 stops improving, keeping the best checkpoint.
+Each epoch draws fresh training targets from the recent end of every user's training sequence and writes a
+request for each (`Synthesizer.request`: who asks, what they say — nothing, a vague or specific intention, a
+negative constraint — and the task form); the planner fetches that request's top-K candidates as serving
+would (`instructrec.candidates`: the same plan, so the reranker trains on the candidate lists it will face),
+the instruction is rendered, and the task's loss applies: listwise cross-entropy for matching and reranking
+(T2, T3), a two-way choice for pairwise (T1) and a yes/no logistic loss for pointwise (T0). Validation
+reranks planned candidates of the held-out item over the three settings (no text, vague, specific); training
+stops early when validation NDCG@10 stops improving, keeping the best checkpoint.
 
-With a `prior` (the retriever's scores of the candidates) the reranker learns a residual: its logits plus
-`prior_weight` × the retriever's log-softmax go into the listwise loss, the same product of experts that
-serving computes (`scoring.fuse`). The gradient then goes to the lists the retriever orders badly, instead of
-spending a small model's capacity on relearning what the collaborative retriever already knows; validation
-measures the same fused order.
+The reranker learns a residual over the plan's collaborative scores (the prior): its logits plus
+`prior_weight` × the prior's log-softmax go into the listwise loss, the same product of experts that serving
+computes (`scoring.fuse`). The gradient then goes to the lists the retriever orders badly, instead of spending
+a small model's capacity on relearning what the collaborative retriever already knows; validation measures the
+same fused order.
 
 Resumable: `last/` holds the latest model and `trainer.pt` the optimiser, schedule, epoch and best score.
 """
@@ -33,14 +35,34 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from instructrec.artifacts import BEST_DIR, LAST_DIR, TRAINER_FILE, TRAINING_FILE
 from instructrec.data.dataset import Dataset
 from instructrec.data.split import LeaveOneOut, Stage
-from instructrec.instructions import YES, Example, Instruction, Synthesizer, Task, request_instruction
+from instructrec.instructions import (
+    YES,
+    Example,
+    Instruction,
+    Intention,
+    Synthesizer,
+    Task,
+    request_instruction,
+    specific_intention,
+    vague_intention,
+)
+from instructrec.instructions.render import rng_for
 from instructrec.model.reranker import Reranker
 from instructrec.model.scoring import fuse, score
 
-# Retrieval for training and validation: histories -> top-k items per history (history excluded).
-Candidates = Callable[[Sequence[Sequence[int]], int], list[list[int]]]
-# The retriever's scores of given candidates: (histories, candidate lists) -> one score array per list.
-Prior = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]]], list[np.ndarray]]
+
+@dataclass(frozen=True)
+class PlanQuery:
+    """What the planner needs of a request: the user's history (items, most recent last) and its text."""
+
+    history: Sequence[int]
+    text: str | None = None
+
+
+# The candidate plan, as training and validation call it: (queries, k) -> for each, the top-k candidate items
+# (history excluded, the text's constraints applied) and every item's collaborative score (the prior), or None
+# without a collaborative score.
+Planner = Callable[[Sequence[PlanQuery], int], list[tuple[list[int], np.ndarray | None]]]
 
 
 @dataclass
@@ -78,17 +100,18 @@ def train(
     reranker: Reranker,
     dataset: Dataset,
     split: LeaveOneOut,
-    retrieve: Candidates,
+    planner: Planner,
     synthesizer: Synthesizer,
     config: TrainConfig,
     out: str | Path,
     resume: bool = True,
-    prior: Prior | None = None,
+    valid: EvalSet | None = None,
 ) -> TrainResult:
+    """Instruction-tune `reranker` on `planner`'s candidates; `valid` defaults to `validation_set(..., "valid")`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    title_of, row_of = item_lookups(reranker, dataset)
+    title_of, row_of, text_of = item_lookups(reranker, dataset)
     tokenizer = reranker.text_tokenizer()
 
     steps_per_epoch = math.ceil(dataset.n_users * config.positions_per_user / config.batch_size)  # at most
@@ -103,12 +126,12 @@ def train(
         schedule.load_state_dict(saved["schedule"])
         state = saved["state"]
 
-    weight = config.prior_weight if prior is not None else 0.0
-    valid = validation_set(dataset, split, retrieve, synthesizer, config.candidates, "valid", prior)
+    weight = config.prior_weight
+    valid = valid or validation_set(dataset, split, planner, synthesizer, config.candidates, "valid")
     started = time.perf_counter() - state["seconds"]
     with _progress() as progress:
         for epoch in range(state["epoch"], config.epochs):
-            examples, priors = training_examples(dataset, split, retrieve, synthesizer, config, epoch, prior)
+            examples, priors = training_examples(dataset, split, planner, synthesizer, config, epoch)
             task = progress.add_task(f"epoch {epoch + 1}/{config.epochs}", total=len(examples))
             reranker.train()
             losses = []
@@ -116,7 +139,7 @@ def train(
                 if time.perf_counter() - started > config.max_minutes * 60:
                     break  # the budget holds mid-epoch too: validate and keep what was learned
                 chunk = examples[start : start + config.batch_size]
-                batch = tokenizer.collate([e.instruction for e in chunk], title_of, row_of)
+                batch = tokenizer.collate([e.instruction for e in chunk], title_of, row_of, text_of)
                 loss = example_loss(
                     reranker(batch, train=True), chunk, priors[start : start + config.batch_size], weight
                 )
@@ -135,7 +158,7 @@ def train(
                     progress.console.print(
                         f"epoch {epoch + 1} step {len(losses)}: loss {np.mean(losses[-50:]):.4f}"
                     )
-            ndcg = rerank_ndcg10(reranker, valid, title_of, row_of, weight)
+            ndcg = rerank_ndcg10(reranker, valid, title_of, row_of, weight, text_of)
             state["seconds"] = time.perf_counter() - started
             state["history"].append(
                 {
@@ -175,37 +198,44 @@ def train(
     return result
 
 
-def item_lookups(reranker: Reranker, dataset: Dataset) -> tuple[Callable[[int], str], Callable[[int], int]]:
+def item_lookups(
+    reranker: Reranker, dataset: Dataset
+) -> tuple[Callable[[int], str], Callable[[int], int], Callable[[int], str]]:
+    """Per dataset item: its title (history mentions), its collaborative row, its description (candidates)."""
+    from instructrec.catalogue import describe
+
     titles = [item.display_title for item in dataset.items]
     rows = [reranker.item_row(item.id) for item in dataset.items]
-    return titles.__getitem__, rows.__getitem__
+    texts = [describe(item.display_title, item.genres, item.tags) for item in dataset.items]
+    return titles.__getitem__, rows.__getitem__, texts.__getitem__
 
 
 def training_examples(
     dataset: Dataset,
     split: LeaveOneOut,
-    retrieve: Candidates,
+    planner: Planner,
     synthesizer: Synthesizer,
     config: TrainConfig,
     epoch: int,
-    prior: Prior | None = None,
-) -> tuple[list[Example], list[np.ndarray | None]]:
-    """One epoch of examples: recent targets of every user, with the retriever's candidates as negatives;
-    beside each, the retriever's scores of its instruction's candidates (in instruction order) when `prior`
-    is given.
+    chunk: int = 256,
+) -> tuple[list[Example], list[np.ndarray]]:
+    """One epoch of examples: recent targets of every user, each with a synthesised request and the plan's
+    candidates for it as the list to rank; beside each, the plan's collaborative scores of its instruction's
+    candidates (in instruction order: the prior).
 
-    Only prefixes whose target the retriever found on its own are kept (as LlamaRec does). Inserting a
-    missed target by hand would make the positive the one candidate that does not look retrieved, and the
-    model learns that shortcut: it then prefers outsiders, and ranks random negatives above real targets.
-    Positions are drawn `oversample` times over so that enough survive.
+    Only requests whose target the plan found on its own are kept (as LlamaRec does). Inserting a missed
+    target by hand would make the positive the one candidate that does not look retrieved, and the model
+    learns that shortcut: it then prefers outsiders, and ranks random negatives above real targets. Positions
+    are drawn `oversample` times over so that enough survive.
 
     Retrieved negatives alone teach a selection bias: the target is usually less popular than the other
     retrieved items, so a model trained only on them learns "prefer the obscure", which ranks random
-    negatives first (below chance under the sampled protocol of `benchmarks/quality.py`). The lowest-ranked
-    `random_negatives` retrieved negatives are swapped for random items the user has not seen, so lists also
-    hold items no retriever would propose. With a prior that is not enough to fix the reranker *alone* (the
-    prior already sinks random items, so the residual need not: the "reranker_only" row of
-    `benchmarks/quality.py`): the product always runs fused.
+    negatives first (below chance under the sampled protocol of `benchmarks/quality.py`). For requests without
+    a text, the lowest-ranked `random_negatives` planned negatives are swapped for random items the user has
+    not seen, so lists also hold items no retriever would propose (a request with a text keeps its planned
+    list: a random item would break the request's constraints, which no served list does). With a prior that
+    is not enough to fix the reranker *alone* (the prior already sinks random items, so the residual need
+    not: the "reranker_only" row of `benchmarks/quality.py`): the product always runs fused.
     """
     rng = np.random.default_rng([config.seed, epoch])
     jobs = []  # (user, prefix length)
@@ -216,30 +246,46 @@ def training_examples(
         lo = max(1, n - config.recent_window)
         size = min(config.positions_per_user * config.oversample, n - lo)
         jobs.extend((user, int(t)) for t in rng.choice(np.arange(lo, n), size=size, replace=False))
-    histories = [dataset.sequence(u)[:t] for u, t in jobs]
-    retrieved = retrieve(histories, config.candidates)
     kept: dict[int, int] = {}
-    examples, kept_histories = [], []
-    for (user, t), history, cands in zip(jobs, histories, retrieved, strict=True):
-        train_part = split.train(user)
-        target = train_part[t].item
-        if target not in cands or kept.get(user, 0) >= config.positions_per_user:
-            continue
-        kept[user] = kept.get(user, 0) + 1
-        seed = int(rng.integers(2**31))
-        negatives = [c for c in cands if c != target]
-        if config.random_negatives:
-            negatives = negatives[: max(1, len(negatives) - config.random_negatives)]
-            negatives += _unseen(
-                rng, dataset.n_items, {*history, target, *negatives}, config.random_negatives
-            )
-        examples.append(synthesizer.example(train_part[:t], target, negatives, seed=seed))
-        kept_histories.append(history)
-    priors: list[np.ndarray | None] = [None] * len(examples)
-    if prior is not None and examples:
-        priors = list(prior(kept_histories, [e.instruction.candidates for e in examples]))
+    examples: list[Example] = []
+    priors: list[np.ndarray] = []
+    for start in range(0, len(jobs), chunk):
+        part = jobs[start : start + chunk]
+        seeds = [int(rng.integers(2**31)) for _ in part]
+        requests = [
+            synthesizer.request(split.train(user)[:t], split.train(user)[t].item, seed=seed)
+            for (user, t), seed in zip(part, seeds, strict=True)
+        ]
+        queries = [PlanQuery([x.item for x in r.history], r.wish.text if r.wish else None) for r in requests]
+        for (user, t), seed, request, (cands, scores) in zip(
+            part, seeds, requests, planner(queries, config.candidates), strict=True
+        ):
+            target = split.train(user)[t].item
+            if target not in cands or kept.get(user, 0) >= config.positions_per_user:
+                continue
+            kept[user] = kept.get(user, 0) + 1
+            negatives = [c for c in cands if c != target]
+            if config.random_negatives and request.wish is None:
+                negatives = negatives[: max(1, len(negatives) - config.random_negatives)]
+                seen = {x.item for x in request.history} | {target, *negatives}
+                negatives += _unseen(rng, dataset.n_items, seen, config.random_negatives)
+            example = synthesizer.render(request, target, negatives, seed=seed)
+            examples.append(example)
+            priors.append(prior_of(example.instruction.candidates, scores))
     order = rng.permutation(len(examples))
     return [examples[i] for i in order], [priors[i] for i in order]
+
+
+def prior_of(candidates: Sequence[int], scores: np.ndarray | None) -> np.ndarray:
+    """The collaborative scores of `candidates` (zeros without scores: a flat prior); an item the plan
+    filtered out or never scored gets less than the least of the others."""
+    if scores is None:
+        return np.zeros(len(candidates))
+    out = np.asarray([scores[c] for c in candidates], dtype=np.float64)
+    finite = np.isfinite(out)
+    if not finite.all():
+        out[~finite] = (out[finite].min() - 1.0) if finite.any() else 0.0
+    return out
 
 
 def _unseen(rng: np.random.Generator, n_items: int, seen: set[int], n: int) -> list[int]:
@@ -285,35 +331,57 @@ def example_loss(
 class EvalSet:
     instructions: list[Instruction]
     targets: list[int]  # target item per user (it may be missing from the candidates)
-    priors: list[np.ndarray] | None = None  # the retriever's scores of each instruction's candidates
+    priors: list[np.ndarray] | None = None  # the plan's collaborative scores of each instruction's candidates
+
+
+SETTINGS = (Intention.I0, Intention.I1, Intention.I2)  # validation cycles through them, user by user
 
 
 def validation_set(
     dataset: Dataset,
     split: LeaveOneOut,
-    retrieve: Candidates,
+    planner: Planner,
     synthesizer: Synthesizer,
     k: int,
     stage: Stage,
-    prior: Prior | None = None,
 ) -> EvalSet:
-    """Sequential recommendation (no request text) over each user's retrieved top-k for `stage`, rendered as
-    a live request would be."""
-    histories = split.histories(stage)
-    retrieved = retrieve(histories, k)
-    instructions = [
-        request_instruction(
-            split.history(u, stage), cands, seed=u, max_history=synthesizer.config.max_history
+    """Each user's held-out item for `stage`, requested in one of the three settings in turn (no text; a vague
+    or a specific intention written from the item with the training phrasings), over the plan's top-k for
+    that request and rendered as a live request would be."""
+    queries, texts = [], []
+    for u in range(dataset.n_users):
+        history = split.history(u, stage)
+        target = dataset.items[split.target(u, stage)]
+        rng = rng_for(u, f"validation:{stage}")
+        setting = SETTINGS[u % len(SETTINGS)]
+        wish = None
+        if setting is Intention.I1:
+            wish = vague_intention(target, rng, pool=synthesizer.config.pool, nouns=dataset.nouns)
+        elif setting is Intention.I2:
+            wish = specific_intention(target, rng, pool=synthesizer.config.pool, nouns=dataset.nouns)
+        texts.append(wish.text if wish else None)
+        queries.append(PlanQuery([x.item for x in history], texts[-1]))
+    planned = planner(queries, k)
+    instructions, priors = [], []
+    for u, (query, (cands, scores)) in enumerate(zip(queries, planned, strict=True)):
+        instruction = request_instruction(
+            split.history(u, stage),
+            cands,
+            intention=query.text,
+            seed=u,
+            max_history=synthesizer.config.max_history,
+            nouns=dataset.nouns,
         )
-        for u, cands in enumerate(retrieved)
-    ]
-    priors = prior(histories, [ins.candidates for ins in instructions]) if prior is not None else None
+        instructions.append(instruction)
+        priors.append(prior_of(instruction.candidates, scores))
     return EvalSet(instructions, split.targets(stage), priors)
 
 
-def rerank_ndcg10(reranker: Reranker, evalset: EvalSet, title_of, row_of, prior_weight: float = 0.0) -> float:
+def rerank_ndcg10(
+    reranker: Reranker, evalset: EvalSet, title_of, row_of, prior_weight: float = 0.0, text_of=None
+) -> float:
     """NDCG@10 of the reranked candidates (fused with the prior when a weight and priors are given)."""
-    scores = score(reranker, evalset.instructions, title_of, row_of)
+    scores = score(reranker, evalset.instructions, title_of, row_of, text_of=text_of)
     if prior_weight and evalset.priors is not None:
         scores = [fuse(s, p, prior_weight) for s, p in zip(scores, evalset.priors, strict=True)]
     gains = []

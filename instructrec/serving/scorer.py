@@ -79,14 +79,16 @@ class ServingScorer:
     def _forward(self, requests: Sequence[RerankRequest]) -> np.ndarray:
         """[requests, most candidates] raw scores, every request of the batch in one collated pass."""
         titles: list[str] = []
+        texts: list[str] = []
         rows: list[int] = []
         instructions = []
         for request in requests:
             # Shift each request's local item indices past the previous requests' items: one shared table.
             instructions.append(_shifted(request.instruction, len(titles)))
             titles.extend(request.titles)
+            texts.extend(request.text(i) for i in range(len(request.titles)))
             rows.extend(self.reranker.item_row(item_id) for item_id in request.item_ids)
-        batch = self.tokenizer.collate(instructions, titles.__getitem__, rows.__getitem__)
+        batch = self.tokenizer.collate(instructions, titles.__getitem__, rows.__getitem__, texts.__getitem__)
         # On an accelerator, torch.device(...) as a context puts the masks `Batch` builds on the fly on the
         # model's device. Not on the CPU: the context is a torch function mode that every op would pay for.
         placement = torch.device(self.device) if self.device != "cpu" else contextlib.nullcontext()

@@ -7,10 +7,13 @@ Triton backend (`instructrec.serving.scorer`) decodes them. One orjson document 
     {"v": 1, "template_id": "P2-I0-T3-01", "task": "T3",
      "parts": ["The user has watched ", {"item_id": "32", "role": "history", "title": "Twelve Monkeys (1995)"},
                ..., {"item_id": "1", "role": "candidate", "label": "a", "title": "Toy Story (1995)"}, ...],
-     "candidates": [{"item_id": "1", "title": "Toy Story (1995)", "label": "a"}, ...],
+     "candidates": [{"item_id": "1", "title": "Toy Story (1995)", "label": "a",
+                     "text": "Toy Story (1995) · adventure, animation · pixar"}, ...],
      "fusion": {"retrieval_scores": [12.1, ...], "weight": 0.3}}          # optional
 
-Item ids are the catalog's string ids: the server maps them to the reranker's collaborative rows
+A candidate's optional "text" is how the reranker reads it (title, categories, a few tags:
+`catalogue.describe`); without it, its title. Item ids are the catalog's string ids: the server maps them to
+the reranker's collaborative rows
 (`Reranker.item_row`) and items it does not know fall back to their title text, so a new catalog item is
 scored without a model update. The answer is one float32 score per candidate, in the order sent; with
 `fusion` it is `scoring.fuse(reranker scores, retrieval scores, weight)` (log-probabilities, higher is
@@ -32,6 +35,7 @@ WIRE_VERSION = 1
 MAX_REQUEST_BYTES = 1 << 20  # far above a real request (~5 KB); bounds what a bad client can make us parse
 MAX_CANDIDATES = 256
 MAX_PARTS = 4096
+MAX_TEXT_CHARS = 2048  # a candidate's description
 # Every per-request error message starts with this, so that a client can tell "your request is wrong" (do not
 # retry, the server is fine) from a server failure through any protocol's error wrapping.
 MALFORMED = "malformed reranker request"
@@ -60,6 +64,10 @@ class RerankRequest:
     titles: tuple[str, ...]
     retrieval_scores: tuple[float, ...] | None = None
     fusion_weight: float = 0.0
+    texts: tuple[str, ...] = ()  # per item: how a candidate reads to the model ("" or absent: its title)
+
+    def text(self, index: int) -> str:
+        return (self.texts[index] if index < len(self.texts) else "") or self.titles[index]
 
     @property
     def candidate_ids(self) -> tuple[str, ...]:
@@ -73,8 +81,10 @@ def encode_request(
     *,
     retrieval_scores: Sequence[float] | None = None,
     fusion_weight: float | None = None,
+    text_of: Callable[[int], str] | None = None,
 ) -> bytes:
-    """The wire form of `instruction` (dense item indices resolved through `item_id_of` and `title_of`).
+    """The wire form of `instruction` (dense item indices resolved through `item_id_of` and `title_of`;
+    `text_of`: the candidates' descriptions).
 
     `retrieval_scores` (one per candidate, in the instruction's candidate order) and `fusion_weight` come
     together or not at all: with them the server answers fused scores.
@@ -97,6 +107,7 @@ def encode_request(
         "parts": parts,
         "candidates": [
             {"item_id": str(item_id_of(c)), "title": title_of(c), "label": label}
+            | ({"text": text_of(c)} if text_of is not None else {})
             for c, label in zip(instruction.candidates, instruction.labels, strict=True)
         ],
     }
@@ -135,7 +146,9 @@ def decode_request(data: bytes | str) -> RerankRequest:
         instruction = Instruction(template_id, Task(task), parts, candidates, labels)
     except ValueError as error:
         raise RequestError(str(error)) from None
-    return RerankRequest(instruction, tuple(items.ids), tuple(items.titles), retrieval, weight)
+    return RerankRequest(
+        instruction, tuple(items.ids), tuple(items.titles), retrieval, weight, tuple(items.texts)
+    )
 
 
 class _ItemTable:
@@ -144,6 +157,7 @@ class _ItemTable:
     def __init__(self) -> None:
         self.ids: list[str] = []
         self.titles: list[str] = []
+        self.texts: list[str] = []
         self._index: dict[str, int] = {}
 
     def index(self, item_id: str, title: str, where: str) -> int:
@@ -152,6 +166,7 @@ class _ItemTable:
             self._index[item_id] = known = len(self.ids)
             self.ids.append(item_id)
             self.titles.append(title)
+            self.texts.append("")
         elif self.titles[known] != title:
             raise RequestError(
                 f"{where}: item {item_id!r} has two titles, {self.titles[known]!r} and {title!r}"
@@ -193,6 +208,11 @@ def _candidates(value: Any, items: _ItemTable) -> tuple[tuple[int, ...], tuple[s
         )
         if index in indices:
             raise RequestError(f"{where}item_id: {items.ids[index]!r} is already a candidate")
+        text = entry.get("text")
+        if text is not None:
+            if not isinstance(text, str) or len(text) > MAX_TEXT_CHARS:
+                raise RequestError(f"{where}text: expected a string of at most {MAX_TEXT_CHARS} characters")
+            items.texts[index] = text
         indices.append(index)
         labels.append(_string(entry, "label", where))
     return tuple(indices), tuple(labels)

@@ -1,20 +1,22 @@
-"""The queries agent: a query → the user's context → candidates from Qdrant → the InstructRec instruction →
-the reranker on Triton → a `Recommendation`.
+"""The queries agent: a query → the user's context → the candidate plan (`instructrec.candidates`: the
+collaborative retriever in-process, the request's text searched in Qdrant, its constraints applied) → the
+InstructRec instruction → the reranker on Triton → a `Recommendation` whose items carry their reasons.
 
 Queries are micro-batched (`stream.take_events(batch_size, within=batch_window_s)`): a batch shares one
 embedding call, one hop to the Qdrant thread and one Triton call. Within a batch each query is handled on its
 own: an invalid query becomes a dead letter, a redelivered one (its request id is in the served log) is
 skipped, and every other query gets exactly one answer, published together with the served-log update (see
 `streams.served`). Nothing drops a query silently:
-- reranker down, slow or its circuit open → the candidates in retrieval order, `degraded` with the reason;
-- Qdrant down (after retries) → the collaborative neighbours of the user's recent items, else popularity,
-  `degraded`;
+- reranker down, slow or its circuit open → the candidates in the plan's order, `degraded` with the reason;
+- Qdrant down (after retries) → the plan without its text search (the collaborative retriever and the
+  request's constraints still apply), else the collaborative neighbours of the user's recent items, else
+  popularity, `degraded`;
 - no history and no text (cold start) → popularity, `degraded`;
 - anything unexpected → a dead letter for the query *and* an empty degraded answer, so a caller waiting on
   the request id hears back at once.
 
 Item ids are strings in the stream; the instruction renderer numbers a request's items locally
-(`LocalItems`), and `encode_request` turns them back into ids and titles for the wire.
+(`LocalItems`), and `encode_request` turns them back into ids, titles and descriptions for the wire.
 """
 
 from __future__ import annotations
@@ -29,9 +31,22 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from instructrec.adapters.qdrant import IndexUnavailable
-from instructrec.candidates import CandidateFilter, Hit, mean_vector, merge, plan_searches, sizes
-from instructrec.events import QueryEvent, RankedItem, Recommendation, encode
+from instructrec.adapters.qdrant import TEXT, IndexUnavailable
+from instructrec.candidates import (
+    Candidate,
+    CandidateFilter,
+    Hit,
+    Plan,
+    PlanRequest,
+    Prepared,
+    collaborative_scores,
+    merge,
+    neighbour,
+    prepare,
+    reasons,
+    sizes,
+)
+from instructrec.events import MAX_INSTRUCTION_CHARS, QueryEvent, RankedItem, Recommendation, encode
 from instructrec.instructions import Instruction, request_instruction
 from instructrec.serving.wire import encode_request
 from streams.kafka.compat import processing
@@ -77,8 +92,11 @@ class Pending:
     queue_ms: float
     intention: np.ndarray | None = None
     history: np.ndarray | None = None  # the collaborative query vector of the user's recent items
-    prior: np.ndarray | None = None  # the pipeline retriever's scores of the catalogue, for fusion
-    hits: list[Hit] = field(default_factory=list)
+    prior: np.ndarray | None = None  # the pipeline retriever's scores of the catalogue (the plan's source)
+    rows: list[int] = field(default_factory=list)  # the user's recent items as catalogue rows
+    prepared: Prepared | None = None
+    plan: Plan | None = None
+    candidates: list[Candidate] = field(default_factory=list)  # the plan's, best first
     reasons: list[str] = field(default_factory=list)  # why the answer is degraded (empty: it is not)
     instruction: Instruction | None = None
     items: LocalItems = field(default_factory=LocalItems)
@@ -106,28 +124,24 @@ def candidate_filter(query: QueryEvent, context: UserContext) -> CandidateFilter
 
 def fallback(
     services: Services, query_vector: np.ndarray | None, k: int, flt: CandidateFilter
-) -> tuple[list[Hit], str]:
-    """Candidates without Qdrant: the collaborative neighbours of the user's recent items, else popularity.
-    Returns the hits and which source answered."""
+) -> tuple[list[Candidate], str]:
+    """Candidates without a plan (no trained catalogue and no Qdrant): the collaborative neighbours of the
+    user's recent items, else popularity. Returns them and which source answered."""
     info: Callable[[str], ItemInfo | None] = services.items.get
     collaborative = services.collaborative
     if collaborative is not None and query_vector is not None:
         pairs, source = collaborative.neighbours(query_vector, k, flt, info), "recent-item neighbours"
     else:
         pairs, source = services.popularity.top(k, flt, info), "popularity"
-    hits = []
+    out = []
     for item, score in pairs:
         known = info(item)
-        hits.append(
-            Hit(
-                item,
-                score,
-                known.title if known else "",
-                known.categories if known else (),
-                known.year if known else None,
-            )
+        title = known.title if known else ""
+        categories = known.categories if known else ()
+        out.append(
+            Candidate(item, score, None, None, ("popular",), title, categories, known.year if known else None)
         )
-    return hits, source
+    return out, source
 
 
 def request_seed(request_id: str) -> int:
@@ -177,7 +191,8 @@ def intake(stream: StreamApp, events: Sequence, now: float) -> list[Pending]:
 
 
 async def embed(stream: StreamApp, batch: list[Pending]) -> None:
-    """Intention vectors (MiniLM) and collaborative history vectors, in one hop to the model thread."""
+    """Intention vectors (MiniLM), collaborative history vectors and the retriever's scores of the catalogue
+    (the plan's collaborative source), in one hop to the model thread."""
     services = stream.services
     texts = [p.query.text for p in batch if p.query.text]
     histories = [p.context.recent(stream.settings.stream.history_size) for p in batch]
@@ -188,9 +203,7 @@ async def embed(stream: StreamApp, batch: list[Pending]) -> None:
         if collaborative is None:
             return vectors, [None] * len(batch), [None] * len(batch)
         history = collaborative.query_vectors(histories)
-        fused = collaborative.fusion_weight > 0
-        priors = collaborative.catalogue_scores(histories, history) if fused else [None] * len(batch)
-        return vectors, history, priors
+        return vectors, history, collaborative.catalogue_scores(histories, history)
 
     try:
         vectors, history, priors = await services.run_model(run)
@@ -207,74 +220,113 @@ async def embed(stream: StreamApp, batch: list[Pending]) -> None:
 
 
 async def retrieve(stream: StreamApp, batch: list[Pending]) -> None:
-    """Candidates for every query: Qdrant searches (one hop for the batch), merged; fallbacks on failure."""
+    """The candidate plan for every query: what each asks and the filter that holds it, one hop to Qdrant for
+    the batch's text searches, then the merge with the collaborative scores (in-process)."""
     services = stream.services
-    history_text = await _history_text_vectors(stream, batch)
-    plans = []
+    catalogue, config = services.catalogue, services.plan
+    searches: list[tuple[int, str, np.ndarray]] = []  # (query, what the search is by, vector)
     for i, p in enumerate(batch):
-        plans.append(plan_searches(p.intention, p.history, history_text.get(i)))
-    searches = [
-        (s.using, s.vector, p.fetch_n, p.flt) for p, plan in zip(batch, plans, strict=True) for s in plan
-    ]
-    results = iter(await services.index.search_many(searches) if searches else ())
-    for p, plan in zip(batch, plans, strict=True):
-        lists, failures = [], []
-        for _ in plan:
-            result = next(results)
-            if isinstance(result, IndexUnavailable):
-                failures.append(result)
-            else:
-                lists.append(result)
-                for hit in result:
-                    services.items.put_hit(hit)
-        p.hits = merge(lists, p.fetch_n)
-        if not plan:
-            p.hits, source = fallback(services, None, p.fetch_n, p.flt)
-            if p.context.history:
-                p.degrade(f"no vectors for the user's recent items (not indexed yet); {source}")
-            else:
-                p.degrade(f"cold start: no history and no request text; {source}")
-        elif failures and len(p.hits) < p.fetch_n:
-            extra, source = fallback(services, p.history, p.fetch_n, p.flt)
-            seen = {h.item_id for h in p.hits}
-            p.hits += [h for h in extra if h.item_id not in seen][: p.fetch_n - len(p.hits)]
-            p.degrade(f"qdrant unavailable ({failures[0]}); {source}")
+        collaborative = services.collaborative
+        p.rows = (
+            collaborative.known(p.context.recent(stream.settings.stream.history_size))
+            if collaborative
+            else []
+        )
+        request = PlanRequest(tuple(p.rows), p.query.text, p.flt, p.fetch_n)
+        p.prepared = prepare(request, catalogue, config)
+        search = p.prepared.search(p.intention, config)
+        if search is not None:
+            searches.append((i, "intention", search.vector))
+        elif p.history is None and p.context.history and not len(catalogue):
+            vector = await _history_text_vector(stream, p)  # untrained: the history's mean text vector
+            if vector is not None:
+                searches.append((i, "history", vector))
+    results = iter(
+        await services.index.search_many(
+            [(TEXT, v, config.fetch, batch[i].prepared.filter) for i, _, v in searches]
+        )
+        if searches
+        else ()
+    )
+    found: dict[int, tuple[str, list[Hit]]] = {}
+    for i, why, _ in searches:
+        result = next(results)
+        if isinstance(result, IndexUnavailable):
+            batch[i].degrade(f"qdrant unavailable ({result}); the plan without its {why} search")
+            found[i] = (why, [])
+        else:
+            found[i] = (why, result)
+            for hit in result:
+                services.items.put_hit(hit)
+    for i, p in enumerate(batch):
+        _merge(stream, p, *found.get(i, ("intention", [])))
 
 
-async def _history_text_vectors(stream: StreamApp, batch: list[Pending]) -> dict[int, np.ndarray]:
-    """Without a collaborative query vector (no trained retriever, or none of the user's items known to it),
-    a user's recent items are searched by their mean text vector."""
-    recent = {i: p.context.recent(10) for i, p in enumerate(batch) if p.context.history and p.history is None}
-    if not recent:
-        return {}
+def _merge(stream: StreamApp, p: Pending, why: str, hits: list[Hit]) -> None:
+    services = stream.services
+    catalogue = services.catalogue
+    leaning = None
+    if services.affinity is not None and p.intention is not None and p.query.text:
+        leaning = services.affinity.of_items(p.intention, catalogue)
+    scores, source = collaborative_scores(
+        p.prepared,
+        catalogue,
+        retrieval=p.prior,
+        popularity=services.counts,
+        affinity=leaning,
+        config=services.plan,
+    )
+    p.plan = merge(
+        p.prepared,
+        catalogue,
+        collaborative=scores,
+        source=source,
+        hits=hits,
+        hits_source=why,
+        config=services.plan,
+    )
+    p.candidates = list(p.plan.candidates)
+    cold = not p.context.history and not p.query.text
+    if not p.candidates:
+        p.candidates, source = fallback(services, p.history, p.fetch_n, p.prepared.filter)
+        p.degrade(f"{'cold start: no history and no request text' if cold else 'nothing planned'}; {source}")
+    elif cold:
+        p.degrade("cold start: no history and no request text; popularity")
+
+
+async def _history_text_vector(stream: StreamApp, p: Pending) -> np.ndarray | None:
+    """Without a trained retriever, a user's recent items are searched by their mean text vector."""
+    recent = p.context.recent(10)
     try:
-        found = await stream.services.index.lookup([x for ids in recent.values() for x in ids], ("text",))
+        found = await stream.services.index.lookup(recent, (TEXT,))
     except IndexUnavailable:
-        return {}  # the searches will fail the same way and fall back
-    out = {}
-    for i, ids in recent.items():
-        vector = mean_vector([found[x][1]["text"] for x in ids if x in found and "text" in found[x][1]])
-        if vector is not None:
-            out[i] = vector
-    return out
+        return None  # the search would fail the same way: the plan falls back
+    vectors = [found[x][1][TEXT] for x in recent if x in found and TEXT in found[x][1]]
+    if not vectors:
+        return None
+    mean = np.mean(np.stack(vectors), axis=0)
+    norm = float(np.linalg.norm(mean))
+    return mean / norm if norm > 0 else None
 
 
 async def render(stream: StreamApp, batch: list[Pending]) -> None:
-    """The instruction for each query with at least two candidates, then its wire request (titles resolved
-    through the item cache, the rest in one Qdrant lookup for the batch)."""
+    """The instruction for each query with at least two candidates, then its wire request: titles of the
+    history through the item cache (the rest in one Qdrant lookup for the batch), candidates as the plan
+    describes them, and their collaborative scores as the fusion prior."""
     settings = stream.settings
     for p in batch:
-        candidates = p.hits[: p.rerank_n]
+        candidates = p.candidates[: p.rerank_n]
         if len(candidates) < 2 or not (p.context.history or p.query.text):
-            continue  # nothing to rank, or nothing to personalise on: the answer is what retrieval found
+            continue  # nothing to rank, or nothing to personalise on: the answer is the plan's order
         history = p.context.interactions(p.items.index, EXPLICIT_WINDOW)
         try:
             p.instruction = request_instruction(
                 history,
-                [p.items.index(h.item_id) for h in candidates],
+                [p.items.index(c.item_id) for c in candidates],
                 intention=p.query.text,
                 seed=request_seed(p.query.request_id),
                 max_history=settings.model.max_history,
+                nouns=stream.services.catalogue.nouns,
             )
         except ValueError as error:
             p.degrade(f"no instruction: {error}")
@@ -284,26 +336,38 @@ async def render(stream: StreamApp, batch: list[Pending]) -> None:
         if p.instruction is None:
             continue
         titles = _titles(stream, p)
+        by_id = {c.item_id: c for c in p.candidates}
+        texts = [
+            by_id[i].text if i in by_id and by_id[i].text else titles[n] for n, i in enumerate(p.items.ids)
+        ]
         scores, weight = None, None
-        if collaborative is not None and collaborative.fusion_weight > 0 and p.prior is not None:
-            ids = [p.items.ids[c] for c in p.instruction.candidates]
-            scores = _fill_unknown(collaborative.scores(p.prior, ids))
-            weight = collaborative.fusion_weight
+        if collaborative is not None and collaborative.weight_for(p.query.text) > 0:
+            scores = _fill_unknown([by_id[p.items.ids[c]].prior for c in p.instruction.candidates])
+            weight = collaborative.weight_for(p.query.text)
         p.request = encode_request(
             p.instruction,
             p.items.ids.__getitem__,
             titles.__getitem__,
             retrieval_scores=scores,
             fusion_weight=weight,
+            text_of=texts.__getitem__,
         )
 
 
 async def _resolve_titles(stream: StreamApp, batch: list[Pending]) -> None:
-    cache = stream.services.items
+    cache, catalogue = stream.services.items, stream.services.catalogue
+    wanted = []
     for p in batch:
-        for hit in p.hits:
-            cache.put_hit(hit)
-    wanted = [p.items.ids[m.item] for p in batch if p.instruction for m in p.instruction.mentions()]
+        if p.instruction is None:
+            continue
+        for m in p.instruction.mentions():
+            item_id = p.items.ids[m.item]
+            row = catalogue.rows.get(item_id)
+            if row is not None and cache.get(item_id) is None:
+                cache.put(
+                    item_id, ItemInfo(catalogue.titles[row], catalogue.genres[row], catalogue.year(row))
+                )
+            wanted.append(item_id)
     missing = cache.missing(wanted)
     if not missing:
         return
@@ -364,38 +428,67 @@ def _circuit_gauge(stream: StreamApp) -> None:
 # ------------------------------------------------------------------------------------------------ answer
 
 
-def ranked(p: Pending) -> list[RankedItem]:
-    """The answer: reranked candidates by model score, topped up (or replaced, if not reranked) by retrieval
-    order; at most k items."""
-    by_id = {h.item_id: h for h in p.hits}
-    out: list[RankedItem] = []
+def ranked(stream: StreamApp, p: Pending) -> list[RankedItem]:
+    """The answer: reranked candidates by model score, topped up (or replaced, if not reranked) by the plan's
+    order, every candidate that satisfies the request before those a relaxed request let in; at most k items,
+    each with its reasons."""
+    order: list[Candidate] = []
+    scored: dict[str, float] = {}
+    by_id = {c.item_id: c for c in p.candidates}
     if p.instruction is not None and p.scores is not None:
         ids = [p.items.ids[c] for c in p.instruction.candidates]
         for position in np.argsort(-p.scores, kind="stable"):
             item = ids[int(position)]
-            out.append(RankedItem(item_id=item, title=by_id[item].title, score=float(p.scores[position])))
-    chosen = {r.item_id for r in out}
-    for hit in p.hits:
-        if len(out) >= p.query.k:
-            break
-        if hit.item_id not in chosen:
-            out.append(RankedItem(item_id=hit.item_id, title=hit.title, score=float(hit.score)))
-    return out[: p.query.k]
+            order.append(by_id[item])
+            scored[item] = float(p.scores[position])
+    chosen = {c.item_id for c in order}
+    order += [c for c in p.candidates if c.item_id not in chosen]
+    order.sort(key=lambda c: c.relaxed)  # stable: the model's order within each part
+    return [
+        RankedItem(
+            item_id=c.item_id,
+            title=c.title,
+            score=scored.get(c.item_id, float(c.score)),
+            reasons=_reasons(stream, p, c),
+        )
+        for c in order[: p.query.k]
+    ]
 
 
-def recommendation(p: Pending, model_version: str, timings: dict[str, float]) -> Recommendation:
+def _reasons(stream: StreamApp, p: Pending, candidate: Candidate) -> tuple[str, ...]:
+    services = stream.services
+    catalogue = services.catalogue
+    ask = p.plan.ask if p.plan is not None else None
+    near = None
+    if candidate.row is not None and services.collaborative is not None:
+        row = neighbour(candidate.row, p.rows[-10:], services.collaborative.vectors)
+        near = catalogue.titles[row] if row is not None else None
+    if ask is None:
+        return ()
+    return reasons(candidate, ask, catalogue.nouns.did, near)
+
+
+def recommendation(
+    stream: StreamApp, p: Pending, model_version: str, timings: dict[str, float]
+) -> Recommendation:
     reranked = p.instruction is not None and p.scores is not None
     if not reranked and not p.reasons:
-        p.degrade("fewer than two candidates: retrieval order")
+        p.degrade("fewer than two candidates: the plan's order")
+    instruction = None
+    if p.instruction is not None:
+        titles = _titles(stream, p)
+        instruction = p.instruction.text(titles.__getitem__)[:MAX_INSTRUCTION_CHARS]
     return Recommendation(
         request_id=p.query.request_id,
         user_id=p.query.user_id,
-        items=tuple(ranked(p)),
+        items=tuple(ranked(stream, p)),
         model_version=model_version if reranked else NO_MODEL,
         template_id=p.instruction.template_id if p.instruction else NO_TEMPLATE,
         degraded=bool(p.reasons),
         reason="; ".join(p.reasons) if p.reasons else None,
         timings={k: round(max(0.0, v), 3) for k, v in timings.items()},
+        instruction=instruction,
+        relaxed=p.plan.relaxed if p.plan is not None else (),
     )
 
 
@@ -469,7 +562,7 @@ async def _answer(stream: StreamApp, batch: list[Pending], started: float) -> in
         log.exception("query batch failed")
         for p in batch:
             stream.dead_letters.send_event(p.event, error)
-            p.instruction, p.hits = None, []
+            p.instruction, p.candidates = None, []
             p.degrade(f"error: {type(error).__name__}")
         rerank_ms = 0.0
     stages, previous = {}, started
@@ -483,7 +576,7 @@ async def _answer(stream: StreamApp, batch: list[Pending], started: float) -> in
         total = (time.perf_counter() - started) * 1000
         timings = {"queue_ms": p.queue_ms, **stages, "total_ms": total}
         try:
-            answer = recommendation(p, model_version, timings)
+            answer = recommendation(stream, p, model_version, timings)
             impression = _impression(stream, p, answer)
         except Exception as error:  # one query's problem stays that query's
             stream.dead_letters.send_event(p.event, error)

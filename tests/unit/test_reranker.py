@@ -93,10 +93,12 @@ def tiny_t5(tokenizer) -> Reranker:
 
 
 def scores_by_item(model, dataset, instructions):
-    title_of, row_of = item_lookups(model, dataset)
+    title_of, row_of, text_of = item_lookups(model, dataset)
     return [
         dict(zip(ins.candidates, s, strict=True))
-        for ins, s in zip(instructions, score(model, instructions, title_of, row_of), strict=True)
+        for ins, s in zip(
+            instructions, score(model, instructions, title_of, row_of, text_of=text_of), strict=True
+        )
     ]
 
 
@@ -190,8 +192,8 @@ def test_every_task_has_a_loss_and_training_lowers_it(tokenizer, dataset, tmp_pa
         for u in range(dataset.n_users)
     ]
     assert {e.instruction.task.name for e in examples} == {"T0", "T1", "T2", "T3"}
-    title_of, row_of = item_lookups(model, dataset)
-    batch = model.text_tokenizer().collate([e.instruction for e in examples], title_of, row_of)
+    title_of, row_of, text_of = item_lookups(model, dataset)
+    batch = model.text_tokenizer().collate([e.instruction for e in examples], title_of, row_of, text_of)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     losses = []
@@ -209,17 +211,27 @@ def test_train_loop_checkpoints_and_resumes(tokenizer, dataset, tmp_path):
     split = LeaveOneOut(dataset)
 
     def retrieve(histories, k):  # the items after the last one seen: hard, deterministic candidates
-        return [[(h[-1] + d) % 60 for d in range(1, k + 1)] for h in histories]
+        return [[((h[-1] if h else 0) + d) % 60 for d in range(1, k + 1)] for h in histories]
 
     config = TrainConfig(
         epochs=2, batch_size=8, candidates=6, positions_per_user=2, patience=5, fresh_lr=3e-3
     )
     synthesizer = Synthesizer(dataset, SynthesisConfig(n_candidates=6))
-    first = train(model, dataset, split, retrieve, synthesizer, config, tmp_path / "run")
+    planner = planner_of(retrieve)
+    first = train(model, dataset, split, planner, synthesizer, config, tmp_path / "run")
     assert first.epochs_run == 2 and (tmp_path / "run" / "best" / "reranker.json").exists()
     config.epochs = 3
-    again = train(tiny_bert(tokenizer), dataset, split, retrieve, synthesizer, config, tmp_path / "run")
+    again = train(tiny_bert(tokenizer), dataset, split, planner, synthesizer, config, tmp_path / "run")
     assert again.epochs_run == 3 and [h["epoch"] for h in again.history] == [1, 2, 3]
+
+
+def planner_of(retrieve, scores=None):
+    """A `training.Planner` over a plain retrieval function (and one score array for every query)."""
+
+    def planner(queries, k):
+        return [(rows, scores) for rows in retrieve([list(q.history) for q in queries], k)]
+
+    return planner
 
 
 def test_fusion_is_the_reranker_alone_at_weight_zero_and_blends_otherwise():
@@ -253,24 +265,27 @@ def test_training_keeps_only_prefixes_whose_target_was_retrieved(dataset):
         def retrieve(histories, k):
             out = []
             for h in histories:
-                nxt = nexts[tuple(h)]
+                nxt = nexts.get(tuple(h))  # a request without a history (cold start) is never found here
                 misses = [i for i in range(30) if i != nxt][:k]  # it knows only half the catalogue
-                out.append([nxt, *misses[: k - 1]] if finds else misses)
+                out.append([nxt, *misses[: k - 1]] if finds and nxt is not None else misses)
             return out
 
-        return retrieve
+        return planner_of(retrieve)
 
     config = TrainConfig(candidates=6, positions_per_user=3, oversample=4, random_negatives=2)
     synthesizer = Synthesizer(dataset, SynthesisConfig(n_candidates=6))
-    # a retriever that never finds the target yields nothing to train on: targets are never inserted by hand
+    # a plan that never finds the target yields nothing to train on: targets are never inserted by hand
     assert training_examples(dataset, split, retriever(False), synthesizer, config, epoch=0) == ([], [])
     found, priors = training_examples(dataset, split, retriever(True), synthesizer, config, epoch=0)
     assert len(found) == config.positions_per_user * dataset.n_users
-    assert priors == [None] * len(found)  # no prior asked for
+    assert all((p == 0).all() for p in priors)  # no collaborative scores: a flat prior
     # (a pointwise T0 example may show a negative instead and expect "no")
     assert all(e.target in e.instruction.candidates or e.answer == NO for e in found)
-    # the retriever's lowest-ranked negatives make way for random unseen items
-    assert any(c >= 30 and c != e.target for e in found for c in e.instruction.candidates)
+    # without a request text, the plan's lowest-ranked negatives make way for random unseen items
+    assert any(
+        c >= 30 and c != e.target for e in found if e.intention is None for c in e.instruction.candidates
+    )
+    assert all(c < 30 or c == e.target for e in found if e.intention for c in e.instruction.candidates)
 
 
 def test_training_against_a_prior_scores_the_candidates_in_instruction_order(dataset):
@@ -283,15 +298,16 @@ def test_training_against_a_prior_scores_the_candidates_in_instruction_order(dat
 
     def retrieve(histories, k):
         return [
-            [nexts[tuple(h)], *[i for i in range(60) if i != nexts[tuple(h)]][: k - 1]] for h in histories
+            [nexts.get(tuple(h), 0), *[i for i in range(60) if i != nexts.get(tuple(h), 0)][: k - 1]]
+            for h in histories
         ]
 
-    def prior(histories, candidates):
-        return [np.asarray(c, dtype=np.float32) * 10.0 for c in candidates]  # score = 10 × item index
-
+    scores = np.arange(60, dtype=np.float32) * 10.0  # score = 10 × item index
     config = TrainConfig(candidates=6, positions_per_user=2, oversample=4)
     synthesizer = Synthesizer(dataset, SynthesisConfig(n_candidates=6))
-    found, priors = training_examples(dataset, split, retrieve, synthesizer, config, epoch=0, prior=prior)
+    found, priors = training_examples(
+        dataset, split, planner_of(retrieve, scores), synthesizer, config, epoch=0
+    )
     assert found and len(priors) == len(found)
     for example, scores in zip(found, priors, strict=True):
         np.testing.assert_array_equal(scores, np.asarray(example.instruction.candidates) * 10.0)

@@ -14,6 +14,7 @@ import pytest
 
 from instructrec.adapters.qdrant import IndexUnavailable
 from instructrec.candidates import CandidateFilter, Hit
+from instructrec.catalogue import Catalogue
 from instructrec.config import Settings
 from instructrec.events import (
     ClickEvent,
@@ -106,6 +107,16 @@ class FakeIndex:
         return len(CATALOG)
 
 
+def catalogue() -> Catalogue:
+    return Catalogue(
+        list(CATALOG),
+        [title for title, _, _ in CATALOG.values()],
+        np.array([year for _, _, year in CATALOG.values()]),
+        [cats for _, cats, _ in CATALOG.values()],
+        [() for _ in CATALOG],
+    )
+
+
 class FakeEncoder:
     dim = 8
 
@@ -176,6 +187,8 @@ def make_stream(
         reranker=reranker or FakeReranker(),
         collaborative=Collaborative(FakeRetriever(), list(CATALOG)) if collaborative else None,
         popularity=LivePopularity(popularity or {}),
+        # a trained pipeline's catalogue comes with its retriever (the same rows)
+        catalogue=catalogue() if collaborative else Catalogue.empty(),
     )
     topics = Topics(*(FakeTopic() for _ in range(7)))
     metrics = Metrics()
@@ -272,7 +285,7 @@ async def test_a_redelivery_during_the_first_answer_is_skipped_by_a_concurrent_b
     assert stream.metrics.duplicates.labels("queries")._value.get() == 1
 
 
-async def test_reranker_failure_answers_in_retrieval_order_flagged_degraded() -> None:
+async def test_reranker_failure_answers_in_the_plans_order_flagged_degraded() -> None:
     stream = make_stream(reranker=FakeReranker("fail"))
     watch(stream, "u1", ["m1", "m2"])
     await queries.answer_batch(stream, [event(QueryEvent(request_id="r1", user_id="u1", k=4))])
@@ -293,13 +306,23 @@ async def test_a_hanging_reranker_times_out_into_a_degraded_answer() -> None:
     assert answer.degraded and "TimeoutError" in answer.reason
 
 
-async def test_qdrant_down_falls_back_to_recent_item_neighbours_then_popularity() -> None:
+async def test_qdrant_down_plans_without_its_search_else_falls_back_to_popularity() -> None:
+    # with a trained pipeline the plan needs Qdrant only for a text: a plain query is answered as usual ...
     stream = make_stream(index=FakeIndex(fail=True), collaborative=True)
     watch(stream, "u1", ["m1", "m2"])
     await queries.answer_batch(stream, [event(QueryEvent(request_id="r1", user_id="u1", k=3))])
     [answer] = answers(stream)
-    assert answer.degraded and "qdrant unavailable" in answer.reason and "neighbours" in answer.reason
-    assert len(answer.items) == 3 and not {"m1", "m2"} & {i.item_id for i in answer.items}
+    assert (
+        not answer.degraded
+        and len(answer.items) == 3
+        and not {"m1", "m2"} & {i.item_id for i in answer.items}
+    )
+    # ... and a text query keeps its constraints and the collaborative list, flagged
+    text = QueryEvent(request_id="r1b", user_id="u1", k=3, text="a comedy")
+    await queries.answer_batch(stream, [event(text)])
+    answer = answers(stream)[-1]
+    assert answer.degraded and "qdrant unavailable" in answer.reason and "intention search" in answer.reason
+    assert all("Comedy" in CATALOG[i.item_id][1] for i in answer.items)
 
     stream = make_stream(index=FakeIndex(fail=True), popularity={"m5": 10.0, "m1": 9.0, "m7": 8.0})
     watch(stream, "u1", ["m1"])
@@ -307,6 +330,20 @@ async def test_qdrant_down_falls_back_to_recent_item_neighbours_then_popularity(
     [answer] = answers(stream)
     assert answer.degraded and "popularity" in answer.reason
     assert [i.item_id for i in answer.items][:2] == ["m5", "m7"]  # consumed m1 left out
+
+
+async def test_a_text_query_is_answered_with_compliant_items_and_their_reasons() -> None:
+    stream = make_stream(collaborative=True)
+    watch(stream, "u1", ["m1", "m2", "m3"])
+    query = QueryEvent(request_id="r1", user_id="u1", text="a comedy from the 1990s, nothing animated", k=5)
+    await queries.answer_batch(stream, [event(query)])
+    [answer] = answers(stream)
+    assert not answer.degraded and answer.instruction and "a comedy from the 1990s" in answer.instruction
+    for item in answer.items:
+        _title, cats, year = CATALOG[item.item_id]
+        assert "Comedy" in cats and 1990 <= year <= 1999
+        assert item.reasons and item.reasons[0].startswith("matches: 1990s, comedy")
+    assert any(r.startswith("because you watched Movie ") for item in answer.items for r in item.reasons)
 
 
 async def test_cold_start_answers_from_popularity_flagged() -> None:

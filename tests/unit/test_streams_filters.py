@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from instructrec.adapters.qdrant import fetch_limits, payload_filter
-from instructrec.candidates import MAX_RERANKED, CandidateFilter, Hit, merge, sizes
+from instructrec.candidates import MAX_RERANKED, CandidateFilter, sizes
 from instructrec.events import ClickEvent, QueryEvent, QueryFilters
 from streams.agents.queries import candidate_filter
 from streams.state.context import UserContext
@@ -75,13 +75,3 @@ def test_candidate_filter_excludes_consumed_items_unless_asked_not_to() -> None:
 )
 def test_sizes(k: int, candidates: int, expected: tuple[int, int]) -> None:
     assert sizes(k, candidates) == expected
-
-
-def test_merge_is_reciprocal_rank_fusion_and_one_list_passes_through() -> None:
-    text = [Hit("a", 0.9), Hit("b", 0.8), Hit("c", 0.7)]
-    history = [Hit("c", 5.0), Hit("d", 4.0), Hit("a", 3.0)]
-    merged = merge([text, history], 10)
-    assert [h.item_id for h in merged][:2] == ["a", "c"]  # in both lists, near the top of each
-    assert {h.item_id for h in merged} == {"a", "b", "c", "d"}
-    assert merge([text, []], 2) == text[:2]
-    assert merge([], 5) == []

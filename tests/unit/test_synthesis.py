@@ -80,14 +80,14 @@ def test_explicit_preferences_from_ratings_and_tags() -> None:
 def test_vocabulary_agrees_with_the_live_heuristic() -> None:
     for words in GENRES.values():
         assert all(intention_kind(mood) is Intention.I1 for mood in words.moods), words
-        assert intention_kind(f"a 1990s {words.noun}") is Intention.I2
+        assert intention_kind(f"a 1990s {words.noun.format(item='movie')}") is Intention.I2
 
 
 def test_vague_intentions_come_from_genres_and_tags() -> None:
     moods = {m for g in MATRIX.genres for m in GENRES[g].moods}
     seen = set()
     for seed in range(60):
-        phrase = vague_intention(MATRIX, random.Random(seed))
+        phrase = vague_intention(MATRIX, random.Random(seed)).text
         assert phrase and intention_kind(phrase) is Intention.I1, phrase
         core = strip_lead_in(phrase)
         assert core in moods or "atmospheric" in core or "twist ending" in core, phrase
@@ -101,7 +101,7 @@ def test_specific_intentions_come_from_genres_and_year() -> None:
     words = {w for g in MATRIX.genres for w in (GENRES[g].modifier, GENRES[g].noun.split()[0])}
     seen = set()
     for seed in range(60):
-        phrase = specific_intention(MATRIX, random.Random(seed))
+        phrase = specific_intention(MATRIX, random.Random(seed)).text
         assert phrase and intention_kind(phrase) is Intention.I2, phrase
         assert any(period in phrase for period in ("1999", "1990s", "late 90s")), phrase
         assert any(word in phrase for word in words), phrase
@@ -109,7 +109,7 @@ def test_specific_intentions_come_from_genres_and_year() -> None:
     assert len(seen) >= 8
     assert any(s.startswith("a 1990s ") for s in seen) and any(" from around 1999" in s for s in seen)
     no_year = Item("9", "X", None, ("Horror",))
-    assert strip_lead_in(specific_intention(no_year, random.Random(1))) == "a horror movie"
+    assert strip_lead_in(specific_intention(no_year, random.Random(1)).text) == "a horror movie"
     assert specific_intention(BARE, random.Random(0)) is None
 
 
@@ -117,7 +117,8 @@ def test_intentions_never_name_the_target() -> None:
     for seed in range(100):
         rng = random.Random(seed)
         for item in (MATRIX, SOMETHING_FUNNY, COMEDY):
-            for phrase in (vague_intention(item, rng), specific_intention(item, rng)):
+            for wish in (vague_intention(item, rng), specific_intention(item, rng)):
+                phrase = wish.text if wish else None
                 assert phrase is None or not leaks_title(phrase, item.title), (item.title, phrase)
                 assert phrase is None or "matrix" not in phrase.lower()
     assert specific_intention(COMEDY, random.Random(0)) is None  # every option would say "comedy"
@@ -176,7 +177,7 @@ def test_config_weights_steer_the_mixture() -> None:
         assert len(e.instruction.candidates) == 4
         assert e.instruction.mentions("liked")
     # The specific intention is impossible for "Comedy": the mixture falls back to what is possible.
-    no_intent = SynthesisConfig(intentions={Intention.I0: 1.0, Intention.I2: 1.0})
+    no_intent = SynthesisConfig(intentions={Intention.I0: 1.0, Intention.I2: 1.0}, negative_rate=0.0)
     for seed in range(20):
         e = Synthesizer(data, no_intent).example(history, 2, [20], seed=seed)
         assert e.intention is None
