@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                 dataset,
                 planner,
                 reranker,
-                config.fusion_weight,
+                config.weight_for,
                 config.k,
                 methods,
                 lambda n: bar.advance(task, n),
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         results["seconds"]["evaluate"] = round(time.perf_counter() - started, 1)
         results["config"] = {
-            "fusion_weight": config.fusion_weight,
+            "fusion_weights": config.fusion_weights,
             "plan": asdict(config.plan),
             "k": config.k,
         }

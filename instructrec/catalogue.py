@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from instructrec.data.dataset import MOVIES, Dataset, Nouns
+from instructrec.data.dataset import MOVIES, Dataset, Item, Nouns
 
 SEPARATOR = " · "
 DESCRIBED_TAGS = 3  # tags a candidate is shown with (the token budget cuts further)
@@ -81,6 +81,21 @@ class Catalogue:
     def year(self, row: int) -> int | None:
         year = int(self.years[row])
         return year if year >= 0 else None
+
+    def items(self) -> list[Item]:
+        """The catalogue as dataset items (what request synthesis reads: title, year, genres, tags)."""
+        out = []
+        for row, item_id in enumerate(self.item_ids):
+            year = self.year(row)
+            title = self.titles[row]
+            if year is not None and title.endswith(f" ({year})"):
+                title = title[: -len(f" ({year})")]
+            out.append(Item(item_id, title, year, self.genres[row], self.tags[row]))
+        return out
+
+    def as_dataset(self, name: str = "catalogue") -> Dataset:
+        """A dataset of these items and no users: enough to synthesise requests about them."""
+        return Dataset(name, self.items(), [], [], nouns=self.nouns)
 
     def describe(self, row: int) -> str:
         return describe(self.titles[row], self.genres[row], self.tags[row])

@@ -396,6 +396,7 @@ class Recommendation(Event):
     ] = Field(default_factory=dict)
     instruction: InstructionText | None = None
     relaxed: Annotated[tuple[Label, ...], Field(max_length=MAX_LABELS)] = ()
+    requested_version: Id | None = None  # the version the stream asked Triton for (degraded answers too)
 
     @model_validator(mode="after")
     def _rules(self) -> Recommendation:
@@ -428,6 +429,7 @@ class FeedbackEvent(Event):
     negative_item_ids: Annotated[tuple[Id, ...], Field(max_length=MAX_CANDIDATES)] = ()
     template_id: Id
     model_version: Id | None = None  # the model that served the impression, when known
+    intention: QueryText | None = None  # the request's text, when it had one
 
     @model_validator(mode="after")
     def _rules(self) -> FeedbackEvent:
@@ -452,10 +454,12 @@ class FeedbackEvent(Event):
 
 
 class ModelUpdate(Event):
-    """``model_updates``: a fine-tuned model version was gated; ``reason`` is required when rejected.
+    """``model_updates``: what happened to a model version. Keyed by ``version``.
 
-    ``metrics`` are the held-out metrics the gate looked at (e.g. ``{"ndcg@10": 0.08}``). Keyed by
-    ``version``.
+    ``kind``: ``verdict`` — a fine-tuned candidate was gated (``accepted``; ``reason`` is required when
+    rejected; ``metrics`` are the held-out figures the gate compared, candidate and incumbent); ``rollback``
+    — the served version was rolled back to ``version``; ``prequential`` — the stream's rolling quality of
+    ``version`` on live traffic (``metrics``: NDCG@10, HR@10 and how many answers they cover).
     """
 
     topic: ClassVar[str] = "model_updates"
@@ -466,6 +470,8 @@ class ModelUpdate(Event):
     ] = Field(default_factory=dict)
     accepted: StrictBool
     reason: Reason | None = None
+    kind: Literal["verdict", "rollback", "prequential"] = "verdict"
+    incumbent: Id | None = None  # the version the candidate was compared with (verdicts)
 
     @model_validator(mode="after")
     def _rules(self) -> ModelUpdate:

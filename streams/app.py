@@ -32,6 +32,7 @@ from streams.kafka.compat import pause_after_empty_fetch, rejoin_on_stale_commit
 from streams.metrics import Metrics
 from streams.services import Services
 from streams.state import context, recovery, served
+from streams.state.prequential import Prequential
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class StreamApp:
     # Request ids being answered right now: the query actors run concurrently, and a redelivered query must
     # not be answered while its first delivery is still on its way (the served log knows only finished ones).
     in_flight: set[str] = field(default_factory=set)
+    # Rolling quality of each model version's answers against the users' next interactions (this worker's).
+    prequential: Prequential = field(default_factory=Prequential)
 
     def send(self, topic: faust.TopicT, key: str, value: bytes, role: str) -> None:
         """Queue a message on the app's producer without awaiting it (see `streams.state.served` for why)."""

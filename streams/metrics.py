@@ -55,6 +55,24 @@ class Metrics:
         self.recovery_restarts = Counter(
             "instructrec_recovery_restarts", "stalled table recoveries restarted", registry=r
         )
+        self.prequential_ndcg = Gauge(
+            "instructrec_prequential_ndcg10",
+            "rolling NDCG@10 of answers against the user's next interaction",
+            ["version"],
+            registry=r,
+        )
+        self.prequential_hr = Gauge(
+            "instructrec_prequential_hr10",
+            "rolling HR@10 of answers against the next interaction",
+            ["version"],
+            registry=r,
+        )
+        self.prequential_answers = Counter(
+            "instructrec_prequential_answers",
+            "answers scored against the next interaction",
+            ["version"],
+            registry=r,
+        )
         self.reranker_circuit_open = Gauge(
             "instructrec_reranker_circuit_open", "1 while the reranker circuit breaker is open", registry=r
         )

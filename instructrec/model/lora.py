@@ -38,6 +38,26 @@ def add_lora(
     return config
 
 
+def merge_into_base(model: nn.Module) -> int:
+    """Fold every LoRA adapter into its base layer's weights and put the plain layer back (in place):
+    the model then saves and serves as full weights, with no base checkpoint to keep around. Returns how
+    many layers were merged. (peft's `merge_and_unload` does this for a `PeftModel`; adapters injected in
+    place need it done layer by layer.)"""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    merged = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module.get_base_layer())
+            merged += 1
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return merged
+
+
 def save_adapter(model: nn.Module, config: LoraConfig, path: str | Path) -> None:
     path = Path(path) / ADAPTER_DIR
     path.mkdir(parents=True, exist_ok=True)

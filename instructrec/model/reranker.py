@@ -116,6 +116,16 @@ class Reranker(nn.Module):
         """Freezes the seq2seq weights and trains LoRA adapters instead (`base`: where its weights live)."""
         self.lora = lora.add_lora(self.seq2seq, **kwargs)
         self.base = base
+        if self.item_proj is not None:  # the item projection is not an attention layer: it stays frozen too
+            self.item_proj.requires_grad_(False)
+
+    def merge_lora(self) -> None:
+        """Fold the trained adapters into the weights: a full-weights reranker again, saved without a base."""
+        if self.lora is not None:
+            lora.merge_into_base(self.seq2seq)
+            self.lora, self.base = None, None
+            if self.item_proj is not None:
+                self.item_proj.requires_grad_(True)
 
     def save_pretrained(self, path: str | Path) -> None:
         path = Path(path)

@@ -40,6 +40,7 @@ from instructrec.instructions import (
     Example,
     Instruction,
     Intention,
+    Request,
     Synthesizer,
     Task,
     request_instruction,
@@ -112,12 +113,9 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     title_of, row_of, text_of = item_lookups(reranker, dataset)
-    tokenizer = reranker.text_tokenizer()
 
     steps_per_epoch = math.ceil(dataset.n_users * config.positions_per_user / config.batch_size)  # at most
-    optimizer = _optimizer(reranker, config)
-    total = steps_per_epoch * config.epochs
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_linear(int(total * config.warmup), total))
+    optimizer, schedule = optimizer_for(reranker, config, steps_per_epoch * config.epochs)
     state = {"epoch": 0, "best": -1.0, "best_epoch": -1, "history": [], "seconds": 0.0}
     if resume and (out / TRAINER_FILE).exists():
         saved = torch.load(out / TRAINER_FILE, weights_only=False)
@@ -129,35 +127,23 @@ def train(
     weight = config.prior_weight
     valid = valid or validation_set(dataset, split, planner, synthesizer, config.candidates, "valid")
     started = time.perf_counter() - state["seconds"]
+    lookups = (title_of, row_of, text_of)
     with _progress() as progress:
         for epoch in range(state["epoch"], config.epochs):
             examples, priors = training_examples(dataset, split, planner, synthesizer, config, epoch)
-            task = progress.add_task(f"epoch {epoch + 1}/{config.epochs}", total=len(examples))
-            reranker.train()
-            losses = []
-            for start in range(0, len(examples), config.batch_size):
-                if time.perf_counter() - started > config.max_minutes * 60:
-                    break  # the budget holds mid-epoch too: validate and keep what was learned
-                chunk = examples[start : start + config.batch_size]
-                batch = tokenizer.collate([e.instruction for e in chunk], title_of, row_of, text_of)
-                loss = example_loss(
-                    reranker(batch, train=True), chunk, priors[start : start + config.batch_size], weight
-                )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(reranker.parameters(), config.grad_clip)
-                optimizer.step()
-                schedule.step()
-                losses.append(loss.item())
-                progress.update(
-                    task,
-                    advance=len(chunk),
-                    description=f"epoch {epoch + 1} loss {np.mean(losses[-50:]):.3f}",
-                )
-                if not progress.console.is_terminal and len(losses) % 50 == 0:  # logs get a line now and then
-                    progress.console.print(
-                        f"epoch {epoch + 1} step {len(losses)}: loss {np.mean(losses[-50:]):.4f}"
-                    )
+            deadline = started + config.max_minutes * 60  # the budget holds mid-epoch too
+            losses = fit_examples(
+                reranker,
+                examples,
+                priors,
+                lookups,
+                optimizer,
+                schedule,
+                config,
+                deadline,
+                progress,
+                f"epoch {epoch + 1}",
+            )
             ndcg = rerank_ndcg10(reranker, valid, title_of, row_of, weight, text_of)
             state["seconds"] = time.perf_counter() - started
             state["history"].append(
@@ -196,6 +182,58 @@ def train(
         json.dumps({"config": asdict(config), "result": asdict(result)}, indent=2)
     )
     return result
+
+
+def fit_examples(
+    reranker: Reranker,
+    examples: Sequence[Example],
+    priors: Sequence[np.ndarray],
+    lookups: tuple[Callable[[int], str], Callable[[int], int], Callable[[int], str]],
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    config: TrainConfig,
+    deadline: float | None = None,
+    progress: Progress | None = None,
+    label: str = "training",
+) -> list[float]:
+    """One pass over `examples` in batches (stopping at the `deadline`, a `time.perf_counter()` value);
+    returns the batches' losses. Shared by offline training and the fine-tune worker."""
+    title_of, row_of, text_of = lookups
+    tokenizer = reranker.text_tokenizer()
+    weight = config.prior_weight
+    task = progress.add_task(label, total=len(examples)) if progress is not None else None
+    reranker.train()
+    losses: list[float] = []
+    for start in range(0, len(examples), config.batch_size):
+        if deadline is not None and time.perf_counter() > deadline:
+            break  # keep what was learned
+        chunk = examples[start : start + config.batch_size]
+        batch = tokenizer.collate([e.instruction for e in chunk], title_of, row_of, text_of)
+        loss = example_loss(
+            reranker(batch, train=True), chunk, priors[start : start + config.batch_size], weight
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(
+            [p for p in reranker.parameters() if p.requires_grad], config.grad_clip
+        )
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if progress is not None and task is not None:
+            progress.update(task, advance=len(chunk), description=f"{label} loss {np.mean(losses[-50:]):.3f}")
+            if not progress.console.is_terminal and len(losses) % 50 == 0:  # logs get a line now and then
+                progress.console.print(f"{label} step {len(losses)}: loss {np.mean(losses[-50:]):.4f}")
+    return losses
+
+
+def optimizer_for(reranker: Reranker, config: TrainConfig, total_steps: int):
+    """AdamW over the trainable parameters (fresh parts at `fresh_lr`) and a warm-up-then-linear schedule."""
+    optimizer = _optimizer(reranker, config)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _warmup_linear(int(total_steps * config.warmup), max(1, total_steps))
+    )
+    return optimizer, schedule
 
 
 def item_lookups(
@@ -253,27 +291,52 @@ def training_examples(
         part = jobs[start : start + chunk]
         seeds = [int(rng.integers(2**31)) for _ in part]
         requests = [
-            synthesizer.request(split.train(user)[:t], split.train(user)[t].item, seed=seed)
+            (
+                synthesizer.request(split.train(user)[:t], split.train(user)[t].item, seed=seed),
+                split.train(user)[t].item,
+                seed,
+            )
             for (user, t), seed in zip(part, seeds, strict=True)
         ]
-        queries = [PlanQuery([x.item for x in r.history], r.wish.text if r.wish else None) for r in requests]
-        for (user, t), seed, request, (cands, scores) in zip(
-            part, seeds, requests, planner(queries, config.candidates), strict=True
+        for (user, _), planned in zip(
+            part, plan_examples(requests, planner, synthesizer, config, rng), strict=True
         ):
-            target = split.train(user)[t].item
-            if target not in cands or kept.get(user, 0) >= config.positions_per_user:
+            if planned is None or kept.get(user, 0) >= config.positions_per_user:
                 continue
             kept[user] = kept.get(user, 0) + 1
-            negatives = [c for c in cands if c != target]
-            if config.random_negatives and request.wish is None:
-                negatives = negatives[: max(1, len(negatives) - config.random_negatives)]
-                seen = {x.item for x in request.history} | {target, *negatives}
-                negatives += _unseen(rng, dataset.n_items, seen, config.random_negatives)
-            example = synthesizer.render(request, target, negatives, seed=seed)
-            examples.append(example)
-            priors.append(prior_of(example.instruction.candidates, scores))
+            examples.append(planned[0])
+            priors.append(planned[1])
     order = rng.permutation(len(examples))
     return [examples[i] for i in order], [priors[i] for i in order]
+
+
+def plan_examples(
+    requests: Sequence[tuple[Request, int, int]],
+    planner: Planner,
+    synthesizer: Synthesizer,
+    config: TrainConfig,
+    rng: np.random.Generator,
+) -> list[tuple[Example, np.ndarray] | None]:
+    """Each (request, target, seed) rendered over the plan's candidates for it, with its prior; None where the
+    plan did not find the target (see `training_examples` for why it is never inserted by hand)."""
+    queries = [
+        PlanQuery([x.item for x in r.history], r.wish.text if r.wish else None) for r, _, _ in requests
+    ]
+    out: list[tuple[Example, np.ndarray] | None] = []
+    for (request, target, seed), (cands, scores) in zip(
+        requests, planner(queries, config.candidates), strict=True
+    ):
+        if target not in cands:
+            out.append(None)
+            continue
+        negatives = [c for c in cands if c != target]
+        if config.random_negatives and request.wish is None:
+            negatives = negatives[: max(1, len(negatives) - config.random_negatives)]
+            seen = {x.item for x in request.history} | {target, *negatives}
+            negatives += _unseen(rng, synthesizer.dataset.n_items, seen, config.random_negatives)
+        example = synthesizer.render(request, target, negatives, seed=seed)
+        out.append((example, prior_of(example.instruction.candidates, scores)))
+    return out
 
 
 def prior_of(candidates: Sequence[int], scores: np.ndarray | None) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""The clicks agent: interactions → the user-context table; clicks on a served list → feedback examples.
+"""The clicks agent: interactions → the user-context table; clicks on a served list → feedback examples; and
+every answer scored against the user's next interaction (prequential quality per model version).
 
 Clicks arrive in batches; a user's clicks in one batch are folded into the context in order and the record
 is written once (a user's events share one partition, so the write goes to that partition's changelog).
@@ -15,10 +16,11 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from instructrec.events import ClickEvent, encode
+from instructrec.events import ClickEvent, ModelUpdate, encode
 from streams.kafka.compat import processing
 from streams.state.context import ContextLimits, UserContext
-from streams.state.served import Served, feedback_for
+from streams.state.prequential import answer_metrics
+from streams.state.served import Impression, Served, feedback_for
 
 if TYPE_CHECKING:
     from streams.app import StreamApp
@@ -53,8 +55,8 @@ def handle_batch(stream: StreamApp, events: Sequence) -> int:
 
 def _apply_user(stream: StreamApp, user: str, clicks: list, limits: ContextLimits) -> int:
     context = UserContext.from_bytes(stream.tables.context.get(user))
-    served: Served | None = None
-    applied = 0
+    served = Served.from_bytes(stream.tables.served.get(user))
+    applied = scored = 0
     for _, click in clicks:
         if not context.apply(click, limits):
             stream.metrics.duplicates.labels("clicks").inc()
@@ -62,15 +64,34 @@ def _apply_user(stream: StreamApp, user: str, clicks: list, limits: ContextLimit
         applied += 1
         stream.services.popularity.count(click.item_id)
         if click.request_id:
-            if served is None:
-                served = Served.from_bytes(stream.tables.served.get(user))
             impression = served.impression(click.request_id)
             feedback = feedback_for(click, impression) if impression else None
             if feedback is not None:
                 stream.send(stream.topics.feedback, user, encode(feedback), "feedback")
+        judged = served.to_score(click.ts, click.request_id)
+        if judged is not None:
+            _score(stream, judged, click)
+            served.mark_scored(judged.request_id)
+            scored += 1
     if applied:
         stream.tables.context[user] = context.to_bytes()
+    if scored:
+        stream.tables.served[user] = served.to_bytes()
     return applied
+
+
+def _score(stream: StreamApp, impression: Impression, click: ClickEvent) -> None:
+    """The answer against what the user went on to choose, into the rolling per-version figures."""
+    version = impression.model_version or "unknown"
+    ndcg, hit = answer_metrics(impression.served, click.item_id)
+    due = stream.prequential.record(version, ndcg, hit)
+    summary = stream.prequential.summary(version)
+    stream.metrics.prequential_ndcg.labels(version).set(summary["ndcg@10"])
+    stream.metrics.prequential_hr.labels(version).set(summary["hr@10"])
+    stream.metrics.prequential_answers.labels(version).inc()
+    if due:
+        update = ModelUpdate(version=version, metrics=summary, accepted=True, kind="prequential")
+        stream.send(stream.topics.model_updates, version, encode(update), "model-updates")
 
 
 def install(stream: StreamApp) -> None:

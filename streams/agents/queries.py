@@ -97,6 +97,7 @@ class Pending:
     prepared: Prepared | None = None
     plan: Plan | None = None
     candidates: list[Candidate] = field(default_factory=list)  # the plan's, best first
+    version: str = ""  # the model version that scored it
     reasons: list[str] = field(default_factory=list)  # why the answer is degraded (empty: it is not)
     instruction: Instruction | None = None
     items: LocalItems = field(default_factory=LocalItems)
@@ -406,9 +407,11 @@ async def rerank(stream: StreamApp, batch: list[Pending]) -> float:
     deadline = triton.timeout_s * (triton.retries + 1) + 1.0
     started = time.perf_counter()
     try:
-        scores = await asyncio.wait_for(stream.services.reranker.score([p.request for p in ready]), deadline)
-        if len(scores) != len(ready):
-            raise RuntimeError(f"{len(scores)} score lists for {len(ready)} requests")
+        scored = await asyncio.wait_for(
+            stream.services.reranker.score_with_versions([p.request for p in ready]), deadline
+        )
+        if len(scored) != len(ready):
+            raise RuntimeError(f"{len(scored)} score lists for {len(ready)} requests")
     except Exception as error:  # unavailable, timed out, circuit open, or a bad answer: degrade, never drop
         reason = f"reranker unavailable: {type(error).__name__}: {error}"[:500]
         for p in ready:
@@ -416,8 +419,9 @@ async def rerank(stream: StreamApp, batch: list[Pending]) -> float:
         _circuit_gauge(stream)
         return (time.perf_counter() - started) * 1000
     _circuit_gauge(stream)
-    for p, row in zip(ready, scores, strict=True):
+    for p, (row, version) in zip(ready, scored, strict=True):
         p.scores = np.asarray(row, dtype=np.float64)
+        p.version = version  # the version that scored this request (a swap may land mid-batch)
     return (time.perf_counter() - started) * 1000
 
 
@@ -482,13 +486,14 @@ def recommendation(
         request_id=p.query.request_id,
         user_id=p.query.user_id,
         items=tuple(ranked(stream, p)),
-        model_version=model_version if reranked else NO_MODEL,
+        model_version=(p.version or model_version) if reranked else NO_MODEL,
         template_id=p.instruction.template_id if p.instruction else NO_TEMPLATE,
         degraded=bool(p.reasons),
         reason="; ".join(p.reasons) if p.reasons else None,
         timings={k: round(max(0.0, v), 3) for k, v in timings.items()},
         instruction=instruction,
         relaxed=p.plan.relaxed if p.plan is not None else (),
+        requested_version=model_version if model_version != "unknown" else None,
     )
 
 
@@ -516,17 +521,18 @@ def _cause(reason: str) -> str:
     return "other"
 
 
-def _impression(stream: StreamApp, p: Pending, answer: Recommendation) -> Impression | None:
-    if p.instruction is None:
-        return None
-    titles = _titles(stream, p)
+def _impression(p: Pending, answer: Recommendation) -> Impression:
+    """What was served, for feedback and for scoring the answer against the user's next interaction."""
+    candidates = tuple(p.items.ids[c] for c in p.instruction.candidates) if p.instruction else ()
     return Impression(
         request_id=p.query.request_id,
-        instruction=p.instruction.text(titles.__getitem__),
-        candidates=tuple(p.items.ids[c] for c in p.instruction.candidates),
+        instruction=answer.instruction or "",
+        candidates=candidates or tuple(i.item_id for i in answer.items),
         served=tuple(i.item_id for i in answer.items),
-        template_id=p.instruction.template_id,
+        template_id=answer.template_id,
         model_version=answer.model_version,
+        ts=p.query.ts,
+        intention=p.query.text,
     )
 
 
@@ -577,7 +583,7 @@ async def _answer(stream: StreamApp, batch: list[Pending], started: float) -> in
         timings = {"queue_ms": p.queue_ms, **stages, "total_ms": total}
         try:
             answer = recommendation(stream, p, model_version, timings)
-            impression = _impression(stream, p, answer)
+            impression = _impression(p, answer)
         except Exception as error:  # one query's problem stays that query's
             stream.dead_letters.send_event(p.event, error)
             answer = Recommendation(

@@ -8,8 +8,9 @@ record and publishes the recommendation in one synchronous step (both are queued
 await in between), and Faust flushes that producer before it commits offsets: so a query is either answered
 and marked, or neither and redelivered.
 
-Impressions (the instruction the model saw, its candidates and the served order) let the clicks agent turn a
-click that follows a recommendation into a feedback example (`feedback_for`).
+Impressions (the instruction the model saw, its candidates, the served order, the version that scored it)
+let the clicks agent turn a click that follows a recommendation into a feedback example (`feedback_for`),
+and score the answer against what the user did next (`streams.state.prequential`).
 """
 
 from __future__ import annotations
@@ -33,11 +34,14 @@ NEGATIVE_RATING = 2.0
 @dataclass(frozen=True)
 class Impression:
     request_id: str
-    instruction: str  # the rendered instruction text the model scored
+    instruction: str  # the rendered instruction text the model scored ("" when no model ranked the answer)
     candidates: tuple[str, ...]  # in the order the instruction presented them
     served: tuple[str, ...]  # the answer, best first
     template_id: str
     model_version: str | None
+    ts: float = 0.0  # when the query was made (event time)
+    intention: str | None = None  # the request's text
+    scored: bool = False  # already scored against the user's next interaction (prequential)
 
 
 @dataclass
@@ -62,14 +66,25 @@ class Served:
     def impression(self, request_id: str) -> Impression | None:
         return next((i for i in reversed(self.impressions) if i.request_id == request_id), None)
 
+    def to_score(self, click_ts: float, request_id: str | None) -> Impression | None:
+        """The answer a click judges: the one it names, else the latest answer made before it; None when
+        that answer was already scored."""
+        found = self.impression(request_id) if request_id else None
+        if found is None:
+            found = next((i for i in reversed(self.impressions) if i.ts <= click_ts), None)
+        return found if found is not None and not found.scored else None
+
+    def mark_scored(self, request_id: str) -> None:
+        self.impressions = [
+            Impression(*[getattr(i, f) for f in _FIELDS[:-1]], True) if i.request_id == request_id else i
+            for i in self.impressions
+        ]
+
     def to_bytes(self) -> bytes:
         return orjson.dumps(
             {
                 "a": self.answered,
-                "i": [
-                    [i.request_id, i.instruction, i.candidates, i.served, i.template_id, i.model_version]
-                    for i in self.impressions
-                ],
+                "i": [[getattr(i, f) for f in _FIELDS] for i in self.impressions],
             }
         )
 
@@ -79,14 +94,41 @@ class Served:
             return cls()
         try:
             data = orjson.loads(raw)
-            impressions = [
-                Impression(str(r), str(text), tuple(c), tuple(s), str(t), v)
-                for r, text, c, s, t, v in data.get("i", [])
-            ]
+            impressions = [_impression(row) for row in data.get("i", [])]
             return cls(answered=[str(r) for r in data.get("a", [])], impressions=impressions)
         except (orjson.JSONDecodeError, TypeError, ValueError) as error:
             log.error("unreadable served record (%s); starting from an empty one", error)
             return cls()
+
+
+_FIELDS = (
+    "request_id",
+    "instruction",
+    "candidates",
+    "served",
+    "template_id",
+    "model_version",
+    "ts",
+    "intention",
+    "scored",
+)
+
+
+def _impression(row: list) -> Impression:
+    """A stored impression (older records lack the trailing fields)."""
+    r, text, candidates, served, template, version, *rest = row
+    ts, intention, scored = (rest + [0.0, None, False][len(rest) :])[:3]
+    return Impression(
+        str(r),
+        str(text),
+        tuple(candidates),
+        tuple(served),
+        str(template),
+        version,
+        float(ts),
+        intention,
+        bool(scored),
+    )
 
 
 def feedback_for(click: ClickEvent, impression: Impression) -> FeedbackEvent | None:
@@ -98,7 +140,7 @@ def feedback_for(click: ClickEvent, impression: Impression) -> FeedbackEvent | N
     gives nothing.
     """
     item = click.item_id
-    if item not in impression.candidates:
+    if item not in impression.candidates or not impression.instruction:
         return None
     rating = click.rating
     if click.kind == "dislike" or (rating is not None and rating <= NEGATIVE_RATING):
@@ -119,5 +161,6 @@ def feedback_for(click: ClickEvent, impression: Impression) -> FeedbackEvent | N
         negative_item_ids=negatives,
         template_id=impression.template_id,
         model_version=impression.model_version,
+        intention=impression.intention,
         ts=click.ts,
     )

@@ -143,7 +143,9 @@ def dataset():
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory: pytest.TempPathFactory, dataset) -> Path:
-    """A SASRec that was never trained (vectors from its initialisation) and popularity counts."""
+    """A SASRec that was never trained (vectors from its initialisation), popularity counts and the
+    catalogue's attributes, laid out as training writes them."""
+    from instructrec.catalogue import Catalogue
     from instructrec.retrieval.popularity import Popularity
     from instructrec.retrieval.sasrec import SASRec, SASRecConfig, SASRecNet
 
@@ -156,6 +158,7 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory, dataset) -> Path:
         folder / "retrievers" / "popularity"
     )
     (folder / "pipeline.json").write_text(json.dumps({"retriever": "sasrec", "fusion_weight": 0.3}))
+    Catalogue.from_dataset(dataset).save(folder / "catalogue.json")
     return root
 
 
@@ -228,6 +231,23 @@ async def test_a_replayed_user_gets_recommendations_without_consumed_items(
         expected = "-I2-T3-" if query.text else "-I0-T3-"
         assert expected in answer.template_id and answer.template_id[:2] in ("P1", "P2")
         assert answer.timings["rerank_ms"] > 0
+
+
+async def test_a_text_request_is_answered_with_compliant_reasoned_items(worker: WorkerProcess, dataset) -> None:
+    """A free-text request through POST /recommend: every item satisfies what it asks (the category, the
+    period, the exclusion), says why, and the answer carries the instruction the model scored."""
+    user = dataset.users[0]
+    text = "a gritty 1990s crime story, nothing animated"
+    status, answer = http("POST", worker.url("/recommend"), {"user_id": user, "k": 10, "text": text})
+    assert status == 200 and not answer["degraded"], answer.get("reason")
+    assert len(answer["items"]) == 10 and answer["template_id"][3:5] == "I2"
+    assert text in answer["instruction"]
+    by_id = {item.id: item for item in dataset.items}
+    for item in answer["items"]:
+        known = by_id[item["item_id"]]
+        assert "Crime" in known.genres and "Animation" not in known.genres and 1990 <= known.year <= 1999
+        assert item["reasons"] and item["reasons"][0].startswith("matches: 1990s, crime"), item["reasons"]
+    assert any(r.startswith("because you watched ") for item in answer["items"] for r in item["reasons"])
 
 
 async def test_post_recommend_and_the_other_views(worker: WorkerProcess, dataset) -> None:

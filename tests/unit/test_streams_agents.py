@@ -20,6 +20,7 @@ from instructrec.events import (
     ClickEvent,
     DeadLetter,
     FeedbackEvent,
+    ModelUpdate,
     QueryEvent,
     QueryFilters,
     Recommendation,
@@ -135,6 +136,9 @@ class FakeReranker:
 
     async def refresh_model_version(self) -> str:
         return self.model_version
+
+    async def score_with_versions(self, requests):
+        return [(scores, self.model_version) for scores in await self.score(requests)]
 
     async def close(self) -> None:
         pass
@@ -467,3 +471,24 @@ def test_intention_vectors_are_cached() -> None:
     cache.encode(["scary", "sad"])  # "funny" is now the least recently used: evicted
     cache.encode(["funny"])
     assert calls[1:] == [["sad"], ["funny"]] and (cache.hits, cache.misses) == (2, 4)
+
+
+async def test_answers_are_scored_against_the_next_interaction_per_model_version() -> None:
+    stream = make_stream()
+    stream.prequential.report_every = 2
+    watch(stream, "u1", ["m1", "m2"])
+    for n, request_id in enumerate(("r1", "r2")):
+        await queries.answer_batch(stream, [event(QueryEvent(request_id=request_id, user_id="u1", k=5, ts=100.0 + n))])
+        served = [i.item_id for i in answers(stream)[-1].items]
+        # the next interaction, without naming the request: the third served item (NDCG 1/log2(4)), then none
+        chosen = served[2] if n == 0 else "m39"
+        click = ClickEvent(event_id=f"next-{n}", user_id="u1", item_id=chosen, kind="click", ts=100.5 + n)
+        clicks.handle_batch(stream, [event(click, topic="clicks", offset=10 + n)])
+        later = ClickEvent(event_id=f"later-{n}", user_id="u1", item_id="m38", kind="click", ts=100.7 + n)
+        clicks.handle_batch(stream, [event(later, topic="clicks", offset=20 + n)])  # the answer is scored once
+    summary = stream.prequential.summary("7")
+    assert summary["answers"] == 2 and summary["ndcg@10"] == pytest.approx(0.5 / 2) and summary["hr@10"] == 0.5
+    assert stream.metrics.prequential_ndcg.labels("7")._value.get() == pytest.approx(0.25)
+    [(key, raw)] = stream.topics.model_updates.sent  # reported after `report_every` scored answers
+    update = decode(ModelUpdate, raw)
+    assert key == b"7" and update.kind == "prequential" and update.metrics["answers"] == 2.0

@@ -225,7 +225,16 @@ class TritonReranker:
         If a request fails, raises its error once all have finished (`RerankerUnavailable` or
         `RerankerRequestError`); with `return_exceptions` the error takes that request's place instead.
         """
-        results = await asyncio.gather(*(self.score_one(r) for r in requests), return_exceptions=True)
+        results = await self._gather(requests, return_exceptions)
+        return [r if isinstance(r, BaseException) else r[0] for r in results]
+
+    async def score_with_versions(self, requests: Sequence[bytes]) -> list[tuple[np.ndarray, str]]:
+        """Each request's scores and the model version that scored it (read from the answer itself, so a hot
+        swap landing in the middle of a batch is attributed right)."""
+        return await self._gather(requests, False)
+
+    async def _gather(self, requests: Sequence[bytes], return_exceptions: bool) -> list[Any]:
+        results = await asyncio.gather(*(self._score(r) for r in requests), return_exceptions=True)
         if not return_exceptions:
             for result in results:
                 if isinstance(result, BaseException):
@@ -234,6 +243,9 @@ class TritonReranker:
 
     async def score_one(self, request: bytes) -> np.ndarray:
         """One request's scores under the failure policy of the module docstring."""
+        return (await self._score(request))[0]
+
+    async def _score(self, request: bytes) -> tuple[np.ndarray, str]:
         self.stats.calls += 1
         attempts = 0
 
@@ -274,7 +286,7 @@ class TritonReranker:
             ) from error
         if version:
             self._model_version = version
-        return np.asarray(scores, dtype=np.float32)
+        return np.asarray(scores, dtype=np.float32), version or self._model_version
 
     def _count_retry(self, error: BaseException) -> None:
         self.stats.retries += 1

@@ -9,9 +9,12 @@ Layout (DESIGN §3; Triton's explicit model control loads what is here on `load_
         1/reranker/               the saved `Reranker` (not committed: `export_version` writes it)
         2/model.py, 2/reranker/   the next version, and so on
 
-A version folder is written under a temporary name and renamed into place, so a server never sees half
-a version. Versions are immutable once exported: a changed model is a new version number, and the
-model's `latest` version policy makes `load_model` swap to it while the old one serves until then.
+A version folder is written in a staging folder *outside* the model's folder (`staging_dir`: beside the
+repository, on the same file system), fsynced, and renamed into place: a server never sees half a version,
+and nothing but numbered version folders and config.pbtxt ever appears in the model's folder (Triton reloads
+every version of a model whose folder gains anything else). Versions are immutable once exported: a changed
+model is a new version number. Retiring a version (`retire_version`, rollback and pruning) is the same move
+in reverse: renamed out first, deleted after.
 
     instructrec export RERANKER_DIR [--repository deploy/triton] [--version N]
 """
@@ -23,6 +26,7 @@ import os
 import re
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 from instructrec.artifacts import VERSION_WEIGHTS_DIR as WEIGHTS_DIR
@@ -50,6 +54,12 @@ def versions(repository: str | Path, model: str = MODEL_NAME) -> list[int]:
     return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / WEIGHTS_DIR).is_dir())
 
 
+def staging_dir(repository: str | Path) -> Path:
+    """Where versions are written before they are renamed into the repository: a hidden folder beside it."""
+    repository = Path(repository).resolve()
+    return repository.parent / f".{repository.name}-staging"
+
+
 def export_version(
     reranker_dir: str | Path,
     repository: str | Path,
@@ -58,6 +68,7 @@ def export_version(
     model: str = MODEL_NAME,
     link: bool = False,
     overwrite: bool = False,
+    staging: str | Path | None = None,
 ) -> Path:
     """Copy a saved reranker folder into `<repository>/<model>/<version>/` beside the backend's model.py.
 
@@ -85,9 +96,8 @@ def export_version(
             f"{target} already holds a model; versions are immutable: export a new version "
             "(or pass overwrite=True while no server has it loaded)"
         )
-
-    partial = model_dir / f".partial-{version}-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
+    stage = _stage(Path(staging) if staging else staging_dir(model_dir.parent), model_dir)
+    partial = stage / f"{model}-{version}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         shutil.copytree(source, partial / WEIGHTS_DIR, copy_function=_link_or_copy if link else shutil.copy2)
         _pin_adapter_base(partial / WEIGHTS_DIR)
@@ -95,10 +105,39 @@ def export_version(
         (partial / VERSION_FILE).write_text(
             json.dumps({"version": version, "source": str(source), "exported_at": time.time()}, indent=2)
         )
-        _move_into_place(partial, target)
+        _fsync_tree(partial)
+        _move_into_place(partial, target, stage)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return target
+
+
+def retire_version(
+    repository: str | Path, version: int, *, model: str = MODEL_NAME, staging: str | Path | None = None
+) -> None:
+    """Take a version out of the repository: renamed out of the model's folder at once (Triton's `latest`
+    policy no longer sees it), deleted after. A crash in between leaves it in staging, never half deleted
+    in the repository."""
+    model_dir = Path(repository).resolve() / model
+    folder = model_dir / str(version)
+    if not folder.is_dir():
+        return
+    stage = _stage(Path(staging) if staging else staging_dir(model_dir.parent), model_dir)
+    gone = stage / f"retired-{model}-{version}-{uuid.uuid4().hex[:8]}"
+    folder.rename(gone)
+    _fsync_dir(model_dir)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def prune_versions(
+    repository: str | Path, keep: int, *, protect: tuple[int, ...] = (), model: str = MODEL_NAME
+) -> list[int]:
+    """Retire all but the newest `keep` versions (and any in `protect`); returns the retired ones."""
+    existing = versions(repository, model)
+    retired = [v for v in existing[: max(0, len(existing) - keep)] if v not in protect]
+    for version in retired:
+        retire_version(repository, version, model=model)
+    return retired
 
 
 def copy_repository(source: str | Path, target: str | Path) -> Path:
@@ -110,7 +149,7 @@ def copy_repository(source: str | Path, target: str | Path) -> Path:
     shutil.copytree(
         source,
         target,
-        ignore=shutil.ignore_patterns(WEIGHTS_DIR, "__pycache__", ".partial-*"),
+        ignore=shutil.ignore_patterns(WEIGHTS_DIR, "__pycache__"),
         dirs_exist_ok=True,
     )
     return target
@@ -178,16 +217,46 @@ def _link_or_copy(source: str, target: str) -> None:
         shutil.copy2(source, target)
 
 
-def _move_into_place(partial: Path, target: Path) -> None:
-    """Rename the finished version into place; an existing folder (model.py only, or overwrite) is replaced."""
+def _stage(stage: Path, model_dir: Path) -> Path:
+    """The staging folder, which must share the repository's file system (a rename is atomic only there)."""
+    stage.mkdir(parents=True, exist_ok=True)
+    if stage.stat().st_dev != model_dir.stat().st_dev:
+        raise ExportError(
+            f"the staging folder {stage} is on another file system than {model_dir}: a version could not be "
+            "renamed into place atomically; give a staging folder on the repository's volume"
+        )
+    return stage
+
+
+def _fsync_tree(root: Path) -> None:
+    """Every file and folder under `root` on disk before it is renamed into the repository."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with open(Path(folder) / name, "rb") as handle:
+                os.fsync(handle.fileno())
+        _fsync_dir(Path(folder))
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _move_into_place(partial: Path, target: Path, stage: Path) -> None:
+    """Rename the finished version into place; an existing folder (overwrite) is first renamed out."""
+    previous = None
     if target.exists():
-        previous = target.with_name(f".replaced-{target.name}-{os.getpid()}")
+        previous = stage / f"replaced-{target.name}-{uuid.uuid4().hex[:8]}"
         target.rename(previous)
-        try:
-            partial.rename(target)
-        except OSError:
-            previous.rename(target)
-            raise
-        shutil.rmtree(previous, ignore_errors=True)
-    else:
+    try:
         partial.rename(target)
+    except OSError:
+        if previous is not None:
+            previous.rename(target)
+        raise
+    _fsync_dir(target.parent)
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)

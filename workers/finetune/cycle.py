@@ -1,0 +1,283 @@
+"""One fine-tune cycle: the examples since the last cycle (plus a replay sample of older ones), trained into the
+served model, judged against it on the newest examples, which it never saw.
+
+    result = run_cycle(store, planner, incumbent_dir, out_dir, config=settings.finetune, weights=fusion)
+
+Training starts from the version Triton serves. `method="lora"` trains LoRA adapters (peft) on the attention
+projections — query and value, which in the MiniLM encoder-decoder include the decoder's cross-attention: it
+started random in the offline default but the served version has trained it, so adapters on it are
+meaningful — and merges them into the weights before the candidate is saved, so every version is
+self-contained (no base checkpoint to keep). `method="full"` trains every weight. `benchmarks/loop.py`
+measures both, examples per second side by side.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from instructrec.catalogue import Catalogue
+from instructrec.config import FinetuneSettings
+from instructrec.data.dataset import Interaction
+from instructrec.instructions import Example as Instance
+from instructrec.instructions import (
+    Intention,
+    Preference,
+    Request,
+    SynthesisConfig,
+    Synthesizer,
+    Task,
+    Wish,
+    intention_kind,
+    request_instruction,
+)
+from instructrec.model.reranker import Reranker
+from instructrec.model.scoring import fuse, score
+from instructrec.model.training import (
+    TrainConfig,
+    fit_examples,
+    item_lookups,
+    optimizer_for,
+    plan_examples,
+    prior_of,
+)
+from instructrec.planner import OfflinePlanner
+from workers.finetune.gate import Verdict, judge, ranks
+from workers.finetune.store import Example, ExampleStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Split:
+    """A cycle's examples: to train on, to judge on (the newest, unseen), and up to which store id."""
+
+    train: list[Example]
+    holdout: list[Example]
+    trained_to: int  # the newest example id trained on (the next cycle starts after it)
+    new: int  # how many of `train` are new since the last cycle
+
+
+def split_examples(store: ExampleStore, since: int, config: FinetuneSettings, seed: int) -> Split:
+    """New examples (after `since`) minus the newest `holdout`, plus a replay sample of older ones."""
+    last = store.last_id()
+    judged = store.examples(after=max(since, last - config.holdout))
+    holdout = [e for _, e in judged]
+    cut = judged[0][0] - 1 if judged else last
+    fresh = [e for _, e in store.examples(after=since, upto=cut)]
+    share = config.replay / max(1e-9, 1 - config.replay) if config.replay < 1 else 1.0
+    old = store.sample(int(len(fresh) * share), upto=since, seed=seed) if since else []
+    return Split(fresh + old, holdout, cut, len(fresh))
+
+
+@dataclass
+class Prepared:
+    """Examples rendered as the reranker trains on them (instances) with their priors, and what was left out."""
+
+    instances: list[Instance]
+    priors: list[np.ndarray]
+    skipped: int  # unknown items, fewer than two candidates, or a target the plan did not find
+
+
+def prepare(
+    examples: Sequence[Example],
+    planner: OfflinePlanner,
+    k: int,
+    *,
+    feedback_weight: float = 1.0,
+    seed: int = 0,
+    corrupt: bool = False,
+) -> Prepared:
+    """Clicks examples the way offline training makes them (a synthesised request over the plan's candidates);
+    feedback examples over what was served, with the request's own text. `corrupt` shuffles the answers (a
+    deliberately wrong candidate, for testing the gate)."""
+    catalogue = planner.catalogue
+    synthesizer = Synthesizer(catalogue.as_dataset(), SynthesisConfig(n_candidates=k))
+    config = TrainConfig(candidates=k)
+    rng = np.random.default_rng(seed)
+    instances: list[Instance] = []
+    priors: list[np.ndarray] = []
+    skipped = 0
+    clicks: list[tuple[Request, int, int]] = []
+    for n, example in enumerate(examples):
+        rows = [catalogue.rows[i] for i in example.history if i in catalogue.rows]
+        target = catalogue.rows.get(example.target)
+        if target is None:
+            skipped += 1
+            continue
+        history = [Interaction(r, 0) for r in rows]
+        if example.source == "clicks":
+            if not history:
+                skipped += 1
+                continue
+            clicks.append((synthesizer.request(history, target, seed=seed * 100_003 + n), target, n))
+            continue
+        served = [catalogue.rows[i] for i in example.candidates if i in catalogue.rows]
+        if target not in served or len(served) < 2:
+            skipped += 1
+            continue
+        request = _served_request(history, example.text)
+        retrieval = planner.retrieval([rows])[0] if rows else None
+        instance = synthesizer.render(request, target, served[:k], seed=seed * 100_003 + n)
+        for _ in range(max(1, round(feedback_weight))):
+            instances.append(instance)
+            priors.append(prior_of(instance.instruction.candidates, retrieval))
+    for planned in plan_examples(clicks, planner, synthesizer, config, rng):
+        if planned is None:
+            skipped += 1
+            continue
+        instances.append(planned[0])
+        priors.append(planned[1])
+    if corrupt:
+        instances = [_shuffled(i, random.Random(seed + n)) for n, i in enumerate(instances)]
+    order = rng.permutation(len(instances))
+    return Prepared([instances[i] for i in order], [priors[i] for i in order], skipped)
+
+
+def _served_request(history: list[Interaction], text: str | None) -> Request:
+    preference = Preference.P1 if history else Preference.P0
+    intention = intention_kind(text)
+    if preference is Preference.P0 and intention is Intention.I0:
+        raise ValueError("a served request had neither a history nor a text")
+    return Request(preference, intention, Task.T3, Wish(text) if text else None, tuple(history))
+
+
+def _shuffled(instance: Instance, rng: random.Random) -> Instance:
+    ins = instance.instruction
+    if len(ins.labels) < 2:
+        return instance
+    wrong = rng.choice([label for label in ins.labels if label != instance.answer])
+    return replace(instance, answer=wrong)
+
+
+@dataclass(frozen=True)
+class Trained:
+    seconds: float
+    steps: int
+    examples: int
+    examples_per_s: float
+    loss_first: float
+    loss_last: float
+
+
+def train_candidate(
+    reranker: Reranker,
+    prepared: Prepared,
+    catalogue: Catalogue,
+    config: FinetuneSettings,
+    budget_s: float,
+    progress=None,
+) -> Trained:
+    """Fine-tune `reranker` in place on the prepared examples (LoRA merged afterwards, or every weight)."""
+    lookups = catalogue_lookups(reranker, catalogue)
+    train_config = TrainConfig(batch_size=16, lr=config.lr, fresh_lr=config.lr, warmup=0.1, candidates=20)
+    if config.method == "lora":
+        reranker.add_lora("served", r=config.lora_r, alpha=2 * config.lora_r, targets=["query", "value"])
+        train_config = replace(
+            train_config, lr=config.lr * 20, fresh_lr=config.lr * 20
+        )  # adapters start at zero
+    steps = max(1, -(-len(prepared.instances) // train_config.batch_size)) * config.epochs
+    optimizer, schedule = optimizer_for(reranker, train_config, steps)
+    started = time.perf_counter()
+    deadline = started + budget_s
+    losses: list[float] = []
+    seen = 0
+    for epoch in range(config.epochs):
+        epoch_losses = fit_examples(
+            reranker,
+            prepared.instances,
+            prepared.priors,
+            lookups,
+            optimizer,
+            schedule,
+            train_config,
+            deadline,
+            progress,
+            f"fine-tune epoch {epoch + 1}",
+        )
+        losses += epoch_losses
+        seen += min(len(prepared.instances), len(epoch_losses) * train_config.batch_size)
+        if time.perf_counter() > deadline:
+            break
+    reranker.merge_lora()
+    reranker.eval()
+    seconds = time.perf_counter() - started
+    return Trained(
+        seconds,
+        len(losses),
+        seen,
+        seen / seconds if seconds > 0 else 0.0,
+        float(np.mean(losses[:10])) if losses else float("nan"),
+        float(np.mean(losses[-10:])) if losses else float("nan"),
+    )
+
+
+@dataclass(frozen=True)
+class Judged:
+    verdict: Verdict
+    candidate_ranks: np.ndarray
+    incumbent_ranks: np.ndarray
+
+
+def gate(
+    candidate: Reranker,
+    incumbent: Reranker,
+    holdout: Sequence[Example],
+    planner: OfflinePlanner,
+    weight_for: Callable[[str | None], float],
+    config: FinetuneSettings,
+    k: int = 20,
+    seed: int = 0,
+) -> Judged:
+    """Both models on the held-out examples, as served: the request rendered over its candidates (served ones
+    for feedback, the plan's for clicks), fused with the prior at the served weight."""
+    catalogue = planner.catalogue
+    instructions, targets, priors, texts = [], [], [], []
+    for n, example in enumerate(holdout):
+        rows = [catalogue.rows[i] for i in example.history if i in catalogue.rows]
+        target = catalogue.rows.get(example.target)
+        if target is None or not (rows or example.text):
+            continue
+        if example.source == "feedback":
+            cands = [catalogue.rows[i] for i in example.candidates if i in catalogue.rows]
+            scores = planner.retrieval([rows])[0] if rows else None
+        else:
+            plan, scores = planner.plan_with(rows, None, None, planner.retrieval([rows])[0], n=k)
+            cands = [c.row for c in plan.candidates if c.row is not None]
+        if target not in cands or len(cands) < 2:
+            continue  # the gate judges the reranker: only lists that hold the chosen item
+        history = [Interaction(r, 0) for r in rows]
+        ins = request_instruction(
+            history, cands[:k], intention=example.text, seed=seed + n, nouns=catalogue.nouns
+        )
+        instructions.append(ins)
+        targets.append(ins.candidates.index(target))
+        priors.append(prior_of(ins.candidates, scores))
+        texts.append(example.text)
+
+    def ranked(model: Reranker) -> np.ndarray:
+        title_of, row_of, text_of = catalogue_lookups(model, catalogue)
+        raw = score(model, instructions, title_of, row_of, text_of=text_of)
+        fused = [fuse(r, p, weight_for(t)) for r, p, t in zip(raw, priors, texts, strict=True)]
+        return ranks(fused, targets)
+
+    cand, inc = ranked(candidate), ranked(incumbent)
+    verdict = judge(cand, inc, min_margin=config.min_margin, confidence=config.confidence, seed=seed)
+    return Judged(verdict, cand, inc)
+
+
+def catalogue_lookups(reranker: Reranker, catalogue: Catalogue):
+    """`training.item_lookups` over a catalogue instead of a dataset."""
+    return item_lookups(reranker, catalogue.as_dataset())
+
+
+def save_candidate(reranker: Reranker, out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    reranker.save_pretrained(out)
+    return out
