@@ -6,6 +6,7 @@ their job when they run, so `instructrec --help` does not load torch.
     fetch                a public MovieLens release into the data root (needs internet)
     train, evaluate      the offline pipeline on a dataset (retrievers, reranker; both protocols)
     export               a trained reranker as a new Triton model version
+    finetune             the fine-tune worker (and `finetune rollback`, `finetune status`)
     index, replay        a dataset's catalogue / interactions as events
     produce, subscribe   JSON lines in and out of a topic
 """
@@ -36,6 +37,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         add_train,
         add_evaluate,
         add_export,
+        add_finetune,
         add_index,
         add_replay,
         add_produce,
@@ -182,6 +184,70 @@ def run_export(args: argparse.Namespace, settings: Settings) -> int:
         errors.print(f"[red]error:[/] {error}", highlight=False)
         return 2
     console.print(f"exported {target}")
+    return 0
+
+
+def add_finetune(commands: argparse._SubParsersAction) -> None:
+    finetune = commands.add_parser(
+        "finetune", help="the fine-tune worker: learn from feedback and clicks, gate, hot-swap into Triton"
+    )
+    finetune.set_defaults(handler=run_finetune)
+    actions = finetune.add_subparsers(dest="action", metavar="{run,rollback,status}")
+    actions.add_parser("run", help="run the worker (the default)").set_defaults(handler=run_finetune)
+    actions.add_parser("rollback", help="serve the previous model version again").set_defaults(handler=run_rollback)
+    actions.add_parser("status", help="examples stored, the last cycle, the versions").set_defaults(
+        handler=run_finetune_status
+    )
+
+
+def run_finetune(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.finetune.worker import run_finetune as run
+
+    return run(settings)
+
+
+def run_rollback(args: argparse.Namespace, settings: Settings) -> int:
+    from instructrec.adapters.triton.client import TritonReranker
+    from instructrec.events import ModelUpdate
+    from streams.kafka.producer import EventProducer
+    from workers.finetune.publish import PublishError, rollback
+    from workers.finetune.worker import repository_of
+
+    async def go() -> int:
+        async with TritonReranker(settings.triton) as triton:
+            version = await rollback(repository_of(settings), triton)
+        async with EventProducer(settings.kafka) as producer:
+            await producer.send(ModelUpdate(version=str(version), accepted=True, kind="rollback"), wait=True)
+        return version
+
+    try:
+        version = asyncio.run(go())
+    except PublishError as error:
+        errors.print(f"[red]error:[/] {error}", highlight=False)
+        return 2
+    console.print(f"version {version} serves again")
+    return 0
+
+
+def run_finetune_status(args: argparse.Namespace, settings: Settings) -> int:
+    from instructrec.adapters.triton.repository import versions
+    from workers.finetune.store import ExampleStore
+    from workers.finetune.worker import repository_of, store_path
+
+    store = ExampleStore(store_path(settings))
+    try:
+        last = store.last_cycle()
+        console.print_json(
+            data={
+                "store": str(store_path(settings)),
+                "examples": store.count(),
+                "ingested": store.counter("ingested"),
+                "last_cycle": last,
+                "versions": versions(repository_of(settings)),
+            }
+        )
+    finally:
+        store.close()
     return 0
 
 

@@ -233,7 +233,9 @@ async def test_a_replayed_user_gets_recommendations_without_consumed_items(
         assert answer.timings["rerank_ms"] > 0
 
 
-async def test_a_text_request_is_answered_with_compliant_reasoned_items(worker: WorkerProcess, dataset) -> None:
+async def test_a_text_request_is_answered_with_compliant_reasoned_items(
+    worker: WorkerProcess, dataset
+) -> None:
     """A free-text request through POST /recommend: every item satisfies what it asks (the category, the
     period, the exclusion), says why, and the answer carries the instruction the model scored."""
     user = dataset.users[0]

@@ -478,16 +478,22 @@ async def test_answers_are_scored_against_the_next_interaction_per_model_version
     stream.prequential.report_every = 2
     watch(stream, "u1", ["m1", "m2"])
     for n, request_id in enumerate(("r1", "r2")):
-        await queries.answer_batch(stream, [event(QueryEvent(request_id=request_id, user_id="u1", k=5, ts=100.0 + n))])
+        await queries.answer_batch(
+            stream, [event(QueryEvent(request_id=request_id, user_id="u1", k=5, ts=100.0 + n))]
+        )
         served = [i.item_id for i in answers(stream)[-1].items]
         # the next interaction, without naming the request: the third served item (NDCG 1/log2(4)), then none
         chosen = served[2] if n == 0 else "m39"
         click = ClickEvent(event_id=f"next-{n}", user_id="u1", item_id=chosen, kind="click", ts=100.5 + n)
         clicks.handle_batch(stream, [event(click, topic="clicks", offset=10 + n)])
         later = ClickEvent(event_id=f"later-{n}", user_id="u1", item_id="m38", kind="click", ts=100.7 + n)
-        clicks.handle_batch(stream, [event(later, topic="clicks", offset=20 + n)])  # the answer is scored once
+        clicks.handle_batch(
+            stream, [event(later, topic="clicks", offset=20 + n)]
+        )  # the answer is scored once
     summary = stream.prequential.summary("7")
-    assert summary["answers"] == 2 and summary["ndcg@10"] == pytest.approx(0.5 / 2) and summary["hr@10"] == 0.5
+    assert (
+        summary["answers"] == 2 and summary["ndcg@10"] == pytest.approx(0.5 / 2) and summary["hr@10"] == 0.5
+    )
     assert stream.metrics.prequential_ndcg.labels("7")._value.get() == pytest.approx(0.25)
     [(key, raw)] = stream.topics.model_updates.sent  # reported after `report_every` scored answers
     update = decode(ModelUpdate, raw)

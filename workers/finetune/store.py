@@ -5,6 +5,8 @@ Why one transaction: an example and the offset after the message it came from ar
 fsynced: `synchronous=FULL`), so a restart resumes from the stored positions and neither loses nor repeats an
 example, whatever Kafka's committed offsets say (they are committed too, after the store, for lag reporting).
 
+One connection, shared by the consuming loop and the training thread under a lock.
+
 Bounded: beyond `max_examples`, the oldest examples are evicted — except a reservoir of `replay_size` kept at
 random (reservoir sampling over every evicted example), so a cycle can mix old data into its batches
 against forgetting. Per user, the store keeps the last `history_size` items (clicks build next-item
@@ -13,12 +15,27 @@ examples from them, the way offline training uses a history prefix).
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import sqlite3
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _locked(method: F) -> F:
+    @functools.wraps(method)
+    def wrapper(self: ExampleStore, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS examples (
@@ -93,17 +110,20 @@ class ExampleStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_examples, self.replay_size, self.history_size = max_examples, replay_size, history_size
+        self._lock = threading.RLock()
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before offsets move
         self._db.executescript(SCHEMA)
         self._rng = random.Random(self.counter("evicted"))
 
+    @_locked
     def close(self) -> None:
         self._db.close()
 
     # -- ingestion: examples, histories and positions in one transaction
 
+    @_locked
     def commit(self, batch: Batch) -> None:
         with self._transaction():
             self._db.executemany(
@@ -123,26 +143,32 @@ class ExampleStore:
             self._bump("ingested", len(batch.examples))
             self._evict()
 
+    @_locked
     def positions(self) -> dict[tuple[str, int], int]:
         """Where to resume: the offset after the last message whose examples are stored."""
         rows = self._db.execute("SELECT topic, partition, next_offset FROM positions").fetchall()
         return {(topic, partition): offset for topic, partition, offset in rows}
 
+    @_locked
     def history(self, user_id: str) -> list[str]:
         row = self._db.execute("SELECT items FROM histories WHERE user_id = ?", (user_id,)).fetchone()
         return json.loads(row[0]) if row else []
 
+    @_locked
     def histories(self, users: Iterable[str]) -> dict[str, list[str]]:
         return {user: self.history(user) for user in dict.fromkeys(users)}
 
     # -- reading for a cycle
 
+    @_locked
     def count(self, *, since: int = 0) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM examples WHERE id > ?", (since,)).fetchone()[0])
 
+    @_locked
     def last_id(self) -> int:
         return int(self._db.execute("SELECT COALESCE(MAX(id), 0) FROM examples").fetchone()[0])
 
+    @_locked
     def examples(
         self, *, after: int = 0, upto: int | None = None, replay: bool | None = None
     ) -> list[tuple[int, Example]]:
@@ -158,6 +184,7 @@ class ExampleStore:
         rows = self._db.execute(query + " ORDER BY id", args).fetchall()
         return [(row_id, Example.from_json(body)) for row_id, body in rows]
 
+    @_locked
     def sample(self, n: int, *, upto: int, seed: int) -> list[Example]:
         """`n` older examples at random (replay against forgetting), with id ≤ `upto`."""
         ids = [r[0] for r in self._db.execute("SELECT id FROM examples WHERE id <= ?", (upto,)).fetchall()]
@@ -172,6 +199,7 @@ class ExampleStore:
 
     # -- cycles
 
+    @_locked
     def begin_cycle(self, started: float, trained_to: int) -> int:
         with self._transaction():
             cursor = self._db.execute(
@@ -179,6 +207,7 @@ class ExampleStore:
             )
         return int(cursor.lastrowid)
 
+    @_locked
     def end_cycle(self, cycle: int, finished: float, verdict: dict) -> None:
         with self._transaction():
             self._db.execute(
@@ -186,6 +215,20 @@ class ExampleStore:
                 (finished, json.dumps(verdict), cycle),
             )
 
+    @_locked
+    @_locked
+    def record_published(self, cycle: int, version: int) -> None:
+        """The version an accepted cycle's candidate went out as (what a restart reconciles against)."""
+        row = self._db.execute("SELECT verdict FROM cycles WHERE id = ?", (cycle,)).fetchone()
+        verdict = {
+            **(json.loads(row[0]) if row and row[0] else {}),
+            "published_version": version,
+            "publishing": False,
+        }
+        with self._transaction():
+            self._db.execute("UPDATE cycles SET verdict = ? WHERE id = ?", (json.dumps(verdict), cycle))
+
+    @_locked
     def last_cycle(self) -> dict | None:
         row = self._db.execute(
             "SELECT id, started, finished, trained_to, verdict FROM cycles WHERE finished IS NOT NULL ORDER BY id DESC"
@@ -202,6 +245,7 @@ class ExampleStore:
 
     # -- counters
 
+    @_locked
     def counter(self, name: str) -> int:
         row = self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
         return int(row[0]) if row else 0

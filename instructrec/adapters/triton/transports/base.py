@@ -36,6 +36,10 @@ class Transport:
     def versions_of(self, metadata: Any) -> list[str]:
         raise NotImplementedError
 
+    def config_of(self, response: Any) -> dict:
+        """The model configuration as a JSON-like dict, from the protocol's answer."""
+        return dict(response)
+
     # -- shared
 
     def _get(self) -> Any:
@@ -67,6 +71,10 @@ class Transport:
     async def model_versions(self, model: str, timeout_s: float) -> list[str]:
         """The versions the server has ready (the model metadata's list)."""
         return self.versions_of(await self._get().get_model_metadata(model, **self.deadline(timeout_s)))
+
+    async def model_config(self, model: str, timeout_s: float) -> dict:
+        """The configuration of the model as loaded (its version policy included)."""
+        return self.config_of(await self._get().get_model_config(model, **self.deadline(timeout_s), **self._as_json()))
 
     async def load_model(self, model: str, config: str | None, timeout_s: float) -> None:
         await self._get().load_model(model, config=config, **self.deadline(timeout_s))

@@ -16,5 +16,8 @@ class GrpcTransport(Transport):
     def versions_of(self, metadata: Any) -> list[str]:
         return list(metadata.versions)
 
+    def config_of(self, response: Any) -> dict:
+        return dict(response.get("config", response))
+
     def _as_json(self) -> dict[str, bool]:
         return {"as_json": True}

@@ -1,0 +1,170 @@
+"""The fine-tune worker's parts without a broker or a server: the store, ingestion, the gate, the repository's
+staging and retirement."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from instructrec.adapters.triton import repository as repo
+from instructrec.config import FinetuneSettings
+from instructrec.events import ClickEvent, FeedbackEvent, encode
+from workers.finetune.cycle import split_examples
+from workers.finetune.gate import judge, ranks
+from workers.finetune.ingest import ingest
+from workers.finetune.store import Batch, Example, ExampleStore
+
+
+def example(n: int, user: str = "u", source: str = "clicks") -> Example:
+    return Example(user, (f"h{n}",), f"t{n}", float(n), source)
+
+
+def record(topic: str, offset: int, event, partition: int = 0):
+    return SimpleNamespace(
+        topic=topic,
+        partition=partition,
+        offset=offset,
+        value=encode(event) if not isinstance(event, bytes) else event,
+    )
+
+
+# ---- the store
+
+
+def test_examples_and_positions_commit_together_and_survive_a_reopen(tmp_path: Path) -> None:
+    store = ExampleStore(tmp_path / "s.db")
+    store.commit(Batch([example(1), example(2)], {"u": ["a", "b"]}, {("clicks", 0): 7}))
+    store.close()
+    again = ExampleStore(tmp_path / "s.db")
+    assert again.count() == 2 and again.positions() == {("clicks", 0): 7} and again.history("u") == ["a", "b"]
+    assert [e.target for _, e in again.examples()] == ["t1", "t2"]
+
+
+def test_a_failed_commit_stores_nothing(tmp_path: Path) -> None:
+    store = ExampleStore(tmp_path / "s.db")
+    broken = Batch([example(1)], {}, {("clicks", 0): 1})
+    broken.histories = {"u": object()}  # not serialisable: the transaction fails after the examples went in
+    with pytest.raises(TypeError):
+        store.commit(broken)
+    assert store.count() == 0 and store.positions() == {}
+
+
+def test_the_store_is_bounded_and_keeps_a_replay_reservoir(tmp_path: Path) -> None:
+    store = ExampleStore(tmp_path / "s.db", max_examples=50, replay_size=10)
+    for n in range(0, 300, 10):
+        store.commit(Batch([example(n + i) for i in range(10)], {}, {("clicks", 0): n + 10}))
+    live = store.examples(replay=False)
+    kept = store.examples(replay=True)
+    assert len(live) == 50 and [e.target for _, e in live][-1] == "t299"
+    assert len(kept) == 10 and all(int(e.target[1:]) < 250 for _, e in kept)  # older ones, for replay
+    assert len({e.target for _, e in kept}) == 10
+
+
+def test_a_cycle_trains_on_new_examples_and_judges_on_the_newest(tmp_path: Path) -> None:
+    store = ExampleStore(tmp_path / "s.db")
+    store.commit(Batch([example(n) for n in range(100)], {}, {}))
+    config = FinetuneSettings(holdout=20, replay=0.5)
+    first = split_examples(store, 0, config, seed=1)
+    assert [e.target for e in first.holdout] == [f"t{n}" for n in range(80, 100)]
+    assert len(first.train) == 80 and first.trained_to == 80
+    store.commit(Batch([example(n) for n in range(100, 140)], {}, {}))
+    second = split_examples(store, first.trained_to, config, seed=1)
+    new = {e.target for e in second.train if int(e.target[1:]) >= 80}
+    assert new == {f"t{n}" for n in range(80, 120)}  # everything after the last cycle but the new holdout
+    assert len(second.train) == 80 and all(int(e.target[1:]) < 120 for e in second.train)  # + 40 replayed
+    assert max(int(e.target[1:]) for e in second.train) < min(int(e.target[1:]) for e in second.holdout)
+
+
+# ---- ingestion
+
+
+def test_clicks_become_next_item_examples_and_feedback_keeps_what_was_served() -> None:
+    histories: dict[str, list[str]] = {"u1": ["a"]}
+    clicks = [
+        ClickEvent(event_id=f"c{i}", user_id="u1", item_id=item, kind="click", ts=float(i))
+        for i, item in enumerate(["b", "c"])
+    ]
+    low = ClickEvent(event_id="c9", user_id="u1", item_id="d", kind="rating", rating=1.0, ts=9.0)
+    feedback = FeedbackEvent(
+        user_id="u1",
+        request_id="r1",
+        instruction="...",
+        candidate_item_ids=("x", "c", "y"),
+        positive_item_ids=("c",),
+        negative_item_ids=("x",),
+        template_id="P1-I1-T3-01",
+        model_version="3",
+        intention="something funny",
+    )
+    records = [record("clicks", i, c) for i, c in enumerate([*clicks, low])]
+    records += [record("feedback", 0, feedback), record("clicks", 4, b"not json")]
+    batch, invalid = ingest(
+        records, clicks_topic="clicks", feedback_topic="feedback", history_of=histories.get, history_size=10
+    )
+    assert invalid == 1 and batch.positions == {("clicks", 0): 5, ("feedback", 0): 1}
+    by_source = {e.source: e for e in batch.examples if e.target == "c"}
+    assert [e.target for e in batch.examples if e.source == "clicks"] == ["b", "c"]  # not the low rating
+    assert by_source["clicks"].history == ("a", "b")
+    fb = by_source["feedback"]
+    assert fb.candidates == ("x", "c", "y") and fb.negatives == ("x",) and fb.text == "something funny"
+    assert "c" not in fb.history and batch.histories["u1"] == ["a", "b", "c", "d"]
+
+
+# ---- the gate
+
+
+def test_the_gate_accepts_a_real_gain_and_rejects_noise_and_losses() -> None:
+    rng = np.random.default_rng(0)
+    incumbent = rng.integers(0, 20, size=300)
+    better = np.maximum(0, incumbent - rng.integers(0, 4, size=300))  # ranks move up a little
+    noise = rng.permutation(incumbent)  # the same ranks, shuffled among examples: no paired gain
+    worse = incumbent + 5
+    assert judge(better, incumbent, min_margin=0.002, confidence=0.9).accepted
+    assert not judge(worse, incumbent, min_margin=0.002, confidence=0.9).accepted
+    assert not judge(noise, incumbent, min_margin=0.02, confidence=0.9).accepted
+    assert not judge(np.array([]), np.array([]), min_margin=0, confidence=0.5).accepted
+
+
+def test_ranks_are_pessimistic_on_ties() -> None:
+    assert ranks([np.array([1.0, 3.0, 3.0]), np.array([5.0, 1.0])], [1, 0]).tolist() == [1, 0]
+
+
+# ---- the repository: staging outside the model's folder
+
+
+def saved_reranker(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "reranker.json").write_text('{"config": {}, "item_ids": [], "base": null}')
+    (path / "weights.bin").write_bytes(os.urandom(1024))
+    return path
+
+
+def test_exports_stage_beside_the_repository_and_retire_the_same_way(tmp_path: Path) -> None:
+    repository = tmp_path / "repository"
+    saved = saved_reranker(tmp_path / "saved")
+    seen: list[list[str]] = []
+    original = repo._fsync_tree
+
+    def watch(root: Path) -> None:  # mid-export: the model's folder holds nothing new yet
+        seen.append(sorted(p.name for p in (repository / repo.MODEL_NAME).iterdir()))
+        original(root)
+
+    repo._fsync_tree = watch
+    try:
+        for _ in range(4):
+            repo.export_version(saved, repository)
+    finally:
+        repo._fsync_tree = original
+    model_dir = repository / repo.MODEL_NAME
+    assert all(all(n.isdigit() or n in ("config.pbtxt", "configs") for n in names) for names in seen)
+    assert repo.versions(repository) == [1, 2, 3, 4]
+    assert repo.prune_versions(repository, 2, protect=(1,)) == [2]
+    assert repo.versions(repository) == [1, 3, 4]
+    repo.retire_version(repository, 4)
+    assert repo.versions(repository) == [1, 3]
+    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "3", "config.pbtxt", "configs"]
+    assert not list(repo.staging_dir(repository).iterdir())  # nothing left half-done in staging either

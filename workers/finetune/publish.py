@@ -1,0 +1,114 @@
+"""Putting an accepted model into service, and taking it back out.
+
+The swap, as Triton's explicit model control supports it (tritonserver 2.51 here; r24.08+ in production):
+1. the candidate is written as the next version number in a staging folder beside the repository, fsynced,
+   and renamed into the model's folder (`export_version`): a server never sees half a version, and nothing
+   but numbered version folders and config.pbtxt ever appears in the model's folder;
+2. `load_versions([old, new])`: Triton loads the new version while the old one keeps serving (both resident);
+   a failed load leaves the old one as it was;
+3. a probe request scored on exactly the new version;
+4. `load_versions([new])`: the old version is unloaded; requests already in flight on it finish there.
+Then the repository keeps the newest `keep_versions` folders. A failure anywhere before step 4 retires the
+new folder again and leaves the old version serving.
+
+Rollback (`instructrec finetune rollback`): the newest folder is renamed out of the repository, so Triton's
+`latest` policy — and a restarted server — falls back to the previous version, which is then loaded alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from instructrec.adapters.triton.client import TritonReranker
+from instructrec.adapters.triton.repository import (
+    MODEL_NAME,
+    export_version,
+    prune_versions,
+    retire_version,
+    versions,
+)
+from instructrec.serving.scorer import warmup_request
+
+log = logging.getLogger(__name__)
+
+
+class PublishError(RuntimeError):
+    """The new version did not come up; the old one still serves."""
+
+
+@dataclass(frozen=True)
+class Published:
+    version: int
+    previous: int | None
+    retired: tuple[int, ...]
+
+
+def served_version(client_version: str, repository: Path) -> int | None:
+    """The version Triton says it serves, else the newest folder."""
+    if client_version.isdigit():
+        return int(client_version)
+    found = versions(repository)
+    return found[-1] if found else None
+
+
+async def publish(candidate_dir: Path, repository: Path, client: TritonReranker, keep: int) -> Published:
+    old = served_version(await _served(client), repository)
+    folder = export_version(candidate_dir, repository)
+    new = int(folder.name)
+    try:
+        await client.load_versions([v for v in (old, new) if v is not None])
+        await client.probe(new, warmup_request())
+        await client.load_versions([new])
+    except Exception as error:
+        log.error("version %d did not come up (%s): retiring it, version %s keeps serving", new, error, old)
+        retire_version(repository, new)
+        if old is not None:
+            try:
+                await client.load_versions([old])
+            except Exception:  # the old one never stopped serving through a failed load; nothing to undo
+                log.exception("could not pin version %s again", old)
+        raise PublishError(f"version {new} did not come up: {error}") from error
+    retired = prune_versions(repository, keep, protect=tuple(v for v in (old, new) if v is not None))
+    return Published(new, old, tuple(retired))
+
+
+async def rollback(repository: Path, client: TritonReranker) -> int:
+    """Back to the previous version: the newest is retired from the repository, the one before it served."""
+    found = versions(repository)
+    if len(found) < 2:
+        raise PublishError(f"nothing to roll back to: {len(found)} version(s) in {repository / MODEL_NAME}")
+    newest, previous = found[-1], found[-2]
+    retire_version(repository, newest)
+    await client.load_versions([previous])
+    return previous
+
+
+async def reconcile(repository: Path, client: TritonReranker, accepted: int | None) -> int | None:
+    """After a restart: finish a publish that was cut short, or undo it.
+
+    A version folder newer than the one Triton serves is either the last accepted candidate (it passed the
+    gate; the swap was cut short: finish it) or something no verdict accepted (retire it)."""
+    found = versions(repository)
+    if not found:
+        return None
+    serving = served_version(await _served(client), repository)
+    newest = found[-1]
+    if serving is None or newest <= serving:
+        return serving
+    if accepted == newest:
+        await client.load_versions([serving, newest])
+        await client.probe(newest, warmup_request())
+        await client.load_versions([newest])
+        return newest
+    retire_version(repository, newest)
+    return serving
+
+
+async def _served(client: TritonReranker) -> str:
+    try:
+        return await client.refresh_model_version()
+    except Exception as error:  # Triton down: the repository says what would serve
+        log.warning("cannot ask Triton which version serves (%s)", error)
+        return ""
