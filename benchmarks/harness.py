@@ -89,3 +89,32 @@ def _machine_busy_ticks() -> int:
     fields = Path("/proc/stat").read_text().split()[1:9]
     user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields)
     return user + nice + system + irq + softirq + steal
+
+
+def build_catalog(settings, dataset, limit: int | None, cache_dir: Path) -> tuple[int, bool]:
+    """Item vectors straight into the worker's Qdrant storage (what the catalog agent would write)."""
+    from instructrec.adapters.qdrant import IndexedItem, ItemIndex
+    from instructrec.data.dataset import item_text
+    from instructrec.retrieval.text import TextRetriever
+    from streams.services import load_collaborative
+
+    items = dataset.items[:limit] if limit else dataset.items
+    texts = TextRetriever(cache_dir=cache_dir).fit_texts([item_text(i) for i in items], dataset.name)
+    collaborative = load_collaborative(settings)
+    cf_dim = collaborative.dim if collaborative else settings.qdrant.cf_dim
+    with ItemIndex(settings.qdrant, cf_dim=cf_dim) as index:
+        index.ensure_collection()
+        index.upsert(
+            [
+                IndexedItem(
+                    item.id,
+                    item.display_title,
+                    item.genres,
+                    item.year,
+                    texts.vectors[n],
+                    collaborative.vector_of(item.id) if collaborative else None,
+                )
+                for n, item in enumerate(items)
+            ]
+        )
+    return len(items), collaborative is not None

@@ -40,6 +40,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+from harness import build_catalog  # the benchmarks' shared library module
 from rich.console import Console
 from rich.table import Table
 
@@ -143,7 +144,7 @@ def run(root: Path, args, console: Console) -> dict:
         run_sync(ensure_topics(settings.kafka))
         with console.status("building the Qdrant catalogue…"):
             started = time.perf_counter()
-            n_items, collaborative = build_catalog(settings, dataset, args.items, console)
+            n_items, collaborative = build_catalog(settings, dataset, args.items, REPO / ".state" / "cache")
         console.print(
             f"catalogue: {n_items} items in {time.perf_counter() - started:.0f} s "
             f"(collaborative vectors: {collaborative})"
@@ -176,37 +177,6 @@ def reranker_folder(args, root: Path) -> tuple[Path, str]:
 
     default_model().save_pretrained(root / "default-reranker")
     return root / "default-reranker", "offline default (untrained; same architecture and cost)"
-
-
-def build_catalog(settings, dataset, limit: int | None, console: Console) -> tuple[int, bool]:
-    """Item vectors straight into the worker's Qdrant storage (what the catalog agent would write)."""
-    from instructrec.adapters.qdrant import IndexedItem, ItemIndex
-    from instructrec.retrieval.text import TextRetriever
-    from streams.services import load_collaborative
-    from workers.index import item_text
-
-    items = dataset.items[:limit] if limit else dataset.items
-    texts = TextRetriever(cache_dir=REPO / ".state" / "cache").fit_texts(
-        [item_text(i) for i in items], DATASET
-    )
-    collaborative = load_collaborative(settings)
-    cf_dim = collaborative.dim if collaborative else settings.qdrant.cf_dim
-    with ItemIndex(settings.qdrant, cf_dim=cf_dim) as index:
-        index.ensure_collection()
-        index.upsert(
-            [
-                IndexedItem(
-                    item.id,
-                    item.display_title,
-                    item.genres,
-                    item.year,
-                    texts.vectors[n],
-                    collaborative.vector_of(item.id) if collaborative else None,
-                )
-                for n, item in enumerate(items)
-            ]
-        )
-    return len(items), collaborative is not None
 
 
 # ------------------------------------------------------------------------------------------------ measuring

@@ -167,26 +167,43 @@ class FinetuneSettings(BaseModel):
     """The fine-tune worker (`instructrec finetune`): what it learns from, when, for how long, and the gate."""
 
     group_id: str = Field("instructrec-finetune", description="its own consumer group on feedback and clicks")
-    store: Path | None = Field(None, description="the example store (SQLite); None: <state_dir>/finetune/examples.db")
+    store: Path | None = Field(
+        None, description="the example store (SQLite); None: <state_dir>/finetune/examples.db"
+    )
     every_examples: int = Field(2000, ge=1, description="a cycle starts after this many new examples ...")
-    every_minutes: float = Field(60.0, gt=0, description="... or this long after the last one, with min_examples")
+    every_minutes: float = Field(
+        60.0, gt=0, description="... or this long after the last one, with min_examples"
+    )
     min_examples: int = Field(200, ge=1, description="fewer new examples than this: no cycle")
     holdout: int = Field(300, ge=20, description="the newest examples the gate judges on (never trained on)")
     replay: float = Field(0.5, ge=0, le=1, description="share of a cycle's batch drawn from older examples")
-    feedback_weight: float = Field(2.0, ge=0, description="a feedback example counts this many clicks examples")
+    feedback_weight: float = Field(
+        2.0, ge=0, description="a feedback example counts this many clicks examples"
+    )
     budget_minutes: float = Field(8.0, gt=0, description="wall-clock budget of one cycle's training")
     epochs: int = Field(2, ge=1)
     lr: float = Field(5e-5, gt=0)
     method: Literal["lora", "full"] = Field("lora", description="LoRA (merged before export) or every weight")
     lora_r: int = Field(8, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where it trains; auto: a GPU if present"
+    )
     threads: int = Field(1, ge=1, description="torch threads for training: the rest of the cores serve")
     nice: int = Field(10, ge=0, le=19, description="CPU priority of the worker below serving")
-    min_margin: float = Field(0.002, ge=-1, description="NDCG@10 the candidate must gain on the holdout (< 0: tests)")
+    min_margin: float = Field(
+        0.002, ge=-1, description="NDCG@10 the candidate must gain on the holdout (< 0: tests)"
+    )
     confidence: float = Field(0.9, ge=0, lt=1, description="paired bootstrap: P(gain > 0) needed to accept")
     keep_versions: int = Field(3, ge=2, description="model versions kept in the repository")
     max_examples: int = Field(200_000, ge=100, description="the store's bound (older ones evicted ...)")
     replay_size: int = Field(20_000, ge=0, description="... except a reservoir of this many, for replay")
     poll_s: float = Field(1.0, gt=0, description="how often the worker checks whether a cycle is due")
+    since_ts: float = Field(
+        0.0,
+        ge=0,
+        description="interactions before this time (event time) build histories, not examples: the served "
+        "model was trained on them",
+    )
 
 
 class InfraSettings(BaseModel):

@@ -54,17 +54,19 @@ class OfflinePlanner:
     def load(
         cls,
         artifacts: Artifacts,
-        dataset: Dataset,
+        dataset: Dataset | None = None,
         retriever: str | None = None,
         config: PlanConfig | None = None,
     ) -> OfflinePlanner:
-        """From a trained pipeline's artefacts (`retriever`: which one is collaborative; default the pipeline's)."""
+        """From a trained pipeline's artefacts (`retriever`: which one is collaborative; default the pipeline's).
+        The catalogue is the artefacts' own; `dataset` stands in for it only in pipelines trained before it."""
         name = retriever or artifacts.pipeline_summary().get("retriever", "blend")
-        catalogue = (
-            Catalogue.load(artifacts.catalogue)
-            if artifacts.catalogue.is_file()
-            else Catalogue.from_dataset(dataset)
-        )
+        if artifacts.catalogue.is_file():
+            catalogue = Catalogue.load(artifacts.catalogue)
+        elif dataset is not None:
+            catalogue = Catalogue.from_dataset(dataset)
+        else:
+            raise FileNotFoundError(f"{artifacts.catalogue} is missing: retrain, or pass the dataset")
         text = load_retriever(artifacts.retriever("text"))
         popularity = load_retriever(artifacts.retriever("popularity"))
         assert isinstance(text, TextRetriever) and isinstance(popularity, Popularity)

@@ -194,7 +194,9 @@ def add_finetune(commands: argparse._SubParsersAction) -> None:
     finetune.set_defaults(handler=run_finetune)
     actions = finetune.add_subparsers(dest="action", metavar="{run,rollback,status}")
     actions.add_parser("run", help="run the worker (the default)").set_defaults(handler=run_finetune)
-    actions.add_parser("rollback", help="serve the previous model version again").set_defaults(handler=run_rollback)
+    actions.add_parser("rollback", help="serve the previous model version again").set_defaults(
+        handler=run_rollback
+    )
     actions.add_parser("status", help="examples stored, the last cycle, the versions").set_defaults(
         handler=run_finetune_status
     )

@@ -75,7 +75,9 @@ class State(BaseModel):
             )
         if self.triton:
             url = self.triton.grpc_url if base.triton.protocol == "grpc" else self.triton.http_url
-            update["triton"] = base.triton.model_copy(update={"url": url, "repository": self.triton.model_repository})
+            update["triton"] = base.triton.model_copy(
+                update={"url": url, "repository": self.triton.model_repository}
+            )
         if self.qdrant:
             update["qdrant"] = base.qdrant.model_copy(update={"url": None, "path": self.qdrant.path})
         return base.model_copy(update=update)

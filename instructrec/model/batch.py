@@ -10,7 +10,7 @@ at 0 in every block, so each candidate is scored exactly as if it were decoded a
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import lru_cache
 
 import torch
@@ -30,13 +30,19 @@ class Batch:
     cand_last: torch.Tensor  # [requests, candidates] index of each candidate's last token
     cand_mask: torch.Tensor  # [requests, candidates] bool: a real candidate, not padding
 
+    def to(self, device: torch.device | str) -> Batch:
+        """The batch on `device` (itself when it is there already)."""
+        if self.enc_ids.device == torch.device(device):
+            return self
+        return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
     def decoder_mask(self, dtype: torch.dtype) -> torch.Tensor:
         """Additive [requests, 1, dec_len, dec_len] mask: causal within a block, nothing across blocks."""
         block = self.dec_block
         length = block.shape[1]
-        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        causal = torch.ones(length, length, dtype=torch.bool, device=block.device).tril()
         allowed = (block[:, :, None] == block[:, None, :]) & causal & (block[:, None, :] >= 0)
-        mask = torch.zeros(allowed.shape, dtype=dtype)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=block.device)
         mask.masked_fill_(~allowed, torch.finfo(dtype).min)  # finite: padding rows stay NaN-free
         return mask.unsqueeze(1)
 

@@ -152,6 +152,10 @@ class Reranker(nn.Module):
             )
 
     @property
+    def device(self) -> torch.device:
+        return self.seq2seq.get_input_embeddings().weight.device
+
+    @property
     def hidden_size(self) -> int:
         return self.seq2seq.get_input_embeddings().embedding_dim
 
@@ -173,7 +177,8 @@ class Reranker(nn.Module):
     # -- scoring ----------------------------------------------------------------------------------
 
     def forward(self, batch: Batch, train: bool = False) -> torch.Tensor:
-        """Scores [requests, max candidates]; padding candidates score -inf."""
+        """Scores [requests, max candidates] on the model's device; padding candidates score -inf."""
+        batch = batch.to(self.device)
         embed = self.seq2seq.get_input_embeddings()
         enc_embeds = embed(batch.enc_ids) + self._item_embeds(batch.enc_items, train)
         encoder = self.seq2seq.get_encoder()

@@ -33,7 +33,7 @@ def score(
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             batch = tokenizer.collate([instructions[i] for i in chunk], title_of, row_of, text_of)
-            scores = reranker(batch).float().numpy()
+            scores = reranker(batch).float().cpu().numpy()
             for row, i in enumerate(chunk):
                 by_position[i] = scores[row, : len(instructions[i].candidates)].copy()
     reranker.train(was_training)

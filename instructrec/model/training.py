@@ -377,15 +377,15 @@ def example_loss(
     for row, example, prior in zip(scores, examples, priors, strict=True):
         ins = example.instruction
         if ins.task == Task.T0:
-            label = torch.tensor(1.0 if example.answer == YES else 0.0)
+            label = torch.tensor(1.0 if example.answer == YES else 0.0, device=row.device)
             losses.append(F.binary_cross_entropy_with_logits(row[0], label))
             continue
         logits = row[: len(ins.candidates)]
         if prior is not None and prior_weight:
             logits = logits + prior_weight * torch.log_softmax(
-                torch.as_tensor(prior, dtype=logits.dtype), dim=0
+                torch.as_tensor(prior, dtype=logits.dtype, device=logits.device), dim=0
             )
-        target = torch.tensor([ins.labels.index(example.answer)])
+        target = torch.tensor([ins.labels.index(example.answer)], device=logits.device)
         losses.append(F.cross_entropy(logits.unsqueeze(0), target))
     return torch.stack(losses).mean()
 

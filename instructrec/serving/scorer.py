@@ -12,7 +12,7 @@ import os
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +33,8 @@ class ServingScorer:
     The reranker should already be prepared for serving (`prepare`: eval mode, device, precision).
     """
 
-    def __init__(self, reranker: Reranker, device: str = "cpu") -> None:
-        self.reranker = reranker.eval()
-        self.device = device
+    def __init__(self, reranker: Reranker) -> None:
+        self.reranker = reranker.eval()  # on its device: it moves each batch there
         self.tokenizer = reranker.text_tokenizer()
 
     def score(self, requests: Sequence[bytes | str]) -> list[np.ndarray | RequestError]:
@@ -89,11 +88,8 @@ class ServingScorer:
             texts.extend(request.text(i) for i in range(len(request.titles)))
             rows.extend(self.reranker.item_row(item_id) for item_id in request.item_ids)
         batch = self.tokenizer.collate(instructions, titles.__getitem__, rows.__getitem__, texts.__getitem__)
-        # On an accelerator, torch.device(...) as a context puts the masks `Batch` builds on the fly on the
-        # model's device. Not on the CPU: the context is a torch function mode that every op would pay for.
-        placement = torch.device(self.device) if self.device != "cpu" else contextlib.nullcontext()
-        with torch.inference_mode(), placement:
-            scores = self.reranker(_to_device(batch, self.device))
+        with torch.inference_mode():  # the reranker moves the batch to its device; its masks are built there
+            scores = self.reranker(batch)
         return scores.float().cpu().numpy()
 
 
@@ -116,12 +112,6 @@ def _stack(group: list[np.ndarray | RequestError]) -> np.ndarray | RequestError:
     for i, scores in enumerate(group):
         out[i, : len(scores)] = scores
     return out
-
-
-def _to_device(batch, device: str):
-    if device == "cpu":
-        return batch
-    return type(batch)(**{f.name: getattr(batch, f.name).to(device) for f in fields(batch)})
 
 
 def native_dtype(device: str) -> str:
@@ -155,7 +145,7 @@ def load_scorer(weights: str | Path, options: ServingOptions | None = None) -> S
             "instructrec.adapters.triton.repository.export_version)"
         )
     set_threads(options.threads)
-    scorer = ServingScorer(prepare(Reranker.from_pretrained(weights), options), options.device)
+    scorer = ServingScorer(prepare(Reranker.from_pretrained(weights), options))
     if options.warmup:
         warm_up(scorer)
     return scorer

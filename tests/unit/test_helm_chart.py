@@ -23,6 +23,7 @@ import importlib.metadata
 import json
 import os
 import re
+import shlex
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,8 @@ import yaml
 from pydantic import BaseModel, SecretStr, TypeAdapter
 
 from instructrec import cli
-from instructrec.config import Settings
+from instructrec.adapters.triton.repository import staging_dir
+from instructrec.config import FinetuneSettings, Settings
 from streams import commands as stream_commands
 from workers import commands as worker_commands
 
@@ -69,6 +71,10 @@ EXTERNAL_QDRANT = {
         "apiKey": {"existingSecret": "qdrant"},
     }
 }
+FINETUNE = {
+    "finetune": {"enabled": True},
+    "worker": {"artifacts": {"existingClaim": "artifacts", "subPath": "trained"}},
+}
 EVERYTHING = {  # every optional part switched on at once
     **SASL,
     "imagePullSecrets": [{"name": "regcred"}],
@@ -84,6 +90,14 @@ EVERYTHING = {  # every optional part switched on at once
     "jobs": {
         "index": {"enabled": True, "onUpgrade": True, "limit": 100, "data": {"existingClaim": "datasets"}}
     },
+    "finetune": {
+        "enabled": True,
+        "gpu": {"enabled": True, "count": 2},
+        "runtimeClassName": "nvidia",
+        "nodeSelector": {"nvidia.com/gpu.present": "true"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "settings": {"every_examples": 500, "budget_minutes": 2.5, "method": "full", "min_margin": 0.01},
+    },
 }
 SCENARIOS: dict[str, dict[str, Any]] = {
     "defaults": {},
@@ -91,6 +105,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "external-qdrant": EXTERNAL_QDRANT,
     "sasl": SASL,
     "external-triton": {"triton": {"enabled": False, "externalUrl": "triton.inference.svc:8001"}},
+    "finetune": FINETUNE,
     "everything": EVERYTHING,
 }
 
@@ -136,6 +151,10 @@ class Rendered:
     @property
     def triton(self) -> dict[str, Any]:
         return self.get("Deployment", f"{FULLNAME}-triton")
+
+    @property
+    def finetune(self) -> dict[str, Any]:
+        return self.get("Deployment", f"{FULLNAME}-finetune")
 
 
 def _freeze(values: dict[str, Any]) -> str:
@@ -548,7 +567,10 @@ def test_triton_serves_the_repository_with_the_gpu_config_exactly_when_asked(gpu
     (repository,) = [
         a.removeprefix("--model-repository=") for a in args if a.startswith("--model-repository=")
     ]
-    _, volume = volume_mount_of(triton, server, f"{repository}/instructrec_reranker")
+    mount, volume = volume_mount_of(triton, server, f"{repository}/instructrec_reranker")
+    # a folder of the volume, not its root: a version staged beside it is renamed in on the same volume
+    assert Path(repository) != Path(mount["mountPath"]) and "subPath" not in mount
+    assert volume_mount_of(triton, server, str(staging_dir(repository)))[0] == mount
     claim = volume["persistentVolumeClaim"]["claimName"]
     assert rendered.get("PersistentVolumeClaim", claim)["spec"]["accessModes"] == ["ReadWriteMany"]
     seed = container(triton, "seed-model-repository")
@@ -720,8 +742,216 @@ def test_settings_values_reach_the_configmap_and_chart_owned_keys_are_refused(mo
         ({"worker": {"replica": 3}}, "replica"),
         ({"worker": {"probes": {"readiness": {"path": "health"}}}}, "path"),
         ({"triton": {"protocol": "rest"}}, "protocol"),
+        ({"triton": {"modelRepository": {"directory": ".models"}}}, "directory"),
+        ({"finetune": {"replicas": 2}}, "replicas"),
+        ({"finetune": {"settings": {"method": "adapters"}}}, "method"),
+        ({"finetune": {"settings": {"lr": 0.1}}}, "lr"),
+        ({"finetune": {"enabled": True}}, "worker.artifacts.existingClaim is required when finetune.enabled"),
+        (
+            merge(FINETUNE, {"triton": {"enabled": False, "externalUrl": "triton:8001"}}),
+            "finetune.enabled needs the model repository",
+        ),
     ],
 )
 def test_invalid_values_fail_to_render(values: dict[str, Any], message: str) -> None:
     with pytest.raises(helm.HelmError, match=re.escape(message)):
         render(values)
+
+
+# ------------------------------------------------------------------------------------------ fine-tune worker
+
+
+def test_finetune_worker_is_off_by_default_and_then_renders_nothing() -> None:
+    default = render()
+    assert not default.has("Deployment", f"{FULLNAME}-finetune")
+    assert not default.has("PersistentVolumeClaim", f"{FULLNAME}-finetune-store")
+    assert not [k for k in default.config if "FINETUNE" in k or k == "INSTRUCTREC_TRITON__REPOSITORY"]
+    # every other fine-tune value, with enabled false, changes nothing (the ConfigMap's checksum included)
+    off = render({"finetune": {**EVERYTHING["finetune"], "enabled": False}})
+    assert off.files == default.files and off.release["notes"] == default.release["notes"]
+
+
+@pytest.mark.parametrize("name", ["finetune", "everything"])
+def test_finetune_worker_publishes_into_the_repository_triton_serves(name: str, monkeypatch) -> None:
+    values = SCENARIOS[name]
+    rendered = render(values)
+    finetune, triton, worker = rendered.finetune, rendered.triton, rendered.worker
+    # one pod, never two at once: the only writer of its store and of new versions
+    assert finetune["spec"]["replicas"] == 1
+    assert finetune["spec"]["strategy"] == {"type": "Recreate"}
+    (c,) = containers(finetune)
+    assert c["command"] == ["instructrec"]
+    assert cli.build_parser().parse_args(c["args"]).handler is worker_commands.run_finetune
+    settings = settings_from(app_env(rendered, c), monkeypatch)
+
+    # the repository is the one Triton serves (--model-repository), on the same claim at the same path
+    server = container(triton, "tritonserver")
+    (served,) = [
+        a.removeprefix("--model-repository=") for a in server["args"] if a.startswith("--model-repository=")
+    ]
+    assert settings.triton.repository == Path(served)
+    version = str(settings.triton.repository / "instructrec_reranker" / "4")
+    mount, volume = volume_mount_of(finetune, c, version)
+    served_mount, served_volume = volume_mount_of(triton, server, version)
+    assert volume == served_volume and "persistentVolumeClaim" in volume
+    assert (mount["mountPath"], mount.get("subPath")) == (
+        served_mount["mountPath"],
+        served_mount.get("subPath"),
+    )
+    assert not mount.get("readOnly")
+    # ... and the staging folder beside it on that volume too: the rename into the repository is atomic
+    assert volume_mount_of(finetune, c, str(staging_dir(settings.triton.repository)))[0] == mount
+    claim = volume["persistentVolumeClaim"]["claimName"]
+    if rendered.has("PersistentVolumeClaim", claim):
+        assert "ReadWriteMany" in rendered.get("PersistentVolumeClaim", claim)["spec"]["accessModes"]
+    # one owner of the repository's files: Triton's uid, gid and fsGroup
+    for key in ("runAsUser", "runAsGroup", "fsGroup"):
+        assert pod_spec(finetune)["securityContext"][key] == pod_spec(triton)["securityContext"][key], key
+    # it calls the in-chart Triton's Service on the port of the configured protocol
+    service = rendered.get("Service", f"{FULLNAME}-triton")
+    ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
+    assert settings.triton.url == f"{service['metadata']['name']}:{ports[settings.triton.protocol]}"
+
+    # the example store: its own claim, mounted at the store file's folder
+    assert settings.finetune.store is not None
+    store_mount, store = volume_mount_of(finetune, c, str(settings.finetune.store))
+    assert Path(store_mount["mountPath"]) == settings.finetune.store.parent
+    store_claim = rendered.get("PersistentVolumeClaim", store["persistentVolumeClaim"]["claimName"])
+    assert store_claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert store_claim["spec"]["resources"]["requests"]["storage"] == "10Gi"
+
+    # the trained artefacts exactly as the stream worker gets them
+    w = container(worker, "worker")
+    pipeline = str(settings.model.artifacts / settings.stream.dataset)
+    assert settings_from(app_env(rendered, w), monkeypatch).model.artifacts == settings.model.artifacts
+    assert volume_mount_of(finetune, c, pipeline) == volume_mount_of(worker, w, pipeline)
+    assert volume_mount_of(finetune, c, pipeline)[0]["readOnly"] is True
+
+    # the stream worker's image, account, pull secrets, settings, environment and container context
+    for key in ("serviceAccountName", "automountServiceAccountToken", "imagePullSecrets"):
+        assert pod_spec(finetune).get(key) == pod_spec(worker).get(key), key
+    for key in ("image", "imagePullPolicy", "envFrom", "securityContext"):
+        assert c[key] == w[key], key
+    worker_only = {"POD_NAME", "POD_NAMESPACE", "INSTRUCTREC_STREAM__CANONICAL_URL"}
+    assert env_of(c).keys() == env_of(w).keys() - worker_only
+    annotations = finetune["spec"]["template"]["metadata"]["annotations"]
+    assert (
+        annotations["checksum/config"]
+        == worker["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+    )
+    # it serves nothing: no port, no probe, no Service selecting it
+    assert not {"ports", "livenessProbe", "readinessProbe", "startupProbe"} & c.keys()
+    labels = finetune["spec"]["template"]["metadata"]["labels"]
+    assert not [s for s in rendered.all("Service") if s["spec"]["selector"].items() <= labels.items()]
+
+
+def test_finetune_worker_with_an_external_triton_mounts_its_claim(monkeypatch) -> None:
+    external = {
+        "triton": {
+            "enabled": False,
+            "externalUrl": "triton.inference.svc:8001",
+            "modelRepository": {"persistence": {"existingClaim": "models"}},
+        }
+    }
+    rendered = render(merge(FINETUNE, external))
+    finetune = rendered.finetune
+    for kube in KUBE_VERSIONS:
+        assert kubernetes_problem(finetune, kube) is None
+    (c,) = containers(finetune)
+    settings = settings_from(app_env(rendered, c), monkeypatch)
+    assert settings.triton.url == "triton.inference.svc:8001"
+    _, volume = volume_mount_of(finetune, c, str(settings.triton.repository / "instructrec_reranker"))
+    assert volume["persistentVolumeClaim"]["claimName"] == "models"
+    assert pod_spec(finetune)["securityContext"]["runAsUser"] == 10001  # no Triton here to align with
+    override = {"finetune": {"podSecurityContext": {"runAsUser": 2000, "fsGroup": 2000}}}
+    security = pod_spec(render(merge(merge(FINETUNE, external), override)).finetune)["securityContext"]
+    assert (security["runAsUser"], security["fsGroup"], security["runAsGroup"]) == (2000, 2000, 10001)
+    assert security["runAsNonRoot"] is True
+
+
+@pytest.mark.parametrize("gpu", [True, False])
+def test_finetune_gets_gpus_exactly_when_asked(gpu: bool) -> None:
+    rendered = render(merge(FINETUNE, {"finetune": {"gpu": {"enabled": gpu, "count": 2}}}))
+    (c,) = containers(rendered.finetune)
+    limits, requests = c["resources"]["limits"], c["resources"]["requests"]
+    assert ("nvidia.com/gpu" in limits) is gpu and "nvidia.com/gpu" not in requests
+    if gpu:
+        assert limits["nvidia.com/gpu"] == 2
+    assert limits["memory"] and requests["cpu"]
+    scheduled = pod_spec(render(EVERYTHING).finetune)
+    assert scheduled["nodeSelector"] == EVERYTHING["finetune"]["nodeSelector"]
+    assert scheduled["tolerations"] == EVERYTHING["finetune"]["tolerations"]
+    assert scheduled["runtimeClassName"] == "nvidia"
+    assert "runtimeClassName" not in pod_spec(rendered.finetune)
+
+
+def test_finetune_runs_the_app_image_unless_given_its_own() -> None:
+    (c,) = containers(render(FINETUNE).finetune)
+    (w,) = containers(render(FINETUNE).worker)
+    assert c["image"] == w["image"]
+    cuda = {"finetune": {"image": {"repository": "registry/instructrec-stream-cuda"}}}
+    (c,) = containers(render(merge(FINETUNE, cuda)).finetune)
+    assert (
+        c["image"].startswith("registry/instructrec-stream-cuda:")
+        and c["image"].split(":")[1] == w["image"].split(":")[1]
+    )
+    tagged = merge(cuda, {"finetune": {"image": {"tag": "0.3-cu130"}}})
+    assert (
+        containers(render(merge(FINETUNE, tagged)).finetune)[0]["image"]
+        == "registry/instructrec-stream-cuda:0.3-cu130"
+    )
+
+
+def test_finetune_settings_reach_the_configmap_and_the_chart_owns_its_paths(monkeypatch) -> None:
+    # values.yaml shows FinetuneSettings' own defaults (but threads: a pod of its own, its CPU request)
+    shown = yaml.safe_load((CHART / "values.yaml").read_text())["finetune"]["settings"]
+    defaults = FinetuneSettings()
+    assert {k: v for k, v in shown.items() if k != "threads"} == {
+        k: getattr(defaults, k) for k in shown if k != "threads"
+    }
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert set(schema["properties"]["finetune"]["properties"]["settings"]["properties"]) == set(shown)
+
+    rendered = render(EVERYTHING)
+    settings = settings_from(rendered.config, monkeypatch)  # every key a real field, parsed
+    for key, value in EVERYTHING["finetune"]["settings"].items():
+        assert getattr(settings.finetune, key) == value, key
+    assert settings.finetune.threads == shown["threads"]
+    # a whole number arrives as a float64 in Helm: it must still read as an integer
+    big = render(merge(FINETUNE, {"finetune": {"settings": {"every_examples": 1_000_000}}}))
+    assert big.config["INSTRUCTREC_FINETUNE__EVERY_EXAMPLES"] == "1000000"
+
+    for key in ("TRITON__REPOSITORY", "FINETUNE__STORE"):  # paths the chart's mounts decide
+        with pytest.raises(helm.HelmError, match="the chart sets"):
+            render({"settings": {key: "/x"}})
+    with pytest.raises(helm.HelmError, match="the chart sets"):
+        render(merge(FINETUNE, {"settings": {"FINETUNE__HOLDOUT": "50"}}))
+    group = render(merge(FINETUNE, {"settings": {"FINETUNE__GROUP_ID": "rec-finetune"}}))
+    assert settings_from(group.config, monkeypatch).finetune.group_id == "rec-finetune"
+
+
+def test_notes_export_the_first_version_into_the_served_repository() -> None:
+    rendered = render(FINETUNE)
+    (served,) = [
+        a.removeprefix("--model-repository=")
+        for a in container(rendered.triton, "tritonserver")["args"]
+        if a.startswith("--model-repository=")
+    ]
+    notes = rendered.release["notes"]
+    (pod,) = [line for line in notes.splitlines() if line.strip().startswith("FT=")]
+    assert "app.kubernetes.io/component=finetune" in pod  # the pod with the application image
+    (export,) = [line for line in notes.splitlines() if " exec $FT -- " in line]
+    argv = shlex.split(export.split(" -- ", 1)[1])
+    assert argv[0] == "instructrec"
+    args = cli.build_parser().parse_args(argv[1:])
+    assert args.handler is worker_commands.run_export and args.repository == Path(served)
+    assert "WARNING" not in notes.split("Fine-tune worker", 1)[1]
+
+    # without it, version 1 is copied into the same repository from Triton's own pod
+    plain = render().release["notes"]
+    assert not [line for line in plain.splitlines() if "-- instructrec" in line]
+    assert f"{served}/instructrec_reranker/1/reranker" in plain
+    # what cannot work well is said
+    rwo = {"triton": {"replicas": 2, "modelRepository": {"persistence": {"accessModes": ["ReadWriteOnce"]}}}}
+    warned = render(merge(FINETUNE, rwo)).release["notes"]
+    assert "not ReadWriteMany" in warned and "triton.replicas is 2" in warned

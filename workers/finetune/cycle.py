@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from instructrec.catalogue import Catalogue
 from instructrec.config import FinetuneSettings
@@ -270,6 +271,13 @@ def gate(
     cand, inc = ranked(candidate), ranked(incumbent)
     verdict = judge(cand, inc, min_margin=config.min_margin, confidence=config.confidence, seed=seed)
     return Judged(verdict, cand, inc)
+
+
+def training_device(choice: str) -> str:
+    """`auto`: the GPU when torch sees one, else the CPU."""
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return choice
 
 
 def catalogue_lookups(reranker: Reranker, catalogue: Catalogue):

@@ -32,10 +32,11 @@ def ingest(
     feedback_topic: str,
     history_of: Callable[[str], list[str]],
     history_size: int,
+    since_ts: float = 0.0,
 ) -> tuple[Batch, int]:
     """The examples, history updates and next positions of a poll's records (`record.topic`, `.partition`,
     `.offset`, `.value`); returns them with how many records were not valid events (skipped: the stream's
-    agents dead-letter them)."""
+    agents dead-letter them). Interactions before `since_ts` update histories but make no example."""
     batch = Batch()
     invalid = 0
     for record in records:
@@ -43,9 +44,11 @@ def ingest(
         try:
             if record.topic == clicks_topic:
                 click = decode(ClickEvent, record.value)
-                _click(batch, click, history_of, history_size)
+                _click(batch, click, history_of, history_size, teach=click.ts >= since_ts)
             elif record.topic == feedback_topic:
-                _feedback(batch, decode(FeedbackEvent, record.value), history_of)
+                feedback = decode(FeedbackEvent, record.value)
+                if feedback.ts >= since_ts:
+                    _feedback(batch, feedback, history_of)
         except EventError:
             invalid += 1
     return batch, invalid
@@ -57,9 +60,13 @@ def _history(batch: Batch, user: str, history_of: Callable[[str], list[str]]) ->
     return batch.histories[user]
 
 
-def _click(batch: Batch, click: ClickEvent, history_of, history_size: int) -> None:
+def _click(batch: Batch, click: ClickEvent, history_of, history_size: int, teach: bool) -> None:
     history = _history(batch, click.user_id, history_of)
-    wanted = click.kind in POSITIVE_KINDS and not (click.rating is not None and click.rating <= LOW_RATING)
+    wanted = (
+        teach
+        and click.kind in POSITIVE_KINDS
+        and not (click.rating is not None and click.rating <= LOW_RATING)
+    )
     if wanted and history and click.item_id not in history:
         batch.examples.append(
             Example(click.user_id, tuple(history[-HISTORY_SHOWN:]), click.item_id, click.ts, "clicks")

@@ -76,6 +76,9 @@ class Outcome:
     examples: int
     seconds: float
     examples_per_s: float
+    # The store's newest example id when this version went live: the examples after it were served by it
+    # (until the next swap), and neither it nor its incumbent trained on them. benchmarks/loop.py judges there.
+    live_after: int | None = None
 
 
 class FinetuneWorker:
@@ -99,7 +102,7 @@ class FinetuneWorker:
 
         self.pipeline = PipelineConfig.load(artifacts.pipeline)
         self.planner = OfflinePlanner.load(
-            artifacts, _no_dataset(), self.pipeline.retriever, self.pipeline.plan
+            artifacts, retriever=self.pipeline.retriever, config=self.pipeline.plan
         )
 
     # -- the loop
@@ -154,6 +157,7 @@ class FinetuneWorker:
             feedback_topic=kafka.topics.feedback,
             history_of=self.store.history,
             history_size=self.store.history_size,
+            since_ts=self.config.since_ts,
         )
         await asyncio.to_thread(self.store.commit, batch)  # examples and positions, fsynced, first
         offsets = {TopicPartition(t, p): OffsetAndMetadata(o, "") for (t, p), o in batch.positions.items()}
@@ -192,6 +196,7 @@ class FinetuneWorker:
             try:
                 published = await self._publish(candidate_dir, triton, outcome)
                 outcome.version = str(published.version)
+                outcome.live_after = self.store.last_id()
             except PublishError as error:
                 outcome.accepted, outcome.reason = False, str(error)
         shutil.rmtree(candidate_dir, ignore_errors=True)
@@ -217,18 +222,19 @@ class FinetuneWorker:
             corrupt=corrupt,
         )
         weights = self._served_weights(incumbent)
-        candidate = Reranker.from_pretrained(weights)
+        device = cycles.training_device(self.config.device)
+        candidate = Reranker.from_pretrained(weights).to(device)
         budget = self.config.budget_minutes * 60 - (time.perf_counter() - started)
         trained = cycles.train_candidate(candidate, prepared, self.planner.catalogue, self.config, budget)
         judged = cycles.gate(
             candidate,
-            Reranker.from_pretrained(weights),
+            Reranker.from_pretrained(weights).to(device),
             split.holdout,
             self.planner,
             self.pipeline.weight_for,
             self.config,
         )
-        out = cycles.save_candidate(candidate, self.work / f"cycle-{cycle_id}")
+        out = cycles.save_candidate(candidate.cpu(), self.work / f"cycle-{cycle_id}")
         verdict = judged.verdict
         metrics = {
             **verdict.metrics,
@@ -329,13 +335,6 @@ def _settle(future: asyncio.Future, result: Any, error: BaseException | None) ->
         future.set_exception(error)
     else:
         future.set_result(result)
-
-
-def _no_dataset():
-    """The planner takes its catalogue from the artefacts; it needs no dataset files."""
-    from instructrec.data.dataset import Dataset
-
-    return Dataset("artefacts", [], [], [])
 
 
 def run_finetune(settings: Settings) -> int:

@@ -347,7 +347,9 @@ class TritonReranker:
             try:
                 config = await self.transport.model_config(self.model, self.settings.timeout_s)
             except Exception as error:  # not loaded at all: its repository config is the base
-                log.info("no loaded config of %s (%s): loading from the repository's", self.model, _describe(error))
+                log.info(
+                    "no loaded config of %s (%s): loading from the repository's", self.model, _describe(error)
+                )
                 config = None
         if config is None:
             await self.load_model()
@@ -361,7 +363,9 @@ class TritonReranker:
     async def probe(self, version: int | str, request: bytes) -> np.ndarray:
         """Score `request` on exactly `version` (no retries): is a freshly loaded version answering?"""
         async with asyncio.timeout(self.settings.timeout_s * 4):
-            scores, _ = await self.transport.infer(self.model, str(version), request, self.settings.timeout_s * 4)
+            scores, _ = await self.transport.infer(
+                self.model, str(version), request, self.settings.timeout_s * 4
+            )
         return np.asarray(scores, dtype=np.float32)
 
     async def unload_model(self) -> None:

@@ -62,6 +62,15 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
+{{- define "instructrec.finetuneImage" -}}
+{{- $image := .Values.finetune.image }}
+{{- if $image.repository }}
+{{- printf "%s:%s" $image.repository (default (default .Chart.AppVersion .Values.image.tag) $image.tag) }}
+{{- else }}
+{{- include "instructrec.image" . }}
+{{- end }}
+{{- end }}
+
 {{- define "instructrec.configMapName" -}}
 {{- printf "%s-config" (include "instructrec.fullname" .) }}
 {{- end }}
@@ -81,6 +90,24 @@ app.kubernetes.io/component: {{ .component }}
 
 {{- define "instructrec.tritonRepositoryClaim" -}}
 {{- default (printf "%s-triton-models" (include "instructrec.fullname" .)) .Values.triton.modelRepository.persistence.existingClaim }}
+{{- end }}
+
+{{/*
+The model repository: a folder of the claim's volume (mounted at mountPath), so that the staging folder
+beside it (instructrec.adapters.triton.repository.staging_dir) is on the same volume. The same path in every
+pod that mounts the claim.
+*/}}
+{{- define "instructrec.tritonRepository" -}}
+{{- $m := .Values.triton.modelRepository }}
+{{- printf "%s/%s" ($m.mountPath | trimSuffix "/") $m.directory }}
+{{- end }}
+
+{{- define "instructrec.finetuneName" -}}
+{{- printf "%s-finetune" (include "instructrec.fullname" .) }}
+{{- end }}
+
+{{- define "instructrec.finetuneStoreClaim" -}}
+{{- printf "%s-finetune-store" (include "instructrec.fullname" .) }}
 {{- end }}
 
 {{- define "instructrec.qdrantName" -}}
@@ -107,6 +134,7 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/* Paths inside the application pods. */}}
 {{- define "instructrec.varDir" -}}/var/lib/instructrec{{- end }}
+{{- define "instructrec.finetuneDir" -}}/var/lib/instructrec/finetune{{- end }}
 {{- define "instructrec.kafkaTlsDir" -}}/etc/instructrec/kafka-tls{{- end }}
 
 {{/*
@@ -155,10 +183,19 @@ derives; `settings` adds the rest and may not override them.
 {{- $_ := set $env "WEB__PORT" (.Values.worker.webPort | toString) }}
 {{- $_ := set $env "STREAM__STORE" "rocksdb" }}
 {{- $_ := set $env "STREAM__DATA_DIR" (printf "%s/faust" $var) }}
+{{- if .Values.finetune.enabled }}
+{{- $_ := set $env "TRITON__REPOSITORY" (include "instructrec.tritonRepository" .) }}
+{{- $_ := set $env "FINETUNE__STORE" (printf "%s/examples.db" (include "instructrec.finetuneDir" .)) }}
+{{- range $key, $value := .Values.finetune.settings }}
+{{- /* whole numbers without a fraction or an exponent: values arrive as float64 */ -}}
+{{- $text := ternary (int64 $value | toString) (toString $value) (and (kindIs "float64" $value) (eq (float64 (int64 $value)) $value)) }}
+{{- $_ := set $env (printf "FINETUNE__%s" ($key | upper)) $text }}
+{{- end }}
+{{- end }}
 {{- range $key, $value := .Values.settings }}
 {{- $name := $key | upper | trimPrefix "INSTRUCTREC_" }}
-{{- if or (hasKey $env $name) (hasPrefix "KAFKA__" $name) (hasPrefix "INFRA__" $name) (eq $name "STREAM__CANONICAL_URL") (eq $name "QDRANT__API_KEY") }}
-{{- fail (printf "settings.%s: the chart sets INSTRUCTREC_%s itself (see values.yaml: kafka, qdrant, triton, worker)" $key $name) }}
+{{- if or (hasKey $env $name) (hasPrefix "KAFKA__" $name) (hasPrefix "INFRA__" $name) (eq $name "STREAM__CANONICAL_URL") (eq $name "QDRANT__API_KEY") (eq $name "TRITON__REPOSITORY") (eq $name "FINETUNE__STORE") }}
+{{- fail (printf "settings.%s: the chart sets INSTRUCTREC_%s itself (see values.yaml: kafka, qdrant, triton, worker, finetune)" $key $name) }}
 {{- end }}
 {{- $_ := set $env $name ($value | toString) }}
 {{- end }}

@@ -74,7 +74,9 @@ class Transport:
 
     async def model_config(self, model: str, timeout_s: float) -> dict:
         """The configuration of the model as loaded (its version policy included)."""
-        return self.config_of(await self._get().get_model_config(model, **self.deadline(timeout_s), **self._as_json()))
+        return self.config_of(
+            await self._get().get_model_config(model, **self.deadline(timeout_s), **self._as_json())
+        )
 
     async def load_model(self, model: str, config: str | None, timeout_s: float) -> None:
         await self._get().load_model(model, config=config, **self.deadline(timeout_s))

@@ -1,0 +1,508 @@
+"""The feedback loop end to end: the stream serving ml-latest-small in time order while the fine-tune worker
+learns from it, gates what it learned and hot-swaps it into Triton.
+
+    python benchmarks/loop.py [--json PATH] [--minutes M] [--budget M] [--every N] [--rate R] [--quick]
+
+1. The initial pipeline is trained on the first 70% of time only (interactions up to the 70th percentile of
+   timestamps, 5-core): nothing of the later 30% leaks into it.
+2. Its own broker, tritonserver (the initial reranker as version 1) and Qdrant (every item of the dataset,
+   so items first seen later are findable by text); one stream worker; the fine-tune worker as its own
+   process (`python -m workers.finetune`, `threads` 1 at `nice` 10), told to learn only from interactions
+   after the split (`since_ts`: the initial model has seen the rest).
+3. The first 70% replayed as clicks (contexts and histories), then the last 30% in time order at `--rate`
+   events per second, with a query before every `--query-every`-th interaction of a user (a share with an
+   intention text) and the interaction naming it, as a click on a served list does.
+4. Measured: every cycle's wall time, examples and verdict; for each accepted version, NDCG@10 and HR@10 of
+   the new version and of the one before it on the same later window — the examples that arrived after the
+   swap, ranked as serving ranks them (the gate's computation) — beside the stream's own live prequential
+   figures per version (`/metrics`); the initial pipeline's figure on all later examples (the offline
+   pipeline on the same users); query latency while a cycle trains against while none does (no query may go
+   unanswered); examples per second of LoRA and of a full fine-tune on the same examples; and the gate's
+   verdict on a deliberately corrupted candidate (trained on shuffled answers).
+
+JSON keys: versions [{version, accepted, ndcg10_before, ndcg10_after, hr10_before, hr10_after, window}],
+cycle_s_max, corrupted_rejected, serving_p99_ms_during_cycle, serving_p99_ms_idle, plus details.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from harness import build_catalog  # the benchmarks' shared library module
+from rich.console import Console
+from rich.table import Table
+
+REPO = Path(__file__).resolve().parent.parent
+DATASET = "ml-latest-small"
+MODEL = "instructrec_reranker"
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--json", dest="json_path", default=None)
+    parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument(
+        "--root", type=Path, default=None, help="work folder (kept); default: a temporary one"
+    )
+    parser.add_argument("--minutes", type=float, default=10.0, help="initial reranker's training budget")
+    parser.add_argument("--budget", type=float, default=6.0, help="a cycle's training budget, minutes")
+    parser.add_argument("--every", type=int, default=3000, help="new examples per cycle")
+    parser.add_argument("--rate", type=float, default=40.0, help="events per second of the later replay")
+    parser.add_argument("--query-every", type=int, default=5)
+    parser.add_argument("--users", type=int, default=None, help="only the first N users")
+    parser.add_argument("--judge", type=int, default=2000, help="most examples a version is judged on")
+    parser.add_argument("--quick", action="store_true", help="a short run: few users, small cycles")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.minutes, args.budget, args.every, args.users = 2.0, 1.0, 400, 120
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    if args.root:
+        args.root.mkdir(parents=True, exist_ok=True)
+        result = run(args.root, args, console)
+    else:
+        with tempfile.TemporaryDirectory(prefix="instructrec-loop-") as tmp:
+            result = run(Path(tmp), args, console)
+    console.print(report(result))
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(result, indent=2))
+        console.print(f"wrote {args.json_path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def time_split(dataset, share: float = 0.7, users: int | None = None):
+    """The dataset up to the `share` quantile of time (5-core), and that time."""
+    from instructrec.data import Dataset, k_core
+
+    stamps = np.array([x.timestamp for h in dataset.histories for x in h])
+    cut = float(np.quantile(stamps, share))
+    keep = range(dataset.n_users if users is None else min(users, dataset.n_users))
+    early = Dataset(
+        dataset.name,
+        dataset.items,
+        [dataset.users[u] for u in keep],
+        [[x for x in dataset.histories[u] if x.timestamp <= cut] for u in keep],
+        nouns=dataset.nouns,
+    )
+    return k_core(early, 5), cut
+
+
+def later_events(dataset, cut: float, users: int | None, query_every: int, seed: int = 0):
+    """Clicks up to `cut` (as fast as possible), then the rest with queries, each in time order."""
+    from workers.replay import ReplayConfig, replay_events
+
+    config = ReplayConfig(users=users, query_every=query_every, text_rate=0.3, k=10, seed=seed, min_history=3)
+    events = replay_events(dataset, config)
+    before = [e for e in events if e.ts <= cut and type(e).__name__ == "ClickEvent"]
+    after = [e for e in events if e.ts > cut]
+    return before, after
+
+
+# ----------------------------------------------------------------------------------------------------- run
+
+
+def run(root: Path, args, console: Console) -> dict:
+    from instructrec import experiment
+    from instructrec.adapters.triton.repository import copy_repository, default_repository, export_version
+    from instructrec.artifacts import Artifacts
+    from instructrec.config import FinetuneSettings, InfraSettings, QdrantSettings, Settings
+    from instructrec.data import load
+    from instructrec.infra import Infrastructure, free_port, run_sync, settings_env
+    from instructrec.infra.worker import WorkerProcess
+    from streams.kafka.admin import ensure_topics
+
+    dataset = load(DATASET, root=args.data_root)
+    early, cut = time_split(dataset, 0.7, args.users)
+    layout = Artifacts.of(root / "artifacts", DATASET)
+    timings: dict[str, float] = {}
+    if not layout.trained:
+        config = experiment.PipelineConfig()
+        config.train.max_minutes = args.minutes
+        started = time.perf_counter()
+        with console.status(
+            f"training the initial pipeline on {early.describe()['interactions']} early interactions…"
+        ):
+            experiment.fit(early, layout, config, verbose=False)
+        timings["initial_training_s"] = round(time.perf_counter() - started, 1)
+    repository = copy_repository(default_repository(), root / "models" / "repository")
+    if not any((repository / MODEL).glob("[0-9]*/reranker")):
+        export_version(layout.best_reranker, repository, 1)
+    base = Settings(
+        state_dir=root / "state",
+        data_root=args.data_root,
+        qdrant=QdrantSettings(path=root / "qdrant"),
+        infra=InfraSettings(model_repository=repository, models=[MODEL], start_timeout_s=300),
+    )
+    infrastructure = Infrastructure(base)
+    with console.status("starting the broker and tritonserver…"):
+        state = infrastructure.up(components=["kafka", "triton"])
+    finetune = None
+    try:
+        settings = state.settings(base)
+        settings = settings.model_copy(
+            update={
+                "model": settings.model.model_copy(update={"artifacts": root / "artifacts"}),
+                "stream": settings.stream.model_copy(update={"store": "rocksdb", "dataset": DATASET}),
+                "triton": settings.triton.model_copy(update={"timeout_s": 10.0}),
+                "finetune": FinetuneSettings(
+                    every_examples=args.every,
+                    min_examples=args.every // 3,
+                    every_minutes=10.0,
+                    holdout=min(400, args.every // 3),
+                    budget_minutes=args.budget,
+                    epochs=1,
+                    since_ts=cut,
+                    poll_s=0.5,
+                ),
+            }
+        )
+        run_sync(ensure_topics(settings.kafka))
+        with console.status("building the Qdrant catalogue…"):
+            build_catalog(settings, dataset, None, REPO / ".state" / "cache")
+        before, after = later_events(dataset, cut, args.users, args.query_every)
+        worker = WorkerProcess(settings, web_port=free_port(), log=root / "worker.log")
+        with worker:
+            worker.wait_healthy(300)
+            log = (root / "finetune.log").open("ab")
+            finetune = subprocess.Popen(
+                [sys.executable, "-m", "workers.finetune"],
+                env=settings_env(settings),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=REPO,
+            )
+            measured = asyncio.run(replay(settings, worker, before, after, args, console))
+            time.sleep(10)  # the worker ingests the last events; a cycle they make due starts
+            cycles = finished_cycles(settings, wait_s=args.budget * 60 + 240)
+            live = live_prequential(worker)
+    finally:
+        if finetune is not None and finetune.poll() is None:
+            os.killpg(finetune.pid, signal.SIGTERM)
+            try:
+                finetune.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(finetune.pid, signal.SIGKILL)
+        infrastructure.down()
+    result = judge_versions(settings, cycles, root, args.judge)
+    result.update(measured)
+    result["live_prequential"] = live
+    result["cycles"] = cycles
+    result["cycle_s_max"] = max((c["seconds"] for c in cycles), default=0.0)
+    result.update(side_studies(settings, root))
+    result["details"] = {
+        "split_ts": cut,
+        "early": early.describe(),
+        "later_events": len(after),
+        "load_average": os.getloadavg(),
+        **timings,
+    }
+    return result
+
+
+async def replay(settings, worker, before, after, args, console: Console) -> dict:
+    """Replay; every query's latency, classified by whether a fine-tune cycle was training at the time."""
+    from instructrec.events import QueryEvent, Recommendation, decode
+    from streams.kafka.producer import EventProducer
+    from streams.kafka.reader import TopicReader
+
+    sent: dict[str, float] = {}
+    latency: dict[str, float] = {}
+    training_at: dict[str, bool] = {}
+    async with TopicReader(settings.kafka, settings.kafka.topics.recommendations) as answers:
+
+        async def listen() -> None:
+            async for record in answers:
+                answer = decode(Recommendation, record.value)
+                if answer.request_id in sent and answer.request_id not in latency:
+                    latency[answer.request_id] = (time.perf_counter() - sent[answer.request_id]) * 1000
+
+        listener = asyncio.create_task(listen())
+        async with EventProducer(settings.kafka) as producer:
+            with console.status(f"replaying {len(before)} early clicks…"):
+                await producer.send_all(before)
+                await producer.flush()
+            await asyncio.sleep(5)
+            started = time.perf_counter()
+            with console.status(
+                f"replaying {len(after)} later events at {args.rate:g}/s while the worker learns…"
+            ):
+                for n, event in enumerate(after):
+                    due = started + n / args.rate
+                    if due > time.perf_counter():
+                        await asyncio.sleep(due - time.perf_counter())
+                    if isinstance(event, QueryEvent):
+                        sent[event.request_id] = time.perf_counter()
+                        training_at[event.request_id] = cycle_running(settings)
+                    await producer.send(event)
+        deadline = time.monotonic() + 120
+        while len(latency) < len(sent) and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+        listener.cancel()
+    during = [latency[r] for r in latency if training_at.get(r)]
+    idle = [latency[r] for r in latency if not training_at.get(r)]
+    return {
+        "queries": len(sent),
+        "answered": len(latency),
+        "serving_p50_ms_during_cycle": _pct(during, 50),
+        "serving_p99_ms_during_cycle": _pct(during, 99),
+        "serving_p50_ms_idle": _pct(idle, 50),
+        "serving_p99_ms_idle": _pct(idle, 99),
+        "queries_during_cycle": len(during),
+        "replay_s": round(time.perf_counter() - started, 1),
+    }
+
+
+def _pct(values: list[float], q: float) -> float:
+    return round(float(np.percentile(values, q)), 1) if values else float("nan")
+
+
+def _store(settings) -> Path:
+    from workers.finetune.worker import store_path
+
+    return store_path(settings)
+
+
+def cycle_running(settings) -> bool:
+    path = _store(settings)
+    if not path.exists():
+        return False
+    with sqlite3.connect(path, timeout=5) as db:
+        return db.execute("SELECT COUNT(*) FROM cycles WHERE finished IS NULL").fetchone()[0] > 0
+
+
+def finished_cycles(settings, wait_s: float) -> list[dict]:
+    """Every cycle's verdict, once none is running (or `wait_s` has passed)."""
+    deadline = time.monotonic() + wait_s
+    while cycle_running(settings) and time.monotonic() < deadline:
+        time.sleep(2)
+    with sqlite3.connect(_store(settings), timeout=5) as db:
+        rows = db.execute("SELECT id, started, finished, verdict FROM cycles ORDER BY id").fetchall()
+    out = []
+    for cycle, started, finished, verdict in rows:
+        if finished is None:
+            continue
+        v = json.loads(verdict or "{}")
+        out.append(
+            {
+                "cycle": cycle,
+                "accepted": bool(v.get("accepted")),
+                "version": str(v.get("published_version") or v.get("version")),
+                "incumbent": v.get("incumbent"),
+                "reason": v.get("reason"),
+                "seconds": round(finished - started, 1),  # wall: split, prepare, train, gate, publish
+                "train_s": round(v.get("metrics", {}).get("train_s", 0.0), 1),
+                "examples": v.get("examples"),
+                "examples_per_s": round(v.get("examples_per_s") or 0.0, 2),
+                "live_after": v.get("live_after"),
+                "metrics": v.get("metrics", {}),
+            }
+        )
+    return out
+
+
+def judge_versions(settings, cycles: list[dict], root: Path, most: int) -> dict:
+    """Each accepted version against the one it replaced, on the examples that arrived while it served (after
+    its swap, before the next): neither trained on them. And version 1 on all later examples."""
+    from instructrec.artifacts import Artifacts
+    from instructrec.experiment import PipelineConfig
+    from instructrec.model.reranker import Reranker
+    from instructrec.planner import OfflinePlanner
+    from workers.finetune import cycle as cycle_code
+    from workers.finetune.store import ExampleStore
+
+    layout = Artifacts.of(root / "artifacts", DATASET)
+    pipeline = PipelineConfig.load(layout.pipeline)
+    planner = OfflinePlanner.load(layout, retriever=pipeline.retriever, config=pipeline.plan)
+    store = ExampleStore(_store(settings))
+    repository = settings.triton.repository
+
+    def weights(version) -> Path:
+        return repository / MODEL / str(version) / "reranker"
+
+    def judge(new, old, examples):
+        return cycle_code.gate(
+            Reranker.from_pretrained(weights(new)),
+            Reranker.from_pretrained(weights(old)),
+            _evenly(examples, most),
+            planner,
+            pipeline.weight_for,
+            settings.finetune,
+        ).verdict.metrics
+
+    accepted = [c for c in cycles if c["accepted"] and c["live_after"] is not None]
+    versions = []
+    try:
+        offline = judge(1, 1, [e for _, e in store.examples()])
+        for n, c in enumerate(accepted):
+            upto = accepted[n + 1]["live_after"] if n + 1 < len(accepted) else None
+            window = [e for _, e in store.examples(after=c["live_after"], upto=upto)]
+            row = {"version": c["version"], "accepted": True, "previous": c["incumbent"], "window": 0}
+            if window and weights(c["version"]).exists() and weights(c["incumbent"]).exists():
+                m = judge(c["version"], c["incumbent"], window)
+                row.update(
+                    ndcg10_before=m.get("incumbent_ndcg@10"),
+                    ndcg10_after=m.get("candidate_ndcg@10"),
+                    hr10_before=m.get("incumbent_hr@10"),
+                    hr10_after=m.get("candidate_hr@10"),
+                    p_better=m.get("p_better"),
+                    window=int(m.get("holdout", 0)),
+                )
+            versions.append(row)
+        versions += [
+            {"version": c["version"], "accepted": False, "reason": c["reason"]}
+            for c in cycles
+            if not c["accepted"]
+        ]
+    finally:
+        store.close()
+    return {
+        "versions": versions,
+        "offline_ndcg10": offline.get("incumbent_ndcg@10"),
+        "offline_hr10": offline.get("incumbent_hr@10"),
+        "offline_window": int(offline.get("holdout", 0)),
+    }
+
+
+def _evenly(examples: list, most: int) -> list:
+    """At most `most` of them, spread evenly over the window (scoring every one would take longer than the
+    replay)."""
+    if len(examples) <= most:
+        return examples
+    step = len(examples) / most
+    return [examples[int(i * step)] for i in range(most)]
+
+
+def live_prequential(worker) -> dict:
+    """The stream's rolling figures per model version, from its /metrics."""
+    with urllib.request.urlopen(worker.url("/metrics"), timeout=10) as response:
+        text = response.read().decode()
+    out: dict[str, dict] = {}
+    for line in text.splitlines():
+        for name, key in (
+            ("instructrec_prequential_ndcg10{", "ndcg@10"),
+            ("instructrec_prequential_hr10{", "hr@10"),
+        ):
+            if line.startswith(name):
+                version = line.split('version="')[1].split('"')[0]
+                out.setdefault(version, {})[key] = round(float(line.split()[-1]), 4)
+        if line.startswith("instructrec_prequential_answers_total{"):
+            version = line.split('version="')[1].split('"')[0]
+            out.setdefault(version, {})["answers"] = float(line.split()[-1])
+    return out
+
+
+def side_studies(settings, root: Path) -> dict:
+    """On the stored examples, in this process: the corrupted candidate's verdict, and LoRA against a full
+    fine-tune in examples per second on the same examples."""
+    import torch
+
+    from instructrec.artifacts import Artifacts
+    from instructrec.experiment import PipelineConfig
+    from instructrec.model.reranker import Reranker
+    from instructrec.planner import OfflinePlanner
+    from workers.finetune import cycle as cycle_code
+    from workers.finetune.store import ExampleStore
+
+    torch.set_num_threads(1)  # as the worker trains
+    layout = Artifacts.of(root / "artifacts", DATASET)
+    pipeline = PipelineConfig.load(layout.pipeline)
+    planner = OfflinePlanner.load(layout, retriever=pipeline.retriever, config=pipeline.plan)
+    store = ExampleStore(_store(settings))
+    try:
+        split = cycle_code.split_examples(store, 0, settings.finetune, seed=7)
+    finally:
+        store.close()
+    served = max(int(p.name) for p in (settings.triton.repository / MODEL).iterdir() if p.name.isdigit())
+    weights = settings.triton.repository / MODEL / str(served) / "reranker"
+    sample = split.train[-600:]
+    out: dict = {}
+    for method in ("lora", "full"):
+        config = settings.finetune.model_copy(update={"method": method})
+        prepared = cycle_code.prepare(sample, planner, pipeline.k, seed=3)
+        trained = cycle_code.train_candidate(
+            Reranker.from_pretrained(weights), prepared, planner.catalogue, config, 120
+        )
+        out[f"{method}_examples_per_s"] = round(trained.examples_per_s, 2)
+    corrupted = cycle_code.prepare(split.train[-1500:], planner, pipeline.k, seed=5, corrupt=True)
+    candidate = Reranker.from_pretrained(weights)
+    cycle_code.train_candidate(
+        candidate, corrupted, planner.catalogue, settings.finetune, settings.finetune.budget_minutes * 60
+    )
+    judged = cycle_code.gate(
+        candidate,
+        Reranker.from_pretrained(weights),
+        split.holdout,
+        planner,
+        pipeline.weight_for,
+        settings.finetune,
+    )
+    out["corrupted_rejected"] = not judged.verdict.accepted
+    out["corrupted_verdict"] = {"reason": judged.verdict.reason, **judged.verdict.metrics}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+
+def report(result: dict) -> Table:
+    table = Table(title="the feedback loop on ml-latest-small (later 30% of time, replayed)")
+    for column in (
+        "version",
+        "verdict",
+        "NDCG@10 before → after",
+        "HR@10 before → after",
+        "window",
+        "cycle s",
+        "examples",
+    ):
+        table.add_column(column, justify="right")
+    by_version = {c["version"]: c for c in result.get("cycles", [])}
+    for v in result["versions"]:
+        c = by_version.get(v["version"], {})
+        table.add_row(
+            v["version"],
+            "accepted" if v["accepted"] else f"rejected: {v.get('reason', '')[:60]}",
+            _arrow(v.get("ndcg10_before"), v.get("ndcg10_after")),
+            _arrow(v.get("hr10_before"), v.get("hr10_after")),
+            str(v.get("window", "")),
+            str(c.get("seconds", "")),
+            str(c.get("examples", "")),
+        )
+    table.caption = (
+        f"offline pipeline (version 1) on the same later examples: NDCG@10 {result.get('offline_ndcg10', float('nan')):.4f}, "
+        f"HR@10 {result.get('offline_hr10', float('nan')):.4f}; live prequential per version: {result.get('live_prequential')}; "
+        f"queries answered {result.get('answered')}/{result.get('queries')}; p99 during a cycle "
+        f"{result.get('serving_p99_ms_during_cycle')} ms vs idle {result.get('serving_p99_ms_idle')} ms; "
+        f"LoRA {result.get('lora_examples_per_s')} vs full {result.get('full_examples_per_s')} examples/s; "
+        f"corrupted candidate rejected: {result.get('corrupted_rejected')}; longest cycle {result.get('cycle_s_max')} s"
+    )
+    return table
+
+
+def _arrow(before, after) -> str:
+    if before is None or after is None:
+        return ""
+    return f"{before:.4f} → {after:.4f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
