@@ -63,9 +63,9 @@ def intentions(dataset, n: int = 5000, seed: int = 0) -> list[str]:
     out = []
     for _ in range(n):
         write = vague_intention if rng.random() < 0.5 else specific_intention
-        text = write(rng.choice(dataset.items), rng)
-        if text:
-            out.append(text)
+        wish = write(rng.choice(dataset.items), rng, pool="heldout", nouns=dataset.nouns)
+        if wish:
+            out.append(wish.text)
     return out
 
 

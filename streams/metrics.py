@@ -1,8 +1,15 @@
 """Prometheus metrics of one stream app, on their own registry (no process-global state: two apps in one
-process, as in tests, do not collide). `GET /metrics` serves them."""
+process, as in tests, do not collide). `GET /metrics` serves them.
+
+`LiveWindow` turns the cumulative counters and histograms into the figures of the last minute (events/s,
+latency quantiles) for `GET /live`: it keeps periodic snapshots and compares the newest with the oldest.
+"""
 
 from __future__ import annotations
 
+import math
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -10,6 +17,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 # Latency buckets from 1 ms to 10 s: the query path is expected in the tens of milliseconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+LATENCY_BOUNDS = (*LATENCY_BUCKETS, math.inf)  # as exposed: every histogram ends with the +Inf bucket
 
 
 @dataclass
@@ -79,3 +87,102 @@ class Metrics:
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+# ------------------------------------------------------------------------------------------- live figures
+
+
+def counter_totals(counter: Counter) -> dict[str, float]:
+    """A counter with one label: its running total per label value."""
+    return {
+        next(iter(sample.labels.values())): sample.value
+        for metric in counter.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    }
+
+
+def cumulative_buckets(histogram: Histogram, **labels: str) -> tuple[float, ...]:
+    """One labelled series' cumulative bucket counts, one per `LATENCY_BOUNDS` (zeros until it is observed)."""
+    counts = {
+        float(sample.labels["le"]): sample.value
+        for metric in histogram.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_bucket") and all(sample.labels.get(k) == v for k, v in labels.items())
+    }
+    return tuple(counts.get(bound, 0.0) for bound in LATENCY_BOUNDS)
+
+
+def bucket_quantile(q: float, bounds: Sequence[float], cumulative: Sequence[float]) -> float | None:
+    """The q-quantile of a histogram as Prometheus' `histogram_quantile` estimates it (linear within the
+    bucket the rank falls in); None without observations. Beyond the last finite bound it can only say
+    "at least that bound", so that bound is the answer."""
+    total = cumulative[-1] if cumulative else 0.0
+    if total <= 0:
+        return None
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for bound, count in zip(bounds, cumulative, strict=True):
+        if count >= rank:
+            if math.isinf(bound):
+                return lower
+            return lower + (bound - lower) * (rank - below) / (count - below)
+        lower, below = bound, count
+    return lower
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The cumulative figures `GET /live` compares over time (t: a monotonic clock, seconds)."""
+
+    t: float
+    events: dict[str, float]  # events consumed per topic
+    query: tuple[float, ...]  # the agent's query path per micro-batch (stage "total"), cumulative buckets
+    recommend: tuple[float, ...]  # POST /recommend answered, end to end, cumulative buckets
+
+    @classmethod
+    def of(cls, metrics: Metrics, t: float) -> Snapshot:
+        return cls(
+            t=t,
+            events=counter_totals(metrics.events_in),
+            query=cumulative_buckets(metrics.stage_seconds, stage="total"),
+            recommend=cumulative_buckets(metrics.recommend_seconds, outcome="ok"),
+        )
+
+
+@dataclass
+class LiveWindow:
+    """Snapshots of the last `window_s` seconds; `figures(now)` is what happened between the oldest and `now`."""
+
+    window_s: float = 60.0
+    _snapshots: deque[Snapshot] = field(default_factory=deque)
+
+    def add(self, snapshot: Snapshot) -> None:
+        self._snapshots.append(snapshot)
+        while self._snapshots[0].t < snapshot.t - self.window_s:
+            self._snapshots.popleft()
+
+    def figures(self, now: Snapshot) -> dict:
+        """Events/s per topic and latency p50/p99 in ms over the window; None where it cannot tell yet (no
+        earlier snapshot, or nothing observed in the window)."""
+        base = next((s for s in self._snapshots if s.t < now.t), None)
+        if base is None:
+            return {"window_s": None, "events_per_s": None, "query_ms": None, "recommend_ms": None}
+        elapsed = now.t - base.t
+        return {
+            "window_s": round(elapsed, 1),
+            "events_per_s": {
+                topic: (total - base.events.get(topic, 0.0)) / elapsed for topic, total in now.events.items()
+            },
+            "query_ms": latency_ms(base.query, now.query),
+            "recommend_ms": latency_ms(base.recommend, now.recommend),
+        }
+
+
+def latency_ms(before: Sequence[float], after: Sequence[float]) -> dict | None:
+    """p50/p99 (ms) and count of what a histogram observed between two cumulative snapshots."""
+    delta = [b - a for a, b in zip(before, after, strict=True)]
+    if delta[-1] <= 0:
+        return None
+    p50, p99 = (bucket_quantile(q, LATENCY_BOUNDS, delta) for q in (0.5, 0.99))
+    return {"p50": p50 * 1000, "p99": p99 * 1000, "count": int(delta[-1])}

@@ -8,14 +8,24 @@
 - `GET /users/{user_id}/context` — the user's context, routed to the worker that holds it.
 - `GET /health` — 200 when Kafka, the reply listener and Qdrant answer (reranker state reported); else 503.
 - `GET /metrics` — Prometheus exposition.
+- `GET /` — the try-it page (`streams/page/`: plain HTML, CSS and JavaScript, no build step, nothing
+  external), which calls the views here; its script and style are served from `GET /page/{name}`.
+- `GET /users?limit=N` — users with a history that this worker's share of the context table holds (the
+  table is partitioned across workers: another worker knows other users), most recently active first.
+- `GET /live` — the figures the page refreshes: the served model version, events/s and latency p50/p99
+  over the last minute, prequential NDCG@10 / HR@10 per model version (this worker's).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import importlib.resources
+import itertools
 import logging
 import time
 import uuid
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -24,7 +34,9 @@ from faust import web as faust_web
 from instructrec.config import KafkaSettings
 from instructrec.events import EventError, QueryEvent, Recommendation, decode, encode, validate
 from streams.kafka.reader import TopicReader
+from streams.metrics import LiveWindow, Snapshot
 from streams.state.context import UserContext
+from streams.state.prequential import Prequential
 
 if TYPE_CHECKING:
     from streams.app import StreamApp
@@ -32,6 +44,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 2.0
+LIVE_SAMPLE_S = 5.0  # how often the live window snapshots the metrics
+USERS_LIMIT, USERS_MAX = 50, 500
+# Table entries one `GET /users` reads at most: a large RocksDB table must not stall the event loop.
+USERS_SCAN = 5_000
+# The page's files (the rest of streams/page/ is not served) and the page's policy: its own script and
+# style only, and requests to this worker only, so an injected string could neither run nor send anything.
+PAGE_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
+PAGE_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 
 
 class Replies:
@@ -155,6 +178,108 @@ def install(stream: StreamApp) -> None:
             body, content_type = stream.metrics.exposition()
             # aiohttp wants the charset apart from the media type
             return self.bytes(body, content_type=content_type.split(";")[0])
+
+    install_page(stream)
+
+
+def install_page(stream: StreamApp) -> None:
+    """The try-it page and the two JSON views only it needs."""
+    app = stream.app
+    window = LiveWindow()
+
+    @app.timer(LIVE_SAMPLE_S)
+    async def live_sampler() -> None:
+        window.add(Snapshot.of(stream.metrics, time.monotonic()))
+
+    @app.page("/")
+    class PageView(faust_web.View):
+        async def get(self, request: faust_web.Request) -> faust_web.Response:
+            return page_response(self, "index.html")
+
+    @app.page("/page/{name}")
+    class PageFileView(faust_web.View):
+        async def get(self, request: faust_web.Request, name: str) -> faust_web.Response:
+            if name not in PAGE_FILES:
+                return self.error(404, f"no page file {name!r}")
+            return page_response(self, name)
+
+    @app.page("/users")
+    class UsersView(faust_web.View):
+        async def get(self, request: faust_web.Request) -> faust_web.Response:
+            try:
+                limit = parse_limit(request.query.get("limit"))
+            except ValueError as error:
+                return self.error(400, str(error))
+            entries = itertools.islice(stream.tables.context.items(), USERS_SCAN)
+            return self.json({"users": users_with_history(entries, limit)})
+
+    @app.page("/live")
+    class LiveView(faust_web.View):
+        async def get(self, request: faust_web.Request) -> faust_web.Response:
+            return self.json(live_figures(stream, window, time.monotonic()))
+
+
+@functools.cache
+def page_file(name: str) -> bytes:
+    return importlib.resources.files("streams").joinpath("page", name).read_bytes()
+
+
+def page_response(view: faust_web.View, name: str) -> faust_web.Response:
+    headers = {"Content-Security-Policy": PAGE_POLICY, "Cache-Control": "no-cache"}
+    return view.bytes(page_file(name), content_type=PAGE_FILES[name], headers=headers)
+
+
+def parse_limit(raw: str | None) -> int:
+    """`?limit=`: USERS_LIMIT when absent, else an integer in 1..USERS_MAX (ValueError with the reason)."""
+    if raw is None:
+        return USERS_LIMIT
+    try:
+        limit = int(raw)
+    except ValueError:
+        raise ValueError(f"limit must be an integer, got {raw!r}") from None
+    if not 1 <= limit <= USERS_MAX:
+        raise ValueError(f"limit must be in 1..{USERS_MAX}, got {limit}")
+    return limit
+
+
+def users_with_history(entries: Iterable[tuple[str, bytes | None]], limit: int) -> list[dict[str, Any]]:
+    """The `limit` most recently active users among `entries` (user id → context bytes) that have a history:
+    a user who only asked (a cold start, say) has nothing to show."""
+    found = []
+    for user_id, raw in entries:
+        context = UserContext.from_bytes(raw)
+        if context.history:
+            found.append((context.updated, user_id, len(context.history)))
+    found.sort(key=lambda row: (-row[0], row[1]))
+    return [{"user_id": user_id, "history": n} for _, user_id, n in found[:limit]]
+
+
+def live_figures(stream: StreamApp, window: LiveWindow, now: float) -> dict[str, Any]:
+    reranker = stream.services.reranker
+    return {
+        "model_version": reranker.model_version or "unknown",
+        "circuit": reranker.circuit_state,
+        **window.figures(Snapshot.of(stream.metrics, now)),
+        "prequential": prequential_rows(stream.prequential),
+    }
+
+
+def prequential_rows(prequential: Prequential) -> list[dict[str, Any]]:
+    """One row per model version with scored answers: its rolling NDCG@10 / HR@10 and how many answers."""
+    rows = []
+    for version in prequential.versions():
+        summary = prequential.summary(version)
+        if summary["answers"]:
+            rows.append(
+                {
+                    "version": version,
+                    "ndcg10": summary["ndcg@10"],
+                    "hr10": summary["hr@10"],
+                    "answers": int(summary["answers"]),
+                    "scored_total": int(summary["scored_total"]),
+                }
+            )
+    return rows
 
 
 async def health(stream: StreamApp, replies: Replies) -> dict[str, dict[str, Any]]:

@@ -98,7 +98,9 @@ def _intention(dataset: Dataset, item: int, config: ReplayConfig, user_id: str, 
     if rng.random() >= config.text_rate:
         return None
     write = vague_intention if rng.random() < 0.5 else specific_intention
-    return write(dataset.items[item], random.Random(rng.getrandbits(64)))
+    # Held-out phrasings: replayed users word their needs in ways training never rendered.
+    wish = write(dataset.items[item], random.Random(rng.getrandbits(64)), pool="heldout", nouns=dataset.nouns)
+    return wish.text if wish else None
 
 
 async def replay(

@@ -1,0 +1,51 @@
+"""The replay's events: what `instructrec replay`, the stream benchmark and the loop benchmark send."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from instructrec.data import load
+from instructrec.events import ClickEvent, QueryEvent, decode, encode
+from workers.replay import ReplayConfig, replay_events
+
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    if not (DATA / "ml-latest-small").is_dir():
+        pytest.fail(f"the shared data is missing at {DATA}")
+    return load("ml-latest-small", root=DATA)
+
+
+def test_replayed_events_are_valid_in_time_order_and_queries_precede_their_click(dataset) -> None:
+    config = ReplayConfig(users=40, query_every=4, min_history=3, text_rate=0.7, seed=1)
+    events = replay_events(dataset, config)
+    assert [e.ts for e in events] == sorted(e.ts for e in events)
+    for event in events:  # every one survives the wire as the stream decodes it
+        assert decode(type(event), encode(event)) == event
+    queries = {e.request_id: e for e in events if isinstance(e, QueryEvent)}
+    texts = [q.text for q in queries.values() if q.text is not None]
+    assert queries and texts and all(isinstance(t, str) and t.strip() for t in texts)
+    assert len(texts) < len(queries)  # text_rate below 1: some queries are preference-only
+    clicks = [e for e in events if isinstance(e, ClickEvent)]
+    assert len(clicks) == sum(len(dataset.histories[u]) for u in range(40))
+    position = {id(e): n for n, e in enumerate(events)}
+    answered = [c for c in clicks if c.request_id is not None]
+    assert {c.request_id for c in answered} == set(queries)
+    for click in answered:
+        query = queries[click.request_id]
+        assert query.user_id == click.user_id and position[id(query)] < position[id(click)]
+
+
+def test_replay_is_deterministic_per_seed(dataset) -> None:
+    config = ReplayConfig(users=10, query_every=3, min_history=2, text_rate=1.0, seed=3)
+    assert replay_events(dataset, config) == replay_events(dataset, config)
+    other = replay_events(
+        dataset, ReplayConfig(users=10, query_every=3, min_history=2, text_rate=1.0, seed=4)
+    )
+    assert [e.text for e in other if isinstance(e, QueryEvent)] != [
+        e.text for e in replay_events(dataset, config) if isinstance(e, QueryEvent)
+    ]
