@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=10.0, help="initial reranker's training budget")
     parser.add_argument("--budget", type=float, default=6.0, help="a cycle's training budget, minutes")
     parser.add_argument("--every", type=int, default=3000, help="new examples per cycle")
+    parser.add_argument("--holdout", type=int, default=1500, help="the newest examples each gate judges on")
     parser.add_argument("--rate", type=float, default=40.0, help="events per second of the later replay")
     parser.add_argument("--query-every", type=int, default=5)
     parser.add_argument("--users", type=int, default=None, help="only the first N users")
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a short run: few users, small cycles")
     args = parser.parse_args(argv)
     if args.quick:
-        args.minutes, args.budget, args.every, args.users = 2.0, 1.0, 400, 120
+        args.minutes, args.budget, args.every, args.holdout, args.users = 2.0, 1.0, 400, 300, 120
     console = Console(width=None if sys.stdout.isatty() else 200)
     if args.root:
         args.root.mkdir(parents=True, exist_ok=True)
@@ -88,32 +89,12 @@ def main(argv: list[str] | None = None) -> int:
 # ---------------------------------------------------------------------------------------------------- data
 
 
-def time_split(dataset, share: float = 0.7, users: int | None = None):
-    """The dataset up to the `share` quantile of time (5-core), and that time."""
-    from instructrec.data import Dataset, k_core
-
-    stamps = np.array([x.timestamp for h in dataset.histories for x in h])
-    cut = float(np.quantile(stamps, share))
-    keep = range(dataset.n_users if users is None else min(users, dataset.n_users))
-    early = Dataset(
-        dataset.name,
-        dataset.items,
-        [dataset.users[u] for u in keep],
-        [[x for x in dataset.histories[u] if x.timestamp <= cut] for u in keep],
-        nouns=dataset.nouns,
-    )
-    return k_core(early, 5), cut
-
-
 def later_events(dataset, cut: float, users: int | None, query_every: int, seed: int = 0):
     """Clicks up to `cut` (as fast as possible), then the rest with queries, each in time order."""
-    from workers.replay import ReplayConfig, replay_events
+    from workers.replay import ReplayConfig, replay_events, split_at
 
     config = ReplayConfig(users=users, query_every=query_every, text_rate=0.3, k=10, seed=seed, min_history=3)
-    events = replay_events(dataset, config)
-    before = [e for e in events if e.ts <= cut and type(e).__name__ == "ClickEvent"]
-    after = [e for e in events if e.ts > cut]
-    return before, after
+    return split_at(replay_events(dataset, config), cut)
 
 
 # ----------------------------------------------------------------------------------------------------- run
@@ -128,6 +109,7 @@ def run(root: Path, args, console: Console) -> dict:
     from instructrec.infra import Infrastructure, free_port, run_sync, settings_env
     from instructrec.infra.worker import WorkerProcess
     from streams.kafka.admin import ensure_topics
+    from workers.replay import time_split
 
     dataset = load(DATASET, root=args.data_root)
     early, cut = time_split(dataset, 0.7, args.users)
@@ -166,7 +148,7 @@ def run(root: Path, args, console: Console) -> dict:
                     every_examples=args.every,
                     min_examples=args.every // 3,
                     every_minutes=10.0,
-                    holdout=min(400, args.every // 3),
+                    holdout=args.holdout,
                     budget_minutes=args.budget,
                     epochs=1,
                     since_ts=cut,
@@ -364,7 +346,7 @@ def judge_versions(settings, cycles: list[dict], root: Path, most: int) -> dict:
                     hr10_before=m.get("incumbent_hr@10"),
                     hr10_after=m.get("candidate_hr@10"),
                     p_better=m.get("p_better"),
-                    window=int(m.get("holdout", 0)),
+                    window=int(m.get("judged", 0)),
                 )
             versions.append(row)
         versions += [
@@ -378,7 +360,7 @@ def judge_versions(settings, cycles: list[dict], root: Path, most: int) -> dict:
         "versions": versions,
         "offline_ndcg10": offline.get("incumbent_ndcg@10"),
         "offline_hr10": offline.get("incumbent_hr@10"),
-        "offline_window": int(offline.get("holdout", 0)),
+        "offline_window": int(offline.get("judged", 0)),
     }
 
 

@@ -175,7 +175,9 @@ class FinetuneSettings(BaseModel):
         60.0, gt=0, description="... or this long after the last one, with min_examples"
     )
     min_examples: int = Field(200, ge=1, description="fewer new examples than this: no cycle")
-    holdout: int = Field(300, ge=20, description="the newest examples the gate judges on (never trained on)")
+    # Only examples whose chosen item the plan retrieves are judged (a fifth to a third of clicks examples,
+    # benchmarks/loop.py): a few hundred judged ones take a thousand or more.
+    holdout: int = Field(1000, ge=20, description="the newest examples the gate judges on (never trained on)")
     replay: float = Field(0.5, ge=0, le=1, description="share of a cycle's batch drawn from older examples")
     feedback_weight: float = Field(
         2.0, ge=0, description="a feedback example counts this many clicks examples"

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -31,6 +32,7 @@ from rich.progress import (
 
 from instructrec.config import KafkaSettings
 from instructrec.data.dataset import Dataset
+from instructrec.data.filtering import k_core
 from instructrec.events import ClickEvent, Event, QueryEvent
 from instructrec.instructions import specific_intention, vague_intention
 from instructrec.instructions.render import rng_for
@@ -91,6 +93,30 @@ def replay_events(dataset: Dataset, config: ReplayConfig = ReplayConfig()) -> li
         per_user.append(stream)
     # Each user's list is already in time order: merge them (ties: user, then position; query before click).
     return [event for *_, event in heapq.merge(*per_user, key=lambda entry: entry[:3])]
+
+
+def time_split(dataset: Dataset, share: float, users: int | None = None) -> tuple[Dataset, float]:
+    """The first `users` users' interactions up to the `share` quantile of all their timestamps (5-core: what a
+    pipeline trained then could have learned), and that time. A model trained on it has seen nothing later,
+    so the rest of the replay is news to it (`benchmarks/loop.py`, the demo)."""
+    keep = range(dataset.n_users if users is None else min(users, dataset.n_users))
+    stamps = np.array([x.timestamp for u in keep for x in dataset.histories[u]], dtype=np.float64)
+    cut = float(np.quantile(stamps, share))
+    early = Dataset(
+        dataset.name,
+        dataset.items,
+        [dataset.users[u] for u in keep],
+        [[x for x in dataset.histories[u] if x.timestamp <= cut] for u in keep],
+        nouns=dataset.nouns,
+    )
+    return k_core(early, 5), cut
+
+
+def split_at(events: Sequence[Event], cut: float) -> tuple[list[ClickEvent], list[Event]]:
+    """The clicks up to `cut` (the past a stream starting then would be told, to build contexts and
+    histories; their queries were answered by no one) and every event after it."""
+    before = [e for e in events if e.ts <= cut and isinstance(e, ClickEvent)]
+    return before, [e for e in events if e.ts > cut]
 
 
 def _intention(dataset: Dataset, item: int, config: ReplayConfig, user_id: str, position: int) -> str | None:

@@ -159,7 +159,7 @@ async def test_a_cycle_gates_and_hot_swaps_a_new_version_and_rollback_restores_t
         await asyncio.wait_for(worker.run(done), TIMEOUT_S)
         [outcome] = outcomes
         assert outcome.accepted and outcome.version == "2" and outcome.incumbent == "1", outcome
-        assert outcome.metrics["examples"] > 0 and outcome.metrics["holdout"] > 0
+        assert outcome.metrics["examples"] > 0 and outcome.metrics["judged"] > 0
         records = [r async for r in updates.records(idle_timeout_s=5)]
     [update] = [decode(ModelUpdate, r.value) for r in records]
     assert update.kind == "verdict" and update.accepted and update.version == "2" and update.incumbent == "1"

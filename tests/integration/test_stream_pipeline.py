@@ -11,13 +11,17 @@ vector path (catalogue vectors, query vectors, fusion) runs for real too.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
+import os
+import subprocess
 import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiokafka import AIOKafkaProducer
 
@@ -351,6 +355,40 @@ def test_cli_produce_and_subscribe(
     assert answer["request_id"] == "cli-1" and answer["user_id"] == "cli-user"
 
 
+async def test_the_try_it_page_in_a_headless_browser(
+    worker: WorkerProcess, dataset, reranker_version: str, tmp_path: Path
+) -> None:
+    """The page at `/` in a real chromium: pick a replayed user from the suggestions, type a request, submit,
+    and read what the page shows; the screenshot is kept as a test artefact. (Before the test that stops
+    Triton: after it this worker cannot reach the reranker, and answers carry no instruction.)"""
+    if not CHROMIUM.exists():
+        pytest.fail(
+            f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium; .ci/run does)"
+        )
+    user, text = dataset.users[0], "a funny movie from the 90s, not a horror"
+    async with Browser(tmp_path / "chromium") as browser:
+        await browser.send("Page.navigate", url=worker.url("/"))
+        await browser.wait_for(f"document.querySelector('#users option[value={json.dumps(user)}]')", 30)
+        await browser.type("#user", user)
+        await browser.type("#text", text)
+        await browser.type("#k", "5")
+        await browser.click("#submit")
+        await browser.wait_for(ANSWERED_OR_FAILED, TIMEOUT_S)
+        await browser.wait_for(LIVE_LATENCY_SHOWN, 30)  # a refresh of the live figures after the answer
+        shown = await browser.evaluate(PAGE_STATE)
+        shot = await browser.screenshot(screenshot_path())
+        assert browser.errors() == []
+    assert not shown["error"], shown["error"]
+    assert shown["facts"]["model version"] == reranker_version and shown["facts"]["degraded"] == "no"
+    assert shown["facts"]["user"] == user and len(shown["items"]) == 5
+    assert all(item["title"] for item in shown["items"]) and any(item["reasons"] for item in shown["items"])
+    assert text in shown["instruction"] and shown["timings"]
+    live = shown["live"]
+    assert live["served model"] == reranker_version and live["reranker circuit"] == "closed"
+    assert live["query path"].startswith("p50 ") and live["events/s"][0].isdigit() and shown["prequential"]
+    assert shot.read_bytes().startswith(b"\x89PNG") and shot.stat().st_size > 20_000
+
+
 async def test_with_the_reranker_unloaded_or_triton_stopped_answers_are_degraded_not_lost(
     worker: WorkerProcess, local_infra, dataset
 ) -> None:
@@ -375,3 +413,162 @@ async def test_with_the_reranker_unloaded_or_triton_stopped_answers_are_degraded
         degraded_answers(3)
     finally:
         local_infra.start_triton(models=[MODEL])  # back (on new ports) for the modules that run next
+
+
+# ------------------------------------------------------------------------------------------------ browser
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's; Playwright's own browser download cannot work here
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",  # root in CI
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",  # nothing outside loopback can be reached: do not try
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+    "--window-size=1280,900",
+)
+ANSWERED_OR_FAILED = "!document.querySelector('#answer').hidden || document.querySelector('#status.error')"
+LIVE_LATENCY_SHOWN = (
+    "[...document.querySelectorAll('#live-facts dd')].some(dd => dd.textContent.startsWith('p50'))"
+)
+# What the page shows, read from the DOM as text (as a person reads it).
+PAGE_STATE = """(() => {
+  const text = (node) => node ? node.textContent.trim() : "";
+  const facts = (id) => Object.fromEntries([...document.querySelectorAll(`#${id} dt`)].map(
+    (dt) => [text(dt), text(dt.nextElementSibling)]));
+  return {
+    error: text(document.querySelector("#status.error")),
+    facts: facts("facts"),
+    items: [...document.querySelectorAll("#items > li")].map((li) => ({
+      title: text(li.querySelector(".title")),
+      reasons: [...li.querySelectorAll(".reasons li")].map(text),
+    })),
+    instruction: text(document.querySelector("#instruction")),
+    timings: [...document.querySelectorAll("#timings li")].map(text),
+    live: facts("live-facts"),
+    prequential: [...document.querySelectorAll("#prequential tbody tr")].map(text),
+  };
+})()"""
+
+
+def screenshot_path() -> Path:
+    folder = os.environ.get("INSTRUCTREC_TEST_ARTIFACTS")
+    root = Path(folder) if folder else Path(__file__).resolve().parents[2] / ".state" / "test-artifacts"
+    return root / "try-it.png"
+
+
+class Browser:
+    """Headless chromium with one tab, driven over the Chrome DevTools Protocol: JSON commands on a
+    websocket (aiohttp's client). Page errors (exceptions, console errors, blocked resources) are kept."""
+
+    def __init__(self, profile: Path) -> None:
+        self.profile = profile
+        self._events: list[dict] = []
+        self._next_id = 0
+
+    async def __aenter__(self) -> Browser:
+        self.profile.mkdir(parents=True)
+        self._log = (self.profile.parent / "chromium.log").open("wb")
+        self._process = subprocess.Popen(
+            [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={self.profile}", "--remote-debugging-port=0"],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        self._http = aiohttp.ClientSession()
+        try:
+            port = await self._devtools_port()
+            async with self._http.get(f"http://127.0.0.1:{port}/json/list") as response:
+                tab = next(t for t in await response.json() if t["type"] == "page")
+            self._socket = await self._http.ws_connect(tab["webSocketDebuggerUrl"], max_msg_size=0)
+            for domain in ("Page", "Runtime", "Log"):
+                await self.send(f"{domain}.enable")
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self._http.close()
+        self._process.terminate()
+        try:
+            self._process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._log.close()
+
+    async def _devtools_port(self, timeout_s: float = 30.0) -> int:
+        """Chromium writes the port it chose (--remote-debugging-port=0) into its profile folder."""
+        active = self.profile / "DevToolsActivePort"
+        async with asyncio.timeout(timeout_s):
+            while not (active.exists() and active.read_text().strip()):
+                if self._process.poll() is not None:
+                    raise RuntimeError(f"chromium exited with {self._process.returncode}: see chromium.log")
+                await asyncio.sleep(0.1)
+        return int(active.read_text().split()[0])
+
+    async def send(self, method: str, **params) -> dict:
+        self._next_id += 1
+        await self._socket.send_json({"id": self._next_id, "method": method, "params": params})
+        async for message in self._socket:
+            reply = json.loads(message.data)
+            if reply.get("id") == self._next_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply["result"]
+            self._events.append(reply)
+        raise ConnectionError("chromium closed the DevTools connection")
+
+    async def evaluate(self, expression: str):
+        result = await self.send("Runtime.evaluate", expression=expression, returnByValue=True)
+        if "exceptionDetails" in result:
+            raise AssertionError(f"{expression}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    async def wait_for(self, expression: str, timeout_s: float) -> None:
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not await self.evaluate(f"!!({expression})"):
+                    await asyncio.sleep(0.25)
+        except TimeoutError:
+            raise AssertionError(f"not true within {timeout_s:g} s: {expression}") from None
+
+    async def type(self, selector: str, text: str) -> None:
+        """Focus the field, select what it holds and type over it (one input event, as a paste makes)."""
+        await self.evaluate(
+            f"(e => {{ e.focus(); e.select(); }})(document.querySelector({json.dumps(selector)}))"
+        )
+        await self.send("Input.insertText", text=text)
+
+    async def click(self, selector: str) -> None:
+        x, y = await self.evaluate(
+            f"""(e => {{ e.scrollIntoView({{block: "center"}}); const r = e.getBoundingClientRect();
+            return [r.x + r.width / 2, r.y + r.height / 2]; }})(document.querySelector({json.dumps(selector)}))"""
+        )
+        for kind in ("mousePressed", "mouseReleased"):
+            await self.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+
+    async def screenshot(self, path: Path) -> Path:
+        """The whole page, not only the window, as a PNG."""
+        size = (await self.send("Page.getLayoutMetrics"))["cssContentSize"]
+        clip = {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}
+        shot = await self.send("Page.captureScreenshot", format="png", captureBeyondViewport=True, clip=clip)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(base64.b64decode(shot["data"]))
+        return path
+
+    def errors(self) -> list[str]:
+        """Uncaught exceptions, console errors and error log entries (a blocked script or style among them)."""
+        found = []
+        for event in self._events:
+            params = event.get("params", {})
+            if event.get("method") == "Runtime.exceptionThrown":
+                found.append(params["exceptionDetails"].get("text", "exception"))
+            elif event.get("method") == "Runtime.consoleAPICalled" and params.get("type") == "error":
+                found.append(" ".join(str(a.get("value", a.get("description"))) for a in params["args"]))
+            elif event.get("method") == "Log.entryAdded" and params["entry"]["level"] == "error":
+                found.append(f"{params['entry']['source']}: {params['entry']['text']}")
+        return found

@@ -8,7 +8,7 @@ import pytest
 
 from instructrec.data import load
 from instructrec.events import ClickEvent, QueryEvent, decode, encode
-from workers.replay import ReplayConfig, replay_events
+from workers.replay import ReplayConfig, replay_events, split_at, time_split
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
@@ -49,3 +49,17 @@ def test_replay_is_deterministic_per_seed(dataset) -> None:
     assert [e.text for e in other if isinstance(e, QueryEvent)] != [
         e.text for e in replay_events(dataset, config) if isinstance(e, QueryEvent)
     ]
+
+
+def test_the_time_split_keeps_nothing_after_the_cut_and_the_rest_replays_after_it(dataset) -> None:
+    early, cut = time_split(dataset, 0.7, users=100)
+    stamps = [x.timestamp for h in early.histories for x in h]
+    assert stamps and max(stamps) <= cut
+    assert min(len(h) for h in early.histories) >= 5  # 5-core, as offline training filters
+    events = replay_events(dataset, ReplayConfig(users=100, query_every=5, min_history=3))
+    before, after = split_at(events, cut)
+    assert all(isinstance(e, ClickEvent) and e.ts <= cut for e in before)
+    assert after and all(e.ts > cut for e in after)
+    later = sum(x.timestamp > cut for u in range(100) for x in dataset.histories[u])
+    assert sum(isinstance(e, ClickEvent) for e in after) == later
+    assert 0.2 < later / (later + len(before)) < 0.4  # about the last 30% of the interactions

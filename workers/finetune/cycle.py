@@ -209,13 +209,14 @@ def train_candidate(
     reranker.merge_lora()
     reranker.eval()
     seconds = time.perf_counter() - started
+    ends = max(1, min(10, len(losses) // 2))  # first and last steps, never overlapping
     return Trained(
         seconds,
         len(losses),
         seen,
         seen / seconds if seconds > 0 else 0.0,
-        float(np.mean(losses[:10])) if losses else float("nan"),
-        float(np.mean(losses[-10:])) if losses else float("nan"),
+        float(np.mean(losses[:ends])) if losses else float("nan"),
+        float(np.mean(losses[-ends:])) if losses else float("nan"),
     )
 
 

@@ -61,7 +61,7 @@ def judge(
         "incumbent_hr@10": float(inc_hr.mean()),
         "gain_ndcg@10": float(gain.mean()),
         "p_better": p_better,
-        "holdout": float(len(gain)),
+        "judged": float(len(gain)),  # holdout examples whose chosen item was among the candidates
     }
     if gain.mean() < min_margin:
         return Verdict(
