@@ -15,13 +15,13 @@ INSTRUCTREC := $(BIN)/instructrec
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help venv test lint demo clean
+.PHONY: help venv test lint demo demo-quick clean
 
 help:
 	@echo "make venv   create or refresh $(VENV) (torch $(TORCH_VERSION) CPU first, then the project)"
 	@echo "make test   run the whole test suite (starts and stops its own broker, Triton, Qdrant)"
 	@echo "make lint   ruff check, ruff format --check, the architecture contract (lint-imports)"
-	@echo "make demo   bring the local infrastructure up, check it, take it down"
+	@echo "make demo   the whole system live on ml-latest-small (about 15 minutes; demo-quick: about 5)"
 	@echo "make clean  stop the local infrastructure and remove state and caches (keeps $(VENV))"
 
 venv: $(STAMP)
@@ -43,12 +43,12 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports --no-logo
 
-# Whatever fails, the infrastructure comes down again; `infra down` exits non-zero if a process it
-# started survives or Triton's leftovers cannot be removed.
+# The whole system live (instructrec/infra/demo/): it stops everything it started, also on Ctrl-C.
 demo: venv
-	$(INSTRUCTREC) infra up || { $(INSTRUCTREC) infra down; exit 1; }
-	$(INSTRUCTREC) infra status || { $(INSTRUCTREC) infra down; exit 1; }
-	$(INSTRUCTREC) infra down
+	$(INSTRUCTREC) demo
+
+demo-quick: venv
+	$(INSTRUCTREC) demo --quick
 
 clean:
 	if [ -x $(INSTRUCTREC) ]; then $(INSTRUCTREC) infra down; fi

@@ -30,9 +30,7 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
@@ -106,7 +104,7 @@ def run(root: Path, args, console: Console) -> dict:
     from instructrec.artifacts import Artifacts
     from instructrec.config import FinetuneSettings, InfraSettings, QdrantSettings, Settings
     from instructrec.data import load
-    from instructrec.infra import Infrastructure, free_port, run_sync, settings_env
+    from instructrec.infra import FinetuneProcess, Infrastructure, free_port, run_sync
     from instructrec.infra.worker import WorkerProcess
     from streams.kafka.admin import ensure_topics
     from workers.replay import time_split
@@ -163,26 +161,14 @@ def run(root: Path, args, console: Console) -> dict:
         worker = WorkerProcess(settings, web_port=free_port(), log=root / "worker.log")
         with worker:
             worker.wait_healthy(300)
-            log = (root / "finetune.log").open("ab")
-            finetune = subprocess.Popen(
-                [sys.executable, "-m", "workers.finetune"],
-                env=settings_env(settings),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                cwd=REPO,
-            )
+            finetune = FinetuneProcess(settings, log=root / "finetune.log").start()
             measured = asyncio.run(replay(settings, worker, before, after, args, console))
             time.sleep(10)  # the worker ingests the last events; a cycle they make due starts
             cycles = finished_cycles(settings, wait_s=args.budget * 60 + 240)
             live = live_prequential(worker)
     finally:
-        if finetune is not None and finetune.poll() is None:
-            os.killpg(finetune.pid, signal.SIGTERM)
-            try:
-                finetune.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(finetune.pid, signal.SIGKILL)
+        if finetune is not None:
+            finetune.stop()
         infrastructure.down()
     result = judge_versions(settings, cycles, root, args.judge)
     result.update(measured)
@@ -264,11 +250,9 @@ def _store(settings) -> Path:
 
 
 def cycle_running(settings) -> bool:
-    path = _store(settings)
-    if not path.exists():
-        return False
-    with sqlite3.connect(path, timeout=5) as db:
-        return db.execute("SELECT COUNT(*) FROM cycles WHERE finished IS NULL").fetchone()[0] > 0
+    from workers.finetune.store import peek
+
+    return bool(peek(_store(settings))["running"])
 
 
 def finished_cycles(settings, wait_s: float) -> list[dict]:

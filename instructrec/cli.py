@@ -4,7 +4,7 @@ Each package declares its own commands (``add_commands(subparsers)``, binding ``
 ``COMMANDS`` lists them, and that is the one place a new group is registered. Settings are built once here,
 at the edge, and passed down.
 
-    infra up|down|status                 instructrec.infra.commands   (local development infrastructure)
+    infra up|down|status, demo           instructrec.infra.commands   (local development infrastructure)
     worker                               streams.commands             (a stream worker)
     train, evaluate, export, index,      workers.commands             (batch and long-running jobs)
     replay, produce, subscribe

@@ -13,7 +13,7 @@ both drive this one API.
 - Qdrant (`qdrant`): qdrant-client's embedded local mode. No process: ``up`` prepares the storage folder,
   and one process at a time may open it (a file lock), so nothing here keeps it open.
 - Processes (`processes`, `ports`): spawned in their own session, recognised by (pid, start time).
-- Workers (`worker`): `WorkerProcess`, a stream worker as a child process.
+- Workers (`worker`): `WorkerProcess` (a stream worker) and `FinetuneProcess` as child processes.
 """
 
 from instructrec.infra.errors import BinaryNotFoundError, InfraError, PortInUseError, StartupError
@@ -22,7 +22,7 @@ from instructrec.infra.ports import LOOPBACK, free_port, free_ports
 from instructrec.infra.processes import ManagedProcess, run_sync
 from instructrec.infra.state import COMPONENTS, Component, KafkaState, QdrantState, State, TritonState
 from instructrec.infra.status import ComponentStatus
-from instructrec.infra.worker import WorkerProcess, settings_env
+from instructrec.infra.worker import FinetuneProcess, WorkerProcess, settings_env
 
 __all__ = [
     "COMPONENTS",
@@ -31,6 +31,7 @@ __all__ = [
     "Component",
     "ComponentStatus",
     "DownReport",
+    "FinetuneProcess",
     "InfraError",
     "Infrastructure",
     "KafkaState",

@@ -1,9 +1,10 @@
-"""`instructrec infra up|down|status`: the local infrastructure from the command line."""
+"""`instructrec infra up|down|status`: the local infrastructure from the command line; `instructrec demo`."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -32,6 +33,27 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     status = actions.add_parser("status", help="check every service for real; non-zero exit if one is down")
     status.set_defaults(handler=infra_status)
+
+    demo = commands.add_parser(
+        "demo", help="the whole system live on ml-latest-small: train, serve, replay, fine-tune, then stop"
+    )
+    demo.add_argument(
+        "--quick", action="store_true", help="a smaller model and fewer users (about 5 minutes)"
+    )
+    demo.add_argument(
+        "--data-root",
+        type=Path,
+        default=None,
+        help="the folder holding ml-latest-small/ (default: found or fetched)",
+    )
+    demo.set_defaults(handler=run_demo)
+
+
+def run_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from instructrec.infra.demo import FULL, QUICK
+    from instructrec.infra.demo import run_demo as run
+
+    return run(settings, QUICK if args.quick else FULL, data=args.data_root, console=Console())
 
 
 def infra_up(args: argparse.Namespace, settings: Settings) -> int:

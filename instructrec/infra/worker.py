@@ -1,4 +1,5 @@
-"""A stream worker as a child process, for the integration tests, the benchmarks and the demo.
+"""The workers as child processes (a stream worker, the fine-tune worker), for the integration tests, the
+benchmarks and the demo.
 
     with WorkerProcess(settings, web_port=free_port(), log=path) as worker:
         worker.wait_healthy()
@@ -118,6 +119,53 @@ class WorkerProcess:
             return self.process.wait(10)
 
     def __enter__(self) -> WorkerProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class FinetuneProcess:
+    """The fine-tune worker (`python -m workers.finetune`) as a child process, in its own session.
+
+    with FinetuneProcess(settings, log=path) as finetune:
+        ...
+    # leaving the block stops it (SIGTERM: a cycle in training is abandoned, its examples stay stored)
+    """
+
+    def __init__(self, settings: Settings, *, log: Path, stop_timeout_s: float = 30.0) -> None:
+        self.settings = settings
+        self.log = log
+        self.stop_timeout_s = stop_timeout_s
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> FinetuneProcess:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "workers.finetune"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=settings_env(self.settings),
+                start_new_session=True,
+            )
+        return self
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        self.process.send_signal(sig)
+        try:
+            return self.process.wait(self.stop_timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait(10)
+
+    def __enter__(self) -> FinetuneProcess:
         return self.start()
 
     def __exit__(self, *exc) -> None:

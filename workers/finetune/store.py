@@ -15,6 +15,7 @@ examples from them, the way offline training uses a history prefix).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import random
@@ -303,6 +304,20 @@ class ExampleStore:
 
     def _transaction(self) -> ExampleStore._Transaction:
         return ExampleStore._Transaction(self._db)
+
+
+def peek(path: str | Path) -> dict[str, int | bool]:
+    """Examples stored and whether a cycle is running, read-only (another process owns the store); zeros
+    before the worker has created it."""
+    path = Path(path)
+    if not path.is_file():
+        return {"examples": 0, "cycles": 0, "running": False}
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as db:
+        examples = db.execute("SELECT COUNT(*) FROM examples").fetchone()[0]
+        finished, running = db.execute(
+            "SELECT COUNT(finished), COUNT(*) - COUNT(finished) FROM cycles"
+        ).fetchone()
+    return {"examples": int(examples), "cycles": int(finished), "running": bool(running)}
 
 
 def merge_history(history: Sequence[str], item: str, size: int) -> list[str]:
