@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import sqlite3
 import sys
 import tempfile
@@ -39,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 from harness import build_catalog  # the benchmarks' shared library module
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--holdout", type=int, default=1500, help="the newest examples each gate judges on")
     parser.add_argument("--rate", type=float, default=40.0, help="events per second of the later replay")
     parser.add_argument("--query-every", type=int, default=5)
+    parser.add_argument("--text-rate", type=float, default=0.0, help="share of queries with a request text")
     parser.add_argument("--users", type=int, default=None, help="only the first N users")
     parser.add_argument("--judge", type=int, default=2000, help="most examples a version is judged on")
     parser.add_argument("--quick", action="store_true", help="a short run: few users, small cycles")
@@ -87,11 +89,15 @@ def main(argv: list[str] | None = None) -> int:
 # ---------------------------------------------------------------------------------------------------- data
 
 
-def later_events(dataset, cut: float, users: int | None, query_every: int, seed: int = 0):
-    """Clicks up to `cut` (as fast as possible), then the rest with queries, each in time order."""
+def later_events(dataset, cut: float, users: int | None, query_every: int, text_rate: float, seed: int = 0):
+    """Clicks up to `cut` (as fast as possible), then the rest with queries, each in time order. A replayed
+    request text is synthesised from the item the user goes on to choose, so `text_rate` 0 (the default)
+    keeps the live figures comparable with the offline pipeline's, which has no text."""
     from workers.replay import ReplayConfig, replay_events, split_at
 
-    config = ReplayConfig(users=users, query_every=query_every, text_rate=0.3, k=10, seed=seed, min_history=3)
+    config = ReplayConfig(
+        users=users, query_every=query_every, text_rate=text_rate, k=10, seed=seed, min_history=3
+    )
     return split_at(replay_events(dataset, config), cut)
 
 
@@ -122,6 +128,8 @@ def run(root: Path, args, console: Console) -> dict:
         ):
             experiment.fit(early, layout, config, verbose=False)
         timings["initial_training_s"] = round(time.perf_counter() - started, 1)
+    for stale in ("state", "qdrant", "models"):  # a kept --root reuses only the trained pipeline
+        shutil.rmtree(root / stale, ignore_errors=True)
     repository = copy_repository(default_repository(), root / "models" / "repository")
     if not any((repository / MODEL).glob("[0-9]*/reranker")):
         export_version(layout.best_reranker, repository, 1)
@@ -157,7 +165,7 @@ def run(root: Path, args, console: Console) -> dict:
         run_sync(ensure_topics(settings.kafka))
         with console.status("building the Qdrant catalogue…"):
             build_catalog(settings, dataset, None, REPO / ".state" / "cache")
-        before, after = later_events(dataset, cut, args.users, args.query_every)
+        before, after = later_events(dataset, cut, args.users, args.query_every, args.text_rate)
         worker = WorkerProcess(settings, web_port=free_port(), log=root / "worker.log")
         with worker:
             worker.wait_healthy(300)
@@ -187,23 +195,39 @@ def run(root: Path, args, console: Console) -> dict:
 
 
 async def replay(settings, worker, before, after, args, console: Console) -> dict:
-    """Replay; every query's latency, classified by whether a fine-tune cycle was training at the time."""
+    """Replay as users act (`send_live`: a click on a list waits for its answer); every query's latency,
+    classified by whether a fine-tune cycle was training when it was sent."""
     from instructrec.events import QueryEvent, Recommendation, decode
     from streams.kafka.producer import EventProducer
     from streams.kafka.reader import TopicReader
+    from workers.replay import Answers, send_live
 
     sent: dict[str, float] = {}
     latency: dict[str, float] = {}
     training_at: dict[str, bool] = {}
-    async with TopicReader(settings.kafka, settings.kafka.topics.recommendations) as answers:
+    answered = Answers()
+    training = False
 
-        async def listen() -> None:
-            async for record in answers:
-                answer = decode(Recommendation, record.value)
-                if answer.request_id in sent and answer.request_id not in latency:
-                    latency[answer.request_id] = (time.perf_counter() - sent[answer.request_id]) * 1000
+    async def listen(reader) -> None:
+        async for record in reader:
+            answer = decode(Recommendation, record.value)
+            answered.add(answer.request_id)
+            if answer.request_id in sent and answer.request_id not in latency:
+                latency[answer.request_id] = (time.perf_counter() - sent[answer.request_id]) * 1000
 
-        listener = asyncio.create_task(listen())
+    async def watch_cycles() -> None:
+        nonlocal training
+        while True:
+            training = await asyncio.to_thread(cycle_running, settings)
+            await asyncio.sleep(0.5)
+
+    def on_sent(event) -> None:
+        if isinstance(event, QueryEvent):
+            sent[event.request_id] = time.perf_counter()
+            training_at[event.request_id] = training
+
+    async with TopicReader(settings.kafka, settings.kafka.topics.recommendations) as reader:
+        tasks = [asyncio.create_task(listen(reader)), asyncio.create_task(watch_cycles())]
         async with EventProducer(settings.kafka) as producer:
             with console.status(f"replaying {len(before)} early clicks…"):
                 await producer.send_all(before)
@@ -213,23 +237,20 @@ async def replay(settings, worker, before, after, args, console: Console) -> dic
             with console.status(
                 f"replaying {len(after)} later events at {args.rate:g}/s while the worker learns…"
             ):
-                for n, event in enumerate(after):
-                    due = started + n / args.rate
-                    if due > time.perf_counter():
-                        await asyncio.sleep(due - time.perf_counter())
-                    if isinstance(event, QueryEvent):
-                        sent[event.request_id] = time.perf_counter()
-                        training_at[event.request_id] = cycle_running(settings)
-                    await producer.send(event)
+                unanswered = await send_live(
+                    producer, after, rate=args.rate, answers=answered, on_sent=on_sent
+                )
         deadline = time.monotonic() + 120
         while len(latency) < len(sent) and time.monotonic() < deadline:
             await asyncio.sleep(0.5)
-        listener.cancel()
+        for task in tasks:
+            task.cancel()
     during = [latency[r] for r in latency if training_at.get(r)]
     idle = [latency[r] for r in latency if not training_at.get(r)]
     return {
         "queries": len(sent),
         "answered": len(latency),
+        "clicks_sent_before_their_answer": unanswered,
         "serving_p50_ms_during_cycle": _pct(during, 50),
         "serving_p99_ms_during_cycle": _pct(during, 99),
         "serving_p50_ms_idle": _pct(idle, 50),
@@ -317,7 +338,8 @@ def judge_versions(settings, cycles: list[dict], root: Path, most: int) -> dict:
     accepted = [c for c in cycles if c["accepted"] and c["live_after"] is not None]
     versions = []
     try:
-        offline = judge(1, 1, [e for _, e in store.examples()])
+        later = _evenly([e for _, e in store.examples()], most)
+        offline = judge(1, 1, later)
         for n, c in enumerate(accepted):
             upto = accepted[n + 1]["live_after"] if n + 1 < len(accepted) else None
             window = [e for _, e in store.examples(after=c["live_after"], upto=upto)]
@@ -340,11 +362,16 @@ def judge_versions(settings, cycles: list[dict], root: Path, most: int) -> dict:
         ]
     finally:
         store.close()
+    # The gate judges lists that hold the chosen item; the stream's live figures count every answer, so the
+    # offline figure to set beside them counts a chosen item the plan missed as a miss too.
+    share = offline.get("judged", 0) / max(1, len(later))
     return {
         "versions": versions,
-        "offline_ndcg10": offline.get("incumbent_ndcg@10"),
-        "offline_hr10": offline.get("incumbent_hr@10"),
-        "offline_window": int(offline.get("judged", 0)),
+        "offline_ndcg10": offline.get("incumbent_ndcg@10", 0.0) * share,
+        "offline_hr10": offline.get("incumbent_hr@10", 0.0) * share,
+        "offline_ndcg10_judged": offline.get("incumbent_ndcg@10"),
+        "offline_examples": len(later),
+        "offline_judged": int(offline.get("judged", 0)),
     }
 
 
@@ -429,39 +456,66 @@ def side_studies(settings, root: Path) -> dict:
 # ------------------------------------------------------------------------------------------------- report
 
 
-def report(result: dict) -> Table:
-    table = Table(title="the feedback loop on ml-latest-small (later 30% of time, replayed)")
+def report(result: dict) -> Group:
+    versions = Table(title="the feedback loop on ml-latest-small: the later 30% of time, replayed live")
     for column in (
         "version",
         "verdict",
         "NDCG@10 before → after",
         "HR@10 before → after",
-        "window",
+        "judged",
         "cycle s",
-        "examples",
     ):
-        table.add_column(column, justify="right")
+        versions.add_column(column, justify="right")
     by_version = {c["version"]: c for c in result.get("cycles", [])}
     for v in result["versions"]:
         c = by_version.get(v["version"], {})
-        table.add_row(
+        versions.add_row(
             v["version"],
             "accepted" if v["accepted"] else f"rejected: {v.get('reason', '')[:60]}",
             _arrow(v.get("ndcg10_before"), v.get("ndcg10_after")),
             _arrow(v.get("hr10_before"), v.get("hr10_after")),
             str(v.get("window", "")),
             str(c.get("seconds", "")),
-            str(c.get("examples", "")),
         )
-    table.caption = (
-        f"offline pipeline (version 1) on the same later examples: NDCG@10 {result.get('offline_ndcg10', float('nan')):.4f}, "
-        f"HR@10 {result.get('offline_hr10', float('nan')):.4f}; live prequential per version: {result.get('live_prequential')}; "
-        f"queries answered {result.get('answered')}/{result.get('queries')}; p99 during a cycle "
-        f"{result.get('serving_p99_ms_during_cycle')} ms vs idle {result.get('serving_p99_ms_idle')} ms; "
-        f"LoRA {result.get('lora_examples_per_s')} vs full {result.get('full_examples_per_s')} examples/s; "
-        f"corrupted candidate rejected: {result.get('corrupted_rejected')}; longest cycle {result.get('cycle_s_max')} s"
+    online = Table(
+        title="online (the stream's prequential figures) and offline (version 1 on the same examples)"
     )
-    return table
+    for column in ("", "NDCG@10", "HR@10", "answers / examples"):
+        online.add_column(column, justify="right")
+    for version, figures in sorted(result.get("live_prequential", {}).items()):
+        online.add_row(
+            f"live, version {version}",
+            f"{figures.get('ndcg@10', float('nan')):.4f}",
+            f"{figures.get('hr@10', float('nan')):.4f}",
+            f"{figures.get('answers', 0):.0f}",
+        )
+    online.add_row(
+        "offline pipeline",
+        f"{result.get('offline_ndcg10', float('nan')):.4f}",
+        f"{result.get('offline_hr10', float('nan')):.4f}",
+        str(result.get("offline_examples", "")),
+    )
+    figures = Table(title="serving while learning, and the learning itself")
+    figures.add_column("")
+    figures.add_column("", justify="right")
+    for label, value in (
+        ("queries answered", f"{result.get('answered')} of {result.get('queries')}"),
+        ("query p50 / p99 while a cycle trains, ms", _pair(result, "during_cycle")),
+        ("query p50 / p99 while none does, ms", _pair(result, "idle")),
+        ("longest cycle, s (≤ 600)", result.get("cycle_s_max")),
+        (
+            "examples trained per second: LoRA / full",
+            f"{result.get('lora_examples_per_s')} / {result.get('full_examples_per_s')}",
+        ),
+        ("a candidate trained on shuffled answers: rejected", result.get("corrupted_rejected")),
+    ):
+        figures.add_row(label, str(value))
+    return Group(versions, online, figures)
+
+
+def _pair(result: dict, which: str) -> str:
+    return f"{result.get(f'serving_p50_ms_{which}')} / {result.get(f'serving_p99_ms_{which}')}"
 
 
 def _arrow(before, after) -> str:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -30,19 +31,49 @@ class TopicNames(BaseModel):
         return list(self.model_dump().values())
 
 
+def tls_context(
+    cafile: Path | None, certfile: Path | None, keyfile: Path | None, *, check_hostname: bool = True
+) -> ssl.SSLContext:
+    """A client TLS context: the server's chain verified against `cafile` (None: the system's CAs), its name
+    checked unless told otherwise, and a client certificate for mutual TLS when `certfile` is given."""
+    context = ssl.create_default_context(cafile=str(cafile) if cafile else None)
+    context.check_hostname = check_hostname  # verify_mode stays CERT_REQUIRED: the chain is always checked
+    if certfile:
+        context.load_cert_chain(str(certfile), str(keyfile) if keyfile else None)
+    return context
+
+
+# Secrets (SecretStr) print as "**********" in reprs and dumps; an invalid section's error must not quote
+# the input either, since the input holds the secret in clear.
+_SECRET_SECTION = ConfigDict(hide_input_in_errors=True)
+
+
 class KafkaSettings(BaseModel):
+    model_config = _SECRET_SECTION
+
     broker: str = "kafka://127.0.0.1:9092"
     partitions: int = Field(
         4, ge=1, description="partition count of every topic (user-keyed topics co-partition)"
     )
     replication_factor: int = Field(1, ge=1)
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="with SASL_*; None: PLAIN"
+    )
+    # The user name is an identity, not a secret: it stays readable in reprs and logs, which helps to tell
+    # which principal a worker authenticated as.
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
-    ssl_cafile: Path | None = None
-    ssl_certfile: Path | None = None
-    ssl_keyfile: Path | None = None
+    ssl_cafile: Path | None = Field(
+        None, description="the CA of the brokers' certificates; None: the system's"
+    )
+    ssl_certfile: Path | None = Field(None, description="client certificate for mutual TLS")
+    ssl_keyfile: Path | None = Field(None, description="its key (None: in ssl_certfile)")
+    ssl_check_hostname: bool = Field(
+        True,
+        description="check that a broker's certificate names the address dialled (the chain is verified "
+        "regardless); off only for certificates that do not name the advertised listeners",
+    )
     topics: TopicNames = TopicNames()
     request_timeout_s: float = Field(30.0, gt=0)
     empty_fetch_pause_s: float = Field(
@@ -50,6 +81,25 @@ class KafkaSettings(BaseModel):
         ge=0,
         description="pause after an empty fetch answered before its max wait (noida-db; streams.compat); 0: off",
     )
+
+    @model_validator(mode="after")
+    def _complete(self) -> KafkaSettings:
+        if self.sasl and (self.sasl_username is None or self.sasl_password is None):
+            raise ValueError(
+                f"security_protocol {self.security_protocol} needs sasl_username and sasl_password "
+                "(INSTRUCTREC_KAFKA__SASL_USERNAME, INSTRUCTREC_KAFKA__SASL_PASSWORD)"
+            )
+        if self.ssl_keyfile and not self.ssl_certfile:
+            raise ValueError("ssl_keyfile without ssl_certfile: a client key needs its certificate")
+        return self
+
+    @property
+    def sasl(self) -> bool:
+        return self.security_protocol.startswith("SASL")
+
+    @property
+    def tls(self) -> bool:
+        return self.security_protocol.endswith("SSL")
 
     @property
     def bootstrap_servers(self) -> str:
@@ -63,31 +113,28 @@ class KafkaSettings(BaseModel):
             "security_protocol": self.security_protocol,
             "request_timeout_ms": int(self.request_timeout_s * 1000),
         }
-        if self.security_protocol.startswith("SASL"):
+        if self.sasl:
             kwargs["sasl_mechanism"] = self.sasl_mechanism or "PLAIN"
             kwargs["sasl_plain_username"] = self.sasl_username
-            kwargs["sasl_plain_password"] = (
-                self.sasl_password.get_secret_value() if self.sasl_password else None
-            )
-        if self.security_protocol.endswith("SSL"):
+            kwargs["sasl_plain_password"] = self.sasl_password.get_secret_value()
+        if self.tls:
             kwargs["ssl_context"] = self.ssl_context()
         return kwargs
 
-    def ssl_context(self):
-        import ssl
-
-        context = ssl.create_default_context(cafile=str(self.ssl_cafile) if self.ssl_cafile else None)
-        if self.ssl_certfile:
-            context.load_cert_chain(
-                str(self.ssl_certfile), str(self.ssl_keyfile) if self.ssl_keyfile else None
-            )
-        return context
+    def ssl_context(self) -> ssl.SSLContext:
+        return tls_context(
+            self.ssl_cafile, self.ssl_certfile, self.ssl_keyfile, check_hostname=self.ssl_check_hostname
+        )
 
 
 class QdrantSettings(BaseModel):
-    url: str | None = Field(None, description="a Qdrant server; when unset, embedded local mode at `path`")
+    model_config = _SECRET_SECTION
+
+    url: str | None = Field(
+        None, description="a Qdrant server (https://… for TLS); when unset, embedded local mode at `path`"
+    )
     path: Path = Path(".state/qdrant")
-    api_key: SecretStr | None = None
+    api_key: SecretStr | None = Field(None, description="sent with every request: use an https url")
     collection: str = "items"
     timeout_s: float = Field(5.0, gt=0)
     retries: int = Field(3, ge=0, description="retries of a failed call, with exponential backoff")
@@ -107,6 +154,21 @@ class TritonSettings(BaseModel):
     repository: Path | None = Field(
         None, description="the model repository the fine-tune worker exports into; None: deploy/triton here"
     )
+    tls: bool = Field(False, description="TLS to the server, over either protocol")
+    ssl_cafile: Path | None = Field(
+        None, description="with tls: the CA of the server's certificate; None: gRPC's bundled or the system's"
+    )
+    ssl_certfile: Path | None = Field(None, description="with tls: client certificate for mutual TLS ...")
+    ssl_keyfile: Path | None = Field(None, description="... and its key (gRPC takes them as two files)")
+
+    @model_validator(mode="after")
+    def _client_pair(self) -> TritonSettings:
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise ValueError("ssl_certfile and ssl_keyfile go together (mutual TLS needs both)")
+        return self
+
+    def ssl_context(self) -> ssl.SSLContext:
+        return tls_context(self.ssl_cafile, self.ssl_certfile, self.ssl_keyfile)
 
 
 class ModelSettings(BaseModel):
@@ -161,6 +223,12 @@ class StreamSettings(BaseModel):
         True,
         description="read a commit's ILLEGAL_GENERATION as REBALANCE_IN_PROGRESS (noida-db; see streams.compat)",
     )
+    user_rate_per_s: float = Field(
+        0.0,
+        ge=0,
+        description="queries per second a user may send, sustained (streams.ratelimit); 0: no limit",
+    )
+    user_burst: int = Field(10, ge=1, description="queries a user may send at once, above the sustained rate")
 
 
 class FinetuneSettings(BaseModel):
@@ -233,6 +301,7 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         env_file=os.environ.get("INSTRUCTREC_CONFIG_FILE"),
         extra="ignore",
+        hide_input_in_errors=True,  # a section's errors are reported here: see _SECRET_SECTION
     )
 
     state_dir: Path = Field(

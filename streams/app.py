@@ -28,7 +28,7 @@ import faust
 from instructrec.config import KafkaSettings, Settings
 from streams import agents, web
 from streams.deadletter import DeadLetters
-from streams.kafka.compat import pause_after_empty_fetch, rejoin_on_stale_commit
+from streams.kafka.compat import hide_sasl_tokens, pause_after_empty_fetch, rejoin_on_stale_commit
 from streams.metrics import Metrics
 from streams.services import Services
 from streams.state import context, recovery, served
@@ -85,6 +85,7 @@ def create_app(settings: Settings, services: Services, *, web_port: int | None =
         rejoin_on_stale_commit()
     if settings.kafka.empty_fetch_pause_s:
         pause_after_empty_fetch(settings.kafka.empty_fetch_pause_s)
+    hide_sasl_tokens()
     port = settings.web.port if web_port is None else web_port
     app = faust.App(settings.stream.app_id, **faust_options(settings, port))
     topics = declare_topics(app, settings.kafka)
@@ -134,19 +135,19 @@ def faust_options(settings: Settings, web_port: int) -> dict[str, Any]:
     }
 
 
-def broker_credentials(kafka: KafkaSettings):
-    """The configured SASL/SSL security as Faust credentials (None for plaintext)."""
-    if kafka.security_protocol == "PLAINTEXT":
-        return None
-    context = kafka.ssl_context() if kafka.security_protocol.endswith("SSL") else None
-    if kafka.security_protocol.startswith("SASL"):
+def broker_credentials(kafka: KafkaSettings) -> faust.SASLCredentials | faust.SSLCredentials | None:
+    """The configured SASL/SSL security as Faust credentials (None for plaintext): the same context, user and
+    mechanism as `KafkaSettings.aiokafka_kwargs` gives the project's own clients. Faust derives the protocol
+    from them: SASL with a context is SASL_SSL, without one SASL_PLAINTEXT."""
+    context = kafka.ssl_context() if kafka.tls else None
+    if kafka.sasl:
         return faust.SASLCredentials(
             username=kafka.sasl_username,
-            password=kafka.sasl_password.get_secret_value() if kafka.sasl_password else None,
+            password=kafka.sasl_password.get_secret_value(),
             ssl_context=context,
             mechanism=kafka.sasl_mechanism or "PLAIN",
         )
-    return faust.SSLCredentials(context)
+    return faust.SSLCredentials(context) if context is not None else None
 
 
 def declare_topics(app: faust.App, kafka: KafkaSettings) -> Topics:

@@ -2,9 +2,9 @@
 
 - `POST /recommend` — body: a query (`user_id`, optional `text`, `k`, `filters`, `request_id`). Publishes it
   to the queries topic and awaits its recommendation: 200 with the recommendation, 400 for an invalid query,
-  504 when no answer comes within `settings.web.recommend_timeout_s`. Whichever worker owns the user's
-  partition answers; every worker's `Replies` listener reads all partitions of the recommendations topic, so
-  the view works on any worker.
+  429 (with Retry-After) for a user over `settings.stream.user_rate_per_s`, 504 when no answer comes within
+  `settings.web.recommend_timeout_s`. Whichever worker owns the user's partition answers; every worker's
+  `Replies` listener reads all partitions of the recommendations topic, so the view works on any worker.
 - `GET /users/{user_id}/context` — the user's context, routed to the worker that holds it.
 - `GET /health` — 200 when Kafka, the reply listener and Qdrant answer (reranker state reported); else 503.
 - `GET /metrics` — Prometheus exposition.
@@ -23,6 +23,7 @@ import functools
 import importlib.resources
 import itertools
 import logging
+import math
 import time
 import uuid
 from collections.abc import Iterable
@@ -35,6 +36,7 @@ from instructrec.config import KafkaSettings
 from instructrec.events import EventError, QueryEvent, Recommendation, decode, encode, validate
 from streams.kafka.reader import TopicReader
 from streams.metrics import LiveWindow, Snapshot
+from streams.ratelimit import UserRateLimiter
 from streams.state.context import UserContext
 from streams.state.prequential import Prequential
 
@@ -106,6 +108,10 @@ def install(stream: StreamApp) -> None:
     app = stream.app
     replies = Replies(stream.settings.kafka)
     timeout_s = stream.settings.web.recommend_timeout_s
+    # Its own limiter, apart from the queries agent's: a request admitted here is counted once more there,
+    # in that limiter. A request may reach any worker's view, so this one is per worker; the agent's, on the
+    # worker that owns the user's partition, is the exact per-user bound (its excess: a dead letter, a 504).
+    limiter = UserRateLimiter.from_settings(stream.settings.stream)
 
     @app.task
     async def reply_listener() -> None:
@@ -139,6 +145,12 @@ def install(stream: StreamApp) -> None:
                 return self.error(400, f"not JSON: {error}")
             except EventError as error:
                 return self.error(400, str(error), fields=list(error.fields))
+            if limiter is not None and not limiter.allow(query.user_id):
+                retry = max(1, math.ceil(limiter.retry_after_s(query.user_id)))  # whole seconds, at least 1
+                headers = {"Retry-After": str(retry)}
+                return self.error(
+                    429, limiter.refusal(query.user_id), headers=headers, request_id=query.request_id
+                )
 
             async def publish() -> None:
                 await stream.topics.queries.send(key=query.user_id.encode(), value=encode(query))

@@ -9,6 +9,9 @@ intention synthesised from the item the user goes on to choose (the training syn
 Ids are derived from the dataset, user and position, so a replay sent twice is absorbed by the stream's
 idempotency (seen event ids, answered request ids). `speed` compresses time: the pause between two events is
 their timestamp gap divided by `speed` (capped by `max_gap_s`); 0 sends as fast as the broker takes them.
+`replay` does not wait for answers, so a click can reach the stream before the list it names was answered
+(and then joins no impression: no feedback, no prequential score). `send_live` — the loop benchmark's and the
+demo's sender — holds such a click back until its answer was read back, as a person would.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import asyncio
 import heapq
 import random
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -158,3 +161,84 @@ async def replay(
                 await producer.send(event)
                 bar.advance(task)
     return len(events)
+
+
+# ------------------------------------------------------------------------------ live, as users would act
+
+
+class Answers:
+    """The request ids whose recommendation has been read back (the caller's reader reports each one)."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+        self._waiting: dict[str, asyncio.Event] = {}
+
+    def add(self, request_id: str) -> None:
+        self._seen.add(request_id)
+        waiting = self._waiting.pop(request_id, None)
+        if waiting is not None:
+            waiting.set()
+
+    async def wait(self, request_id: str, timeout_s: float) -> bool:
+        """True once the answer is in; False after `timeout_s` (the click goes out anyway)."""
+        if request_id in self._seen:
+            return True
+        event = self._waiting.setdefault(request_id, asyncio.Event())
+        try:
+            async with asyncio.timeout(timeout_s):
+                await event.wait()
+            return True
+        except TimeoutError:
+            self._waiting.pop(request_id, None)
+            return False
+
+
+async def send_live(
+    producer: EventProducer,
+    events: Sequence[Event],
+    *,
+    rate: float,
+    answers: Answers,
+    answer_timeout_s: float = 10.0,
+    on_sent: Callable[[Event], None] | None = None,
+) -> int:
+    """Send `events` at `rate` per second, in order per user, as people act: a click on a served list (one
+    that names its request id) goes out only once that list was answered — a user cannot click what they
+    were not shown yet — and the user's later events wait behind it. Other users are not held up. Returns
+    how many clicks went out without their answer (after `answer_timeout_s`)."""
+    queues: dict[str, asyncio.Queue] = {}
+    unanswered = 0
+
+    async def user(queue: asyncio.Queue) -> None:
+        nonlocal unanswered
+        while True:
+            event = await queue.get()
+            try:
+                if isinstance(event, ClickEvent) and event.request_id:
+                    unanswered += not await answers.wait(event.request_id, answer_timeout_s)
+                await producer.send(event)
+                if on_sent is not None:
+                    on_sent(event)
+            finally:
+                queue.task_done()
+
+    tasks = []
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    try:
+        for n, event in enumerate(events):
+            wait = start + n / rate - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            key = event.key
+            if key not in queues:
+                queues[key] = asyncio.Queue()
+                tasks.append(asyncio.create_task(user(queues[key])))
+            queues[key].put_nowait(event)
+        for queue in queues.values():
+            await queue.join()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return unanswered

@@ -122,6 +122,13 @@ def normalised(vector: Sequence[float] | np.ndarray) -> list[float]:
     return (array / norm if norm > 0 else array).tolist()
 
 
+def _warn_plaintext_key(url: str) -> None:
+    """An API key over plain http travels in clear. Warned, not refused: the chart's in-release Qdrant is
+    reached over the cluster network by http with its key, and a service mesh may encrypt below us (mTLS),
+    which we cannot see. The warning names the URL, never the key."""
+    log.warning("qdrant: the API key is sent to %s in clear text; use an https:// URL", url)
+
+
 def _hit(point, score: float | None = None) -> Hit:
     """A search result (ScoredPoint) or a stored record (Record: no score, pass one)."""
     payload = point.payload or {}
@@ -174,6 +181,8 @@ class ItemIndex:
             path.mkdir(parents=True, exist_ok=True)
             return QdrantClient(path=str(path))
         api_key = self.settings.api_key.get_secret_value() if self.settings.api_key else None
+        if api_key is not None and not self.settings.url.lower().startswith("https://"):
+            _warn_plaintext_key(self.settings.url)
         return QdrantClient(
             url=self.settings.url, api_key=api_key, timeout=math.ceil(self.settings.timeout_s)
         )

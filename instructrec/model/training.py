@@ -118,7 +118,9 @@ def train(
     optimizer, schedule = optimizer_for(reranker, config, steps_per_epoch * config.epochs)
     state = {"epoch": 0, "best": -1.0, "best_epoch": -1, "history": [], "seconds": 0.0}
     if resume and (out / TRAINER_FILE).exists():
-        saved = torch.load(out / TRAINER_FILE, weights_only=False)
+        # weights_only: tensors, the optimizer's and schedule's state dicts and plain Python values, and nothing
+        # that runs code when unpickled
+        saved = torch.load(out / TRAINER_FILE, weights_only=True)
         reranker.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])

@@ -41,7 +41,9 @@ class TextEncoder:
 
         self.model_path = model_path or default_model_path()
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(self.model_path, local_files_only=True).eval()
+        self.model = AutoModel.from_pretrained(
+            self.model_path, local_files_only=True, use_safetensors=True
+        ).eval()  # safetensors only: a pickled weights file is refused, not loaded
         self.batch_size, self.max_length = batch_size, max_length
 
     @property
@@ -104,7 +106,7 @@ class TextRetriever:
             digest = hashlib.sha1("\n".join(texts).encode()).hexdigest()[:12]
             cache = self.cache_dir / f"{dataset_name}-{MODEL_NAME}-{digest}.npy"
             if cache.exists():
-                self.vectors = np.load(cache)
+                self.vectors = np.load(cache, allow_pickle=False)
                 return self
         self.vectors = self.encoder.encode(list(texts))
         if cache:

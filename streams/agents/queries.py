@@ -4,9 +4,9 @@ InstructRec instruction → the reranker on Triton → a `Recommendation` whose 
 
 Queries are micro-batched (`stream.take_events(batch_size, within=batch_window_s)`): a batch shares one
 embedding call, one hop to the Qdrant thread and one Triton call. Within a batch each query is handled on its
-own: an invalid query becomes a dead letter, a redelivered one (its request id is in the served log) is
-skipped, and every other query gets exactly one answer, published together with the served-log update (see
-`streams.served`). Nothing drops a query silently:
+own: an invalid query becomes a dead letter, so does one over its user's rate (`streams.ratelimit`), a
+redelivered one (its request id is in the served log) is skipped, and every other query gets exactly one
+answer, published together with the served-log update (see `streams.served`). Nothing drops a query silently:
 - reranker down, slow or its circuit open → the candidates in the plan's order, `degraded` with the reason;
 - Qdrant down (after retries) → the plan without its text search (the collaborative retriever and the
   request's constraints still apply), else the collaborative neighbours of the user's recent items, else
@@ -50,6 +50,7 @@ from instructrec.events import MAX_INSTRUCTION_CHARS, QueryEvent, RankedItem, Re
 from instructrec.instructions import Instruction, request_instruction
 from instructrec.serving.wire import encode_request
 from streams.kafka.compat import processing
+from streams.ratelimit import RateLimited, UserRateLimiter
 from streams.services import ItemInfo, Services
 from streams.state.context import UserContext
 from streams.state.served import Impression, Served
@@ -153,8 +154,13 @@ def request_seed(request_id: str) -> int:
 # ------------------------------------------------------------------------------------------------ intake
 
 
-def intake(stream: StreamApp, events: Sequence, now: float) -> list[Pending]:
-    """Decode, check, deduplicate and read each query's context (synchronous: table reads)."""
+def intake(
+    stream: StreamApp, events: Sequence, now: float, limiter: UserRateLimiter | None = None
+) -> list[Pending]:
+    """Decode, check, deduplicate, rate-limit and read each query's context (synchronous: table reads).
+
+    A query over its user's rate becomes a dead letter with the reason; a redelivery is not counted again.
+    """
     settings = stream.settings
     pending: list[Pending] = []
     for event in events:
@@ -166,6 +172,9 @@ def intake(stream: StreamApp, events: Sequence, now: float) -> list[Pending]:
             if served.has_answered(query.request_id) or query.request_id in stream.in_flight:
                 stream.metrics.duplicates.labels("queries").inc()
                 log.info("query %s is answered or being answered: skipping the redelivery", query.request_id)
+                continue
+            if limiter is not None and not limiter.allow(query.user_id):
+                stream.dead_letters.send_event(event, RateLimited(limiter.refusal(query.user_id)))
                 continue
             stream.in_flight.add(query.request_id)
             context = UserContext.from_bytes(stream.tables.context.get(query.user_id))
@@ -539,12 +548,13 @@ def _impression(p: Pending, answer: Recommendation) -> Impression:
 # ------------------------------------------------------------------------------------------------ the agent
 
 
-async def answer_batch(stream: StreamApp, events: Sequence) -> int:
-    """Answer a micro-batch of query events; returns how many answers were published."""
+async def answer_batch(stream: StreamApp, events: Sequence, limiter: UserRateLimiter | None = None) -> int:
+    """Answer a micro-batch of query events (each user's held to `limiter`, if any); returns how many
+    answers were published."""
     started, wall = time.perf_counter(), time.time()
     metrics = stream.metrics
     metrics.events_in.labels("queries").inc(len(events))
-    batch = intake(stream, events, wall)
+    batch = intake(stream, events, wall, limiter)
     try:
         return await _answer(stream, batch, started) if batch else 0
     finally:
@@ -617,9 +627,12 @@ def install(stream: StreamApp) -> None:
     oldest unfinished query, so a crash redelivers rather than loses."""
     settings = stream.settings.stream
     size, window = settings.batch_size, settings.batch_window_s
+    # One limiter for the worker's actors. Queries are keyed by user id, so all of a user's queries come to
+    # the worker that owns the user's partition: this worker's limiter is exact per user, not per worker.
+    limiter = UserRateLimiter.from_settings(settings)
 
     async def queries(events_stream):
         async for events in events_stream.take_events(size, within=window):
-            await answer_batch(stream, events)
+            await answer_batch(stream, events, limiter)
 
     stream.app.agent(stream.topics.queries, name="queries", concurrency=settings.query_concurrency)(queries)

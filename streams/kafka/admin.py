@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from instructrec.config import KafkaSettings
+from streams.kafka.compat import hide_sasl_tokens
 
 TOPIC_ALREADY_EXISTS = 36  # Kafka error code: a concurrent creator won the race
 
@@ -23,6 +24,7 @@ class TopicError(RuntimeError):
 def _admin(kafka: KafkaSettings):
     from aiokafka.admin import AIOKafkaAdminClient
 
+    hide_sasl_tokens()
     return AIOKafkaAdminClient(**kafka.aiokafka_kwargs())
 
 

@@ -25,6 +25,11 @@ and the RocksDB shard of a table write from the *current event*, which during a 
 
 4. `refresh_metadata(consumer)` (aiokafka's private `consumer._client`): a consumer outside any group learns
 a freshly created topic's partitions only after a metadata refresh, which the public API does not offer.
+
+5. `hide_sasl_tokens` (a filter on aiokafka's "aiokafka.conn" logger): aiokafka logs every request and
+response at DEBUG, the SASL exchange included, and a PLAIN token is the password in clear (a SCRAM one is
+enough for an offline guess at it). The filter puts a placeholder in place of any SaslAuthenticate struct
+(API key 36) among a record's arguments; the record is still logged.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ ILLEGAL_GENERATION = 22
 REBALANCE_IN_PROGRESS = 27
 _OFFSET_COMMIT = 8  # Kafka API key
 _FETCH = 1  # Kafka API key
+_SASL_AUTHENTICATE = 36  # Kafka API key
 
 
 def rejoin_on_stale_commit() -> None:
@@ -133,3 +139,23 @@ def processing(event: Any) -> Iterator[None]:
 async def refresh_metadata(consumer: Any) -> None:
     """Ask the broker for fresh cluster metadata (see the module docstring)."""
     await consumer._client.force_metadata_update()
+
+
+def hide_sasl_tokens() -> None:
+    """Install the log filter (process-wide, idempotent): see the module docstring."""
+    logger = logging.getLogger("aiokafka.conn")
+    if not any(isinstance(f, _HideSaslTokens) for f in logger.filters):
+        logger.addFilter(_HideSaslTokens())
+
+
+class _HideSaslTokens(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(map(_sasl_exchange, record.args)):
+            record.args = tuple(
+                "<SASL authentication, hidden>" if _sasl_exchange(arg) else arg for arg in record.args
+            )
+        return True
+
+
+def _sasl_exchange(value: Any) -> bool:
+    return getattr(value, "API_KEY", None) == _SASL_AUTHENTICATE

@@ -13,6 +13,7 @@ from aiokafka import AIOKafkaProducer
 
 from instructrec.config import KafkaSettings
 from instructrec.events import SCHEMAS, Event, encode
+from streams.kafka.compat import hide_sasl_tokens
 
 ROLES = tuple(SCHEMAS)  # items, clicks, queries, recommendations, feedback, model_updates, dead_letter
 
@@ -41,6 +42,7 @@ class EventProducer:
     sent: int = field(default=0, init=False)
 
     async def __aenter__(self) -> EventProducer:
+        hide_sasl_tokens()
         self._producer = AIOKafkaProducer(
             **self.kafka.aiokafka_kwargs(), acks="all", linger_ms=self.linger_ms
         )

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
 from instructrec.data import load
 from instructrec.events import ClickEvent, QueryEvent, decode, encode
-from workers.replay import ReplayConfig, replay_events, split_at, time_split
+from workers.replay import Answers, ReplayConfig, replay_events, send_live, split_at, time_split
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
@@ -63,3 +64,35 @@ def test_the_time_split_keeps_nothing_after_the_cut_and_the_rest_replays_after_i
     later = sum(x.timestamp > cut for u in range(100) for x in dataset.histories[u])
     assert sum(isinstance(e, ClickEvent) for e in after) == later
     assert 0.2 < later / (later + len(before)) < 0.4  # about the last 30% of the interactions
+
+
+class Sent:
+    """Stands in for the producer: the sender's logic is what is tested here (the real one: the demo's and
+    the loop benchmark's runs, and tests/integration)."""
+
+    def __init__(self) -> None:
+        self.events: list = []
+
+    async def send(self, event) -> None:
+        self.events.append(event)
+
+
+async def test_a_click_on_a_list_waits_for_its_answer_and_holds_back_only_its_user() -> None:
+    q = QueryEvent(request_id="r1", user_id="a", ts=1.0)
+    click = ClickEvent(user_id="a", item_id="9", kind="click", request_id="r1", ts=1.0)
+    later = ClickEvent(user_id="a", item_id="8", kind="click", ts=2.0)
+    other = ClickEvent(user_id="b", item_id="7", kind="click", ts=1.5)
+    producer, answers = Sent(), Answers()
+    sending = asyncio.create_task(send_live(producer, [q, click, other, later], rate=1000.0, answers=answers))
+    await asyncio.sleep(0.1)
+    assert producer.events == [q, other]  # user a waits for r1's answer; user b does not
+    answers.add("r1")
+    assert await sending == 0
+    assert producer.events == [q, other, click, later]
+
+
+async def test_a_click_whose_answer_never_comes_goes_out_after_the_timeout() -> None:
+    click = ClickEvent(user_id="a", item_id="9", kind="click", request_id="lost", ts=1.0)
+    producer = Sent()
+    assert await send_live(producer, [click], rate=1000.0, answers=Answers(), answer_timeout_s=0.05) == 1
+    assert producer.events == [click]

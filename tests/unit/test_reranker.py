@@ -175,6 +175,29 @@ def test_lora_trains_only_adapters_and_round_trips(tmp_path, tokenizer, dataset)
     assert any(abs(plain[i] - before[i]) > 1e-4 for i in before)
 
 
+def test_merged_lora_scores_as_the_adapter_did_and_saves_as_full_weights(tmp_path, tokenizer, dataset):
+    # The fine-tune worker trains LoRA on the served version and exports it merged: same scores, no adapter.
+    model = tiny_bert(tokenizer, torch.randn(dataset.n_items, 8), [it.id for it in dataset.items])
+    ins = request_instruction(dataset.histories[3][:8], list(range(30, 45)), seed=2)
+    (base,) = scores_by_item(model, dataset, [ins])
+    model.add_lora("served", r=4, alpha=8, targets=["query", "value"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.1)
+    (adapted,) = scores_by_item(model, dataset, [ins])
+    assert any(abs(adapted[i] - base[i]) > 1e-3 for i in base)  # the adapter matters
+    model.merge_lora()
+    assert not any("lora_" in n for n, _ in model.named_parameters())
+    assert all(p.requires_grad for p in model.parameters())
+    (merged,) = scores_by_item(model, dataset, [ins])
+    model.save_pretrained(tmp_path / "merged")
+    assert not (tmp_path / "merged" / "adapter").exists()
+    (reloaded,) = scores_by_item(Reranker.from_pretrained(tmp_path / "merged"), dataset, [ins])
+    assert all(merged[i] == pytest.approx(adapted[i], abs=1e-4) for i in adapted)
+    assert all(reloaded[i] == pytest.approx(adapted[i], abs=1e-4) for i in adapted)
+
+
 def test_every_task_has_a_loss_and_training_lowers_it(tokenizer, dataset, tmp_path):
     torch.manual_seed(0)
     model = tiny_bert(tokenizer, torch.randn(dataset.n_items, 8), [it.id for it in dataset.items])

@@ -170,16 +170,23 @@ async def _live(
 ) -> None:
     from streams.kafka.producer import EventProducer
     from streams.kafka.reader import TopicReader
+    from workers.replay import Answers, send_live
 
     before, after = events
     topics = settings.kafka.topics
+    answered = Answers()
+
+    def on_answer(answer: Recommendation, now: float) -> None:
+        answered.add(answer.request_id)
+        dashboard.on_answer(answer, now)
+
     async with (
         TopicReader(settings.kafka, topics.recommendations) as answers,
         TopicReader(settings.kafka, topics.model_updates) as updates,
         EventProducer(settings.kafka) as producer,
     ):
         tasks = [
-            asyncio.create_task(_read(answers, Recommendation, dashboard.on_answer)),
+            asyncio.create_task(_read(answers, Recommendation, on_answer)),
             asyncio.create_task(_read(updates, ModelUpdate, lambda u, _: dashboard.on_update(u))),
             asyncio.create_task(_poll(settings, worker, dashboard)),
         ]
@@ -197,7 +204,13 @@ async def _live(
                     await producer.send(event)
                 await producer.flush()
                 dashboard.phase = f"live: {len(after):,} later events at {preset.rate:g}/s"
-                await _paced(producer, after, preset.rate, dashboard)
+                await send_live(
+                    producer,
+                    after,
+                    rate=preset.rate,
+                    answers=answered,
+                    on_sent=lambda event: dashboard.on_sent(event, time.monotonic()),
+                )
                 dashboard.phase = "waiting for the last answers and the fine-tune worker's verdict"
                 await _settle(dashboard, preset)
                 dashboard.phase = "done"
@@ -205,17 +218,6 @@ async def _live(
             for task in (*tasks, drawing):
                 task.cancel()
             await asyncio.gather(*tasks, drawing, return_exceptions=True)
-
-
-async def _paced(producer, events, rate: float, dashboard: Dashboard) -> None:
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    for n, event in enumerate(events):
-        wait = start + n / rate - loop.time()
-        if wait > 0:
-            await asyncio.sleep(wait)
-        await producer.send(event)
-        dashboard.on_sent(event, time.monotonic())
 
 
 async def _settle(dashboard: Dashboard, preset: DemoPreset) -> None:

@@ -11,4 +11,5 @@ __all__ = ["GrpcTransport", "HttpTransport", "Transport", "make_transport"]
 
 
 def make_transport(settings: TritonSettings) -> Transport:
-    return GrpcTransport(settings.url) if settings.protocol == "grpc" else HttpTransport(settings.url)
+    protocol = GrpcTransport if settings.protocol == "grpc" else HttpTransport
+    return protocol(settings.url, settings)

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from instructrec.config import TritonSettings
+
 INPUT = "REQUEST"
 SCORES = "SCORES"
 MODEL_VERSION = "MODEL_VERSION"
@@ -18,16 +20,22 @@ class Transport:
     """One protocol's async client, reduced to what the reranker needs. Errors propagate as raised.
 
     The client is created on first use, inside the running event loop (grpc.aio and aiohttp bind to it).
+    `tls`: settings whose `tls` switch and files secure the connection (None, or tls off: plaintext).
     """
 
     module = ""  # "tritonclient.grpc" or "tritonclient.http"; its ".aio" submodule holds the async client
     binary = False  # the HTTP/JSON protocol can carry tensors as binary: ask for it
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, tls: TritonSettings | None = None) -> None:
         self.url = url
+        self.tls = tls if tls is not None and tls.tls else None
         self._client: Any = None
 
     # -- what a protocol says differently
+
+    def client_options(self) -> dict[str, Any]:
+        """The client's keyword arguments beyond the URL: how it speaks TLS, in the protocol's own terms."""
+        return {}
 
     def deadline(self, timeout_s: float) -> dict[str, Any]:
         """Keyword arguments that bound one call on the server side too (none where the protocol has no way)."""
@@ -44,7 +52,8 @@ class Transport:
 
     def _get(self) -> Any:
         if self._client is None:
-            self._client = import_module(f"{self.module}.aio").InferenceServerClient(self.url)
+            client = import_module(f"{self.module}.aio").InferenceServerClient
+            self._client = client(self.url, **self.client_options())
         return self._client
 
     def _binary(self) -> dict[str, bool]:
