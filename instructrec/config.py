@@ -83,12 +83,7 @@ class KafkaSettings(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _complete(self) -> KafkaSettings:
-        if self.sasl and (self.sasl_username is None or self.sasl_password is None):
-            raise ValueError(
-                f"security_protocol {self.security_protocol} needs sasl_username and sasl_password "
-                "(INSTRUCTREC_KAFKA__SASL_USERNAME, INSTRUCTREC_KAFKA__SASL_PASSWORD)"
-            )
+    def _client_pair(self) -> KafkaSettings:
         if self.ssl_keyfile and not self.ssl_certfile:
             raise ValueError("ssl_keyfile without ssl_certfile: a client key needs its certificate")
         return self
@@ -115,11 +110,20 @@ class KafkaSettings(BaseModel):
         }
         if self.sasl:
             kwargs["sasl_mechanism"] = self.sasl_mechanism or "PLAIN"
-            kwargs["sasl_plain_username"] = self.sasl_username
-            kwargs["sasl_plain_password"] = self.sasl_password.get_secret_value()
+            kwargs["sasl_plain_username"], kwargs["sasl_plain_password"] = self.sasl_login()
         if self.tls:
             kwargs["ssl_context"] = self.ssl_context()
         return kwargs
+
+    def sasl_login(self) -> tuple[str, str]:
+        """The SASL user name and password, checked when a client needs them rather than when the settings
+        are read: the password comes from a Secret of its own, which a ConfigMap-only reading lacks."""
+        if self.sasl_username is None or self.sasl_password is None:
+            raise ValueError(
+                f"kafka: security_protocol {self.security_protocol} needs sasl_username and sasl_password "
+                "(INSTRUCTREC_KAFKA__SASL_USERNAME, INSTRUCTREC_KAFKA__SASL_PASSWORD)"
+            )
+        return self.sasl_username, self.sasl_password.get_secret_value()
 
     def ssl_context(self) -> ssl.SSLContext:
         return tls_context(

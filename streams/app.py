@@ -141,9 +141,10 @@ def broker_credentials(kafka: KafkaSettings) -> faust.SASLCredentials | faust.SS
     from them: SASL with a context is SASL_SSL, without one SASL_PLAINTEXT."""
     context = kafka.ssl_context() if kafka.tls else None
     if kafka.sasl:
+        username, password = kafka.sasl_login()
         return faust.SASLCredentials(
-            username=kafka.sasl_username,
-            password=kafka.sasl_password.get_secret_value(),
+            username=username,
+            password=password,
             ssl_context=context,
             mechanism=kafka.sasl_mechanism or "PLAIN",
         )

@@ -46,7 +46,11 @@ class EventProducer:
         self._producer = AIOKafkaProducer(
             **self.kafka.aiokafka_kwargs(), acks="all", linger_ms=self.linger_ms
         )
-        await self._producer.start()
+        try:
+            await self._producer.start()
+        except BaseException:  # a refused connection (TLS, SASL): close what start opened
+            await self._producer.stop()
+            raise
         return self
 
     async def __aexit__(self, *exc) -> None:

@@ -38,8 +38,8 @@ class TopicReader:
             enable_auto_commit=False,
             fetch_max_wait_ms=self.fetch_max_wait_ms,
         )
-        await consumer.start()
-        try:
+        try:  # a refused connection (TLS, SASL) fails start: the consumer is closed all the same
+            await consumer.start()
             partitions = await self._partitions(consumer)
             assigned = [TopicPartition(self.topic, p) for p in sorted(partitions)]
             consumer.assign(assigned)

@@ -224,14 +224,14 @@ def test_the_page_is_self_contained_and_never_writes_markup() -> None:
 
 
 @contextlib.asynccontextmanager
-async def page_client(state_dir: Path) -> AsyncIterator[TestClient]:
+async def page_client(state_dir: Path, **sections: dict) -> AsyncIterator[TestClient]:
     """The real app's web server (views, routes, headers) on a test server; its tables are never started,
     so the test writes a context straight into the table's local store. (Not a fixture: the client must
-    live on the test's own event loop.)"""
+    live on the test's own event loop.) `sections`: settings sections other than the defaults."""
     from streams.app import create_app
     from streams.services import Services
 
-    settings = Settings(_env_file=None, state_dir=state_dir, stream={"store": "memory"})
+    settings = Settings(_env_file=None, state_dir=state_dir, **{"stream": {"store": "memory"}, **sections})
     reranker = SimpleNamespace(model_version="7", circuit_state="closed")
     stream = create_app(settings, Services(index=None, encoder=None, reranker=reranker))
     stream.tables.context.data["u1"] = context_bytes(("i1", 5.0))
@@ -254,3 +254,16 @@ async def test_the_page_views_serve_the_page_users_and_live_figures(tmp_path: Pa
         assert (await client.get("/users?limit=many")).status == 400
         live = await (await client.get("/live")).json()
         assert live["model_version"] == "7" and live["prequential"] == [] and live["events_per_s"] is None
+
+
+async def test_recommend_answers_429_to_a_user_over_the_rate(tmp_path: Path) -> None:
+    limits = {"store": "memory", "user_rate_per_s": 0.01, "user_burst": 1}  # one now, the next in 100 s
+    async with page_client(tmp_path, stream=limits, web={"recommend_timeout_s": 0.05}) as client:
+        first = await client.post("/recommend", json={"user_id": "u1", "request_id": "a"})
+        assert first.status == 504  # admitted: no broker here to answer it
+        second = await client.post("/recommend", json={"user_id": "u1", "request_id": "b"})
+        assert second.status == 429 and second.headers["Retry-After"] == "100"
+        body = await second.json()
+        assert body["request_id"] == "b" and body["error"].startswith("rate limited: user 'u1'")
+        assert (await client.post("/recommend", json={"user_id": "u2"})).status == 504  # others are not
+        assert (await client.post("/recommend", json={"user_id": "u1", "k": "ten"})).status == 400
