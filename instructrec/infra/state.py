@@ -75,8 +75,8 @@ class State(BaseModel):
             )
         if self.triton:
             url = self.triton.grpc_url if base.triton.protocol == "grpc" else self.triton.http_url
-            update["triton"] = base.triton.model_copy(
-                update={"url": url, "repository": self.triton.model_repository}
+            update["triton"] = base.triton.model_copy(  # the local tritonserver speaks plaintext too
+                update={"url": url, "repository": self.triton.model_repository, "tls": False}
             )
         if self.qdrant:
             update["qdrant"] = base.qdrant.model_copy(update={"url": None, "path": self.qdrant.path})

@@ -92,7 +92,8 @@ class Reranker(nn.Module):
         path = Path(path)
         meta = json.loads((path / CONFIG_FILE).read_text()) if (path / CONFIG_FILE).exists() else {}
         base = meta.get("base")
-        seq2seq = AutoModelForSeq2SeqLM.from_pretrained(base or str(path))
+        # safetensors only: a pickled .bin checkpoint could run code on load
+        seq2seq = AutoModelForSeq2SeqLM.from_pretrained(base or str(path), use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         # A checkpoint saved before `candidate_tokens` existed saw titles alone: keep its budget.
         saved = meta.get("config", {})
