@@ -429,7 +429,12 @@ async def rerank(stream: StreamApp, batch: list[Pending]) -> float:
         return (time.perf_counter() - started) * 1000
     _circuit_gauge(stream)
     for p, (row, version) in zip(ready, scored, strict=True):
-        p.scores = np.asarray(row, dtype=np.float64)
+        scores = np.asarray(row, dtype=np.float64)
+        expected = len(p.instruction.candidates) if p.instruction is not None else 0
+        if scores.shape != (expected,):  # a model that answers for other items than it was asked about
+            p.degrade(f"reranker answered {scores.size} scores for {expected} candidates")
+            continue
+        p.scores = scores
         p.version = version  # the version that scored this request (a swap may land mid-batch)
     return (time.perf_counter() - started) * 1000
 

@@ -570,6 +570,8 @@ async def test_a_reranker_that_scores_more_than_its_candidates_adds_no_item() ->
     stream = make_stream(reranker=reranker, collaborative=True)
     watch(stream, "u1", ["m1"])
     await queries.answer_batch(stream, [event(QueryEvent(request_id="r1", user_id="u1", text=INJECTIONS[0]))])
-    [answer] = answers(stream)  # answered all the same
+    [answer] = answers(stream)  # answered all the same: the plan's order, flagged
     [request] = [decode_request(r) for r in reranker.seen]
-    assert {item.item_id for item in answer.items} <= set(request.candidate_ids)
+    assert answer.items and {item.item_id for item in answer.items} <= set(request.candidate_ids)
+    assert answer.degraded and "scores for" in answer.reason
+    assert not letters(stream)
