@@ -28,7 +28,12 @@ import faust
 from instructrec.config import KafkaSettings, Settings
 from streams import agents, web
 from streams.deadletter import DeadLetters
-from streams.kafka.compat import hide_sasl_tokens, pause_after_empty_fetch, rejoin_on_stale_commit
+from streams.kafka.compat import (
+    close_fetcher_quietly,
+    hide_sasl_tokens,
+    pause_after_empty_fetch,
+    rejoin_on_stale_commit,
+)
 from streams.metrics import Metrics
 from streams.services import Services
 from streams.state import context, recovery, served
@@ -86,6 +91,7 @@ def create_app(settings: Settings, services: Services, *, web_port: int | None =
     if settings.kafka.empty_fetch_pause_s:
         pause_after_empty_fetch(settings.kafka.empty_fetch_pause_s)
     hide_sasl_tokens()
+    close_fetcher_quietly()  # a stop with the broker gone must not wait out Faust's stop timeout
     port = settings.web.port if web_port is None else web_port
     app = faust.App(settings.stream.app_id, **faust_options(settings, port))
     topics = declare_topics(app, settings.kafka)

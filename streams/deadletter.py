@@ -10,14 +10,12 @@ from __future__ import annotations
 import logging
 from typing import Any, Protocol, TypeVar
 
-from pydantic import BaseModel
-
-from instructrec.events import DeadLetter, EventError, dead_letter, decode, encode
+from instructrec.events import DeadLetter, Event, EventError, ItemEvent, dead_letter, decode, encode
 from streams.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-E = TypeVar("E", bound=BaseModel)
+E = TypeVar("E", bound=Event)
 
 
 class Sender(Protocol):
@@ -59,28 +57,28 @@ class DeadLetters:
         message = event.message
         return self.send(message.topic, message.partition, message.offset, event.value, error)
 
-    def admit_user_event(self, event: Any, schema: type[E]) -> E | None:
-        """The event decoded as `schema` (which has a `user_id`) when it is valid and keyed by its user id;
-        otherwise None, and the event has gone to the dead-letter topic with the reason."""
+    def admit(self, event: Any, schema: type[E]) -> E | None:
+        """The event decoded as `schema` when it is valid and keyed as its topic is (`Event.key`: the user id,
+        or the item id for items); otherwise None, and the event has gone to the dead-letter topic with the
+        reason."""
         try:
             record = decode(schema, event.value)
         except EventError as error:
             self.send_event(event, error)
             return None
-        problem = key_problem(event.key, record.user_id)
+        problem = key_problem(event.key, record.key, "item_id" if schema is ItemEvent else "user_id")
         if problem:
             self.send_event(event, problem)
             return None
         return record
 
 
-def key_problem(key: bytes | None, user_id: str) -> str | None:
-    """Why a user-keyed message's key is wrong, or None when it is the user id (user-keyed topics must be
-    keyed by it: a message keyed otherwise lands on a partition that the user's other events never reach)."""
+def key_problem(key: bytes | None, expected: str, field: str = "user_id") -> str | None:
+    """Why a message's key is wrong, or None when it is the event's own `field`: a user's events keyed
+    otherwise land on a partition its other events and its state never reach; an item's, on one where its
+    updates can overtake each other."""
     if key is None:
-        return f"no message key: user-keyed topics must be keyed by user_id ({user_id!r})"
-    if key != user_id.encode():
-        return (
-            f"message key {key[:64]!r} is not the user_id {user_id!r}: user-keyed topics are keyed by user_id"
-        )
+        return f"no message key: this topic is keyed by {field} ({expected!r})"
+    if key != expected.encode():
+        return f"message key {key[:64]!r} is not the {field} {expected!r}: this topic is keyed by {field}"
     return None

@@ -57,7 +57,8 @@ def run_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def infra_up(args: argparse.Namespace, settings: Settings) -> int:
-    infrastructure = Infrastructure(settings)
+    # The services outlive this command: a developer runs `infra up`, other commands, then `infra down`.
+    infrastructure = Infrastructure(settings, detached=True)
     with console.status("starting the local infrastructure…"):
         state = infrastructure.up(components=args.only, models=args.models)
     for name in args.only:

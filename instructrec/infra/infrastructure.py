@@ -63,10 +63,18 @@ class DownReport:
 
 
 class Infrastructure:
-    """Start, stop and check the local services for one state directory."""
+    """Start, stop and check the local services for one state directory.
 
-    def __init__(self, settings: Settings):
+    The services `up` starts die with the process that called it (tests, benchmarks, the demo: one killed on a
+    timeout leaves no broker or Triton behind), unless `detached`: then they outlive it until `down`, which is
+    what `instructrec infra up` wants. Tied is the default because it fails safe: a caller that forgets
+    `detached=True` finds its services gone when it exits and notices at once, while a forgotten
+    `detached=False` would leave orphans nobody sees. Call `up` from the main thread (see `die_with_parent`).
+    """
+
+    def __init__(self, settings: Settings, *, detached: bool = False):
         self.settings = settings
+        self.detached = detached
         self.infra = settings.infra
         self.state_dir = settings.state_dir
 
@@ -124,7 +132,7 @@ class Infrastructure:
         data_dir = self.state_dir / "kafka"
         log_path = self.state_dir / "logs" / "kafka.log"
         started_at = time.time()
-        pid, ticks = spawn(noida_command(binary, port, data_dir), log_path)
+        pid, ticks = spawn(noida_command(binary, port, data_dir), log_path, detached=self.detached)
         state = KafkaState(
             pid=pid, start_ticks=ticks, log=log_path, started_at=started_at, port=port, data_dir=data_dir
         )
@@ -155,7 +163,7 @@ class Infrastructure:
         )
         shm_before, tmp_before = glob_names(SHM_DIR, SHM_PATTERN), glob_names(TMP_DIR, TMP_PATTERN)
         started_at = time.time()
-        pid, ticks = spawn(command, log_path, triton_env(distribution))
+        pid, ticks = spawn(command, log_path, triton_env(distribution), detached=self.detached)
         state = TritonState(
             pid=pid,
             start_ticks=ticks,

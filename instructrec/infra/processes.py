@@ -1,14 +1,25 @@
 """Processes the local infrastructure starts: spawned in their own session, recognised by (pid, start time),
-stopped with SIGTERM then SIGKILL together with anything they left behind. Linux only: reads ``/proc``."""
+stopped with SIGTERM then SIGKILL together with anything they left behind. Linux only: reads ``/proc`` and
+ties children to their parent with ``prctl``.
+
+A child keeps its own session, so a Ctrl-C in the terminal does not reach it directly and its owner stops
+everything in order; what ties it to the owner instead is the parent-death signal (`die_with_parent`): when
+the owner dies, whatever killed it (SIGKILL, SIGTERM, a crash), the kernel sends the child SIGTERM. Every
+child that gets it stops within a bound: noida-db and tritonserver on their own, the workers by their
+shutdown deadline (`streams.runner.ShutdownDeadline`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import contextlib
+import ctypes
+import functools
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
@@ -20,6 +31,7 @@ from instructrec.infra.errors import InfraError, StartupError
 
 _POLL_S = 0.2
 _KILL_WAIT_S = 5.0
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 T = TypeVar("T")
 
 
@@ -73,8 +85,9 @@ def _wait_gone(pid: int, start_ticks: int, timeout_s: float) -> bool:
         time.sleep(0.05)
 
 
-def _session_members(leader: int, leader_ticks: int) -> list[int]:
-    """Live processes left in the session a leader we started created (children that outlived it).
+def session_members(leader: int, leader_ticks: int) -> list[int]:
+    """Live processes other than the leader in the session a leader we started created: its children, also
+    those that outlived it.
 
     The kernel does not reuse a pid while it names a live session, so if the pid now belongs to another
     process, the session is gone and no member is ours.
@@ -105,7 +118,7 @@ def stop_process(process: ManagedProcess, timeout_s: float) -> str:
                 raise InfraError(f"pid {process.pid} survived SIGKILL")
     # Each process was started in its own session: children that outlived it (a Triton backend stub
     # whose server was killed) are the session's remaining members.
-    stragglers = _session_members(process.pid, process.start_ticks)
+    stragglers = session_members(process.pid, process.start_ticks)
     for pid in stragglers:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -118,8 +131,11 @@ def stop_process(process: ManagedProcess, timeout_s: float) -> str:
     return outcome
 
 
-def spawn(command: list[str], log_path: Path, env: dict[str, str] | None = None) -> tuple[int, int]:
-    """Start `command` detached (own session, so a Ctrl-C in the terminal does not reach it) -> pid, ticks."""
+def spawn(
+    command: list[str], log_path: Path, env: dict[str, str] | None = None, *, detached: bool = False
+) -> tuple[int, int]:
+    """Start `command` in its own session -> pid, start ticks. It dies with this process (`die_with_parent`)
+    unless `detached`: then it outlives it, and only `stop_process` ends it."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(
@@ -130,11 +146,49 @@ def spawn(command: list[str], log_path: Path, env: dict[str, str] | None = None)
             env=env,
             start_new_session=True,
             close_fds=True,
+            preexec_fn=None if detached else die_with_parent(),
         )
     ticks = process_start_ticks(process.pid)
     if ticks is None:  # exited before we could look at it: start-up will report it from the log
         ticks = -1
     return process.pid, ticks
+
+
+def die_with_parent() -> Callable[[], None]:
+    """A `preexec_fn` for `subprocess.Popen`: the kernel sends the child SIGTERM when this process dies.
+
+    SIGTERM, not SIGKILL: every child we start stops within a bound on SIGTERM, and stopping rather than
+    dying lets it clean up (Triton removes its shared memory, a worker leaves its consumer group).
+    PR_SET_PDEATHSIG has three catches:
+    - its "parent" is the thread that forks, not the process: the child gets the signal as soon as that
+      thread ends. Only the main thread, which lives as long as the process, may spawn (checked here).
+    - the parent may die between the fork and the prctl: the child then finds another parent and exits.
+    - exec of a set-uid binary clears it (none here).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        raise InfraError(
+            "start child processes from the main thread: one started from another thread would be killed "
+            "when that thread ends (PR_SET_PDEATHSIG follows the forking thread)"
+        )
+    parent = os.getpid()
+    prctl = _prctl()  # looked up here: between fork and exec the child only calls it
+
+    def tie_to_parent() -> None:
+        if prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")  # Popen raises it
+        if os.getppid() != parent:  # the parent died before the prctl: no signal will come
+            os._exit(1)
+
+    return tie_to_parent
+
+
+@functools.cache
+def _prctl() -> Callable[..., int]:
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    # prctl is variadic and reads unsigned longs: declared, so that no argument is passed half-initialised.
+    prctl.argtypes = [ctypes.c_int, *[ctypes.c_ulong] * 4]
+    prctl.restype = ctypes.c_int
+    return prctl
 
 
 def tail(path: Path, lines: int = 25) -> str:

@@ -7,7 +7,9 @@ benchmarks and the demo.
     # leaving the block stops it gracefully (SIGTERM), or kills it after `stop_timeout_s`
 
 The child gets the whole `Settings` through `INSTRUCTREC_*` variables (`Settings.to_env`), replacing whatever
-`INSTRUCTREC_*` variables the parent had, so parent and child cannot disagree.
+`INSTRUCTREC_*` variables the parent had, so parent and child cannot disagree. It runs in its own session and
+dies with its parent (`die_with_parent`: start it from the main thread); on SIGTERM it stops within its
+`shutdown_timeout_s` (the worker's own deadline, under the parent's `stop_timeout_s`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import urllib.request
 from pathlib import Path
 
 from instructrec.config import ENV_PREFIX, Settings
+from instructrec.infra.processes import die_with_parent
 
 
 def settings_env(settings: Settings, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -44,6 +47,7 @@ class WorkerProcess:
         web_port: int,
         log: Path,
         stop_timeout_s: float = 60.0,
+        shutdown_timeout_s: float | None = None,
         loglevel: str = "info",
         env: dict[str, str] | None = None,
     ) -> None:
@@ -52,6 +56,7 @@ class WorkerProcess:
         self.web_port = web_port
         self.log = log
         self.stop_timeout_s = stop_timeout_s
+        self.shutdown_timeout_s = shutdown_timeout_s  # None: the worker's default
         self.loglevel = loglevel
         self.process: subprocess.Popen | None = None
 
@@ -63,25 +68,9 @@ class WorkerProcess:
         return self.base_url + path
 
     def start(self) -> WorkerProcess:
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        command = [
-            sys.executable,
-            "-m",
-            "streams",
-            "--web-port",
-            str(self.web_port),
-            "--loglevel",
-            self.loglevel,
-        ]
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen(
-                command,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env={**settings_env(self.settings), **self.env},
-                start_new_session=True,
-            )
+        options = ["--web-port", str(self.web_port), "--loglevel", self.loglevel]
+        command = [sys.executable, "-m", "streams", *options, *_shutdown_option(self.shutdown_timeout_s)]
+        self.process = _start(command, self.log, {**settings_env(self.settings), **self.env})
         return self
 
     def health(self, timeout_s: float = 2.0) -> dict | None:
@@ -126,30 +115,30 @@ class WorkerProcess:
 
 
 class FinetuneProcess:
-    """The fine-tune worker (`python -m workers.finetune`) as a child process, in its own session.
+    """The fine-tune worker (`python -m workers.finetune`) as a child process (see the module docstring).
 
     with FinetuneProcess(settings, log=path) as finetune:
         ...
     # leaving the block stops it (SIGTERM: a cycle in training is abandoned, its examples stay stored)
     """
 
-    def __init__(self, settings: Settings, *, log: Path, stop_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        log: Path,
+        stop_timeout_s: float = 30.0,
+        shutdown_timeout_s: float | None = None,
+    ) -> None:
         self.settings = settings
         self.log = log
         self.stop_timeout_s = stop_timeout_s
+        self.shutdown_timeout_s = shutdown_timeout_s  # None: the worker's default
         self.process: subprocess.Popen | None = None
 
     def start(self) -> FinetuneProcess:
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "workers.finetune"],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=settings_env(self.settings),
-                start_new_session=True,
-            )
+        command = [sys.executable, "-m", "workers.finetune", *_shutdown_option(self.shutdown_timeout_s)]
+        self.process = _start(command, self.log, settings_env(self.settings))
         return self
 
     def running(self) -> bool:
@@ -170,3 +159,23 @@ class FinetuneProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _start(command: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    """Own session (a Ctrl-C in the terminal reaches only the parent, which stops the child in order) and
+    tied to the parent's life."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+            preexec_fn=die_with_parent(),
+        )
+
+
+def _shutdown_option(timeout_s: float | None) -> list[str]:
+    return [] if timeout_s is None else ["--shutdown-timeout", str(timeout_s)]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from instructrec.adapters.qdrant import IndexedItem
 from instructrec.adapters.retry import RetryPolicy
-from instructrec.events import EventError, ItemEvent, decode
+from instructrec.events import ItemEvent
 from streams.services import ItemInfo
 
 if TYPE_CHECKING:
@@ -75,10 +75,9 @@ async def handle_batch(stream: StreamApp, events: Sequence) -> None:
     stream.metrics.events_in.labels("items").inc(len(events))
     valid: list[tuple[object, ItemEvent]] = []
     for event in events:
-        try:
-            valid.append((event, decode(ItemEvent, event.value)))
-        except EventError as error:
-            stream.dead_letters.send_event(event, error)
+        item = stream.dead_letters.admit(event, ItemEvent)
+        if item is not None:
+            valid.append((event, item))
     if not valid:
         return
     try:

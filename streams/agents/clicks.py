@@ -37,7 +37,7 @@ def handle_batch(stream: StreamApp, events: Sequence) -> int:
     stream.metrics.events_in.labels("clicks").inc(len(events))
     by_user: dict[str, list[tuple[object, ClickEvent]]] = {}
     for event in events:
-        click = stream.dead_letters.admit_user_event(event, ClickEvent)
+        click = stream.dead_letters.admit(event, ClickEvent)
         if click is not None:
             by_user.setdefault(click.user_id, []).append((event, click))
 

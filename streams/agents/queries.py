@@ -164,7 +164,7 @@ def intake(
     settings = stream.settings
     pending: list[Pending] = []
     for event in events:
-        query = stream.dead_letters.admit_user_event(event, QueryEvent)
+        query = stream.dead_letters.admit(event, QueryEvent)
         if query is None:
             continue
         with processing(event):

@@ -16,7 +16,12 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from instructrec.config import KafkaSettings
-from streams.kafka.compat import hide_sasl_tokens, pause_after_empty_fetch, refresh_metadata
+from streams.kafka.compat import (
+    close_fetcher_quietly,
+    hide_sasl_tokens,
+    pause_after_empty_fetch,
+    refresh_metadata,
+)
 
 
 @dataclass
@@ -32,6 +37,7 @@ class TopicReader:
     async def __aenter__(self) -> TopicReader:
         pause_after_empty_fetch(self.kafka.empty_fetch_pause_s)  # an idle reader must not spin a core
         hide_sasl_tokens()
+        close_fetcher_quietly()
         consumer = AIOKafkaConsumer(
             **self.kafka.aiokafka_kwargs(),
             group_id=None,

@@ -32,7 +32,7 @@ from instructrec.infra import free_port
 from instructrec.infra.processes import tail
 from instructrec.infra.worker import WorkerProcess
 from streams.kafka.producer import EventProducer
-from tests.integration.test_stream_pipeline import (
+from tests.integration.pipeline import (
     DATA_ROOT,
     TIMEOUT_S,
     Listener,

@@ -12,188 +12,25 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import os
 import subprocess
 import urllib.error
 import urllib.request
-import uuid
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from instructrec.adapters.triton import repository as triton_repository
-from instructrec.config import Settings, TopicNames
-from instructrec.events import ClickEvent, DeadLetter, QueryEvent, Recommendation, decode, encode
-from instructrec.infra import free_port, run_sync
+from instructrec.config import Settings
+from instructrec.events import ClickEvent, DeadLetter, QueryEvent, decode, encode
 from instructrec.infra.worker import WorkerProcess
-from streams.kafka.admin import ensure_topics
-from streams.kafka.producer import EventProducer, topic_of
-from streams.kafka.reader import TopicReader
+from tests.integration.pipeline import MODEL, N_ITEMS, TIMEOUT_S, Listener, ask, http
 from workers.index import index_dataset
 from workers.replay import ReplayConfig, replay, replay_events
 
 pytestmark = pytest.mark.integration
-
-DATA_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-MODEL = triton_repository.MODEL_NAME
-N_ITEMS = 120  # embedding is the slow part of indexing (≈ 10–30 items/s on 2 busy cores)
-TIMEOUT_S = 180.0
-
-
-# ------------------------------------------------------------------------------------------------ helpers
-
-
-def stream_settings(base: Settings, root: Path, *, artifacts: Path | None = None) -> Settings:
-    """`base` (pointed at the session's services) with this module's own topics, group, state and storage."""
-    run = uuid.uuid4().hex[:8]
-    topics = TopicNames(**{role: f"{name}-{run}" for role, name in TopicNames().model_dump().items()})
-    settings = base.model_copy(
-        update={
-            "kafka": base.kafka.model_copy(update={"topics": topics}),
-            "qdrant": base.qdrant.model_copy(update={"url": None, "path": root / "qdrant"}),
-            "stream": base.stream.model_copy(update={"store": "memory", "app_id": f"test-stream-{run}"}),
-            "state_dir": root / "state",
-            "model": base.model.model_copy(update={"artifacts": artifacts or root / "no-artifacts"}),
-            "triton": base.triton.model_copy(
-                update={"timeout_s": 30.0, "retries": 0}
-            ),  # a busy CI box is slow
-            "web": base.web.model_copy(update={"recommend_timeout_s": 90.0}),
-        }
-    )
-    run_sync(ensure_topics(settings.kafka))
-    return settings
-
-
-def http(
-    method: str, url: str, body: dict | bytes | None = None, timeout_s: float = 120.0
-) -> tuple[int, dict]:
-    data = json.dumps(body).encode() if isinstance(body, dict) else body
-    request = urllib.request.Request(
-        url, data=data, method=method, headers={"content-type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            return response.status, json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read() or b"null")
-
-
-class Listener:
-    """Reads a topic from its current end in the background (start it before producing what it should see)."""
-
-    def __init__(self, settings: Settings, role: str) -> None:
-        self.settings, self.role = settings, role
-        self.messages: list[tuple[int, int, bytes | None, bytes | None]] = []
-        self._task: asyncio.Task | None = None
-
-    async def __aenter__(self) -> Listener:
-        self._reader = TopicReader(self.settings.kafka, topic_of(self.settings.kafka, self.role))
-        async with asyncio.timeout(60):
-            await self._reader.__aenter__()
-
-        async def run() -> None:
-            async for record in self._reader:
-                self.messages.append((record.partition, record.offset, record.key, record.value))
-
-        self._task = asyncio.create_task(run())
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        await self._reader.__aexit__(*exc)
-
-    async def wait_for(self, done, timeout_s: float = TIMEOUT_S) -> None:
-        async with asyncio.timeout(timeout_s):
-            while not done():
-                await asyncio.sleep(0.2)
-
-
-def answers(listener: Listener) -> dict[str, list[Recommendation]]:
-    out: dict[str, list[Recommendation]] = {}
-    for *_, value in listener.messages:
-        answer = decode(Recommendation, value)
-        out.setdefault(answer.request_id, []).append(answer)
-    return out
-
-
-async def ask(settings: Settings, queries: list[QueryEvent]) -> dict[str, list[Recommendation]]:
-    """Produce queries and return their answers (every answer per request id, so duplicates would show)."""
-    wanted = {q.request_id for q in queries}
-    async with Listener(settings, "recommendations") as listener:
-        async with EventProducer(settings.kafka) as producer:
-            await producer.send_all(queries)
-        await listener.wait_for(lambda: wanted <= set(answers(listener)))
-        await asyncio.sleep(1.0)  # a duplicate, if any, would arrive right behind
-    return {r: a for r, a in answers(listener).items() if r in wanted}
-
-
-# ------------------------------------------------------------------------------------------------ fixtures
-
-
-@pytest.fixture(scope="module")
-def dataset():
-    from instructrec.data import load
-
-    if not (DATA_ROOT / "ml-latest-small").is_dir():
-        pytest.skip(f"ml-latest-small not found under {DATA_ROOT}")
-    return load("ml-latest-small", root=DATA_ROOT)
-
-
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory: pytest.TempPathFactory, dataset) -> Path:
-    """A SASRec that was never trained (vectors from its initialisation), popularity counts and the
-    catalogue's attributes, laid out as training writes them."""
-    from instructrec.catalogue import Catalogue
-    from instructrec.retrieval.popularity import Popularity
-    from instructrec.retrieval.sasrec import SASRec, SASRecConfig, SASRecNet
-
-    root = tmp_path_factory.mktemp("artifacts")
-    folder = root / "ml-latest-small"
-    config = SASRecConfig(n_items=dataset.n_items, max_len=50)
-    SASRec(config=config, net=SASRecNet(config).eval()).save(folder / "retrievers" / "sasrec")
-    (folder / "retrievers" / "sasrec" / "item_ids.json").write_text(json.dumps([i.id for i in dataset.items]))
-    Popularity().fit_sequences([dataset.sequence(u) for u in range(dataset.n_users)], dataset.n_items).save(
-        folder / "retrievers" / "popularity"
-    )
-    (folder / "pipeline.json").write_text(json.dumps({"retriever": "sasrec", "fusion_weight": 0.3}))
-    Catalogue.from_dataset(dataset).save(folder / "catalogue.json")
-    return root
-
-
-@pytest.fixture(scope="module")
-def reranker_version(local_infra, triton, tmp_path_factory: pytest.TempPathFactory):
-    """The offline default reranker exported as a new version and loaded into the session's Triton."""
-    from instructrec.model.reranker import default_model
-
-    saved = tmp_path_factory.mktemp("reranker") / "model"
-    default_model().save_pretrained(saved)
-    folder = triton_repository.export_version(saved, local_infra.model_repository, link=True)
-    local_infra.start_triton(models=[MODEL])
-    yield folder.name
-    import tritonclient.http as httpclient
-
-    url = local_infra.state.triton.http_url  # a test may have restarted Triton on other ports
-    httpclient.InferenceServerClient(url, network_timeout=TIMEOUT_S).unload_model(MODEL)
-
-
-@pytest.fixture(scope="module")
-def settings(local_infra, kafka, reranker_version, artifacts, tmp_path_factory) -> Settings:
-    base = local_infra.settings
-    base = base.model_copy(update={"stream": base.stream.model_copy(update={"dataset": "ml-latest-small"})})
-    return stream_settings(base, tmp_path_factory.mktemp("stream"), artifacts=artifacts)
-
-
-@pytest.fixture(scope="module")
-def worker(settings: Settings) -> WorkerProcess:
-    with WorkerProcess(settings, web_port=free_port(), log=settings.state_dir / "worker.log") as process:
-        process.wait_healthy(TIMEOUT_S)
-        yield process
 
 
 # ------------------------------------------------------------------------------------------------ tests

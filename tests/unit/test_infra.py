@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
 import socket
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,9 +29,10 @@ from instructrec.infra import (
     TritonState,
     free_ports,
 )
+from instructrec.infra import infrastructure as infrastructure_module
 from instructrec.infra.kafka import find_noida_db
 from instructrec.infra.ports import ensure_port_free, pick_ports
-from instructrec.infra.processes import spawn, stop_process
+from instructrec.infra.processes import die_with_parent, is_running, spawn, stop_process
 from instructrec.infra.qdrant import qdrant_lock_holder
 from instructrec.infra.triton import (
     STUB_NAME,
@@ -205,6 +209,116 @@ def test_stop_escalates_to_sigkill(tmp_path: Path) -> None:
     process = ManagedProcess(pid=pid, start_ticks=ticks, log=log, started_at=0)
     assert stop_process(process, timeout_s=0.5).startswith("killed")
     assert not process.is_running()
+
+
+# A parent that starts a child with `spawn` (tied or detached), prints its pid and start ticks, then waits.
+PARENT = """
+import sys, time
+from pathlib import Path
+from instructrec.infra.processes import spawn
+pid, ticks = spawn(["sleep", "60"], Path(sys.argv[1]), detached=sys.argv[2] == "detached")
+print(pid, ticks, flush=True)
+time.sleep(60)
+"""
+
+
+def _child_of_signalled_parent(tmp_path: Path, how: str, sig: signal.Signals) -> tuple[int, int]:
+    """Start PARENT, signal it once its child runs, wait until it has exited -> the child's (pid, ticks)."""
+    command = [sys.executable, "-c", PARENT, str(tmp_path / "child.log"), how]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as parent:
+        try:
+            pid, ticks = map(int, parent.stdout.readline().split())
+        finally:
+            parent.send_signal(sig)  # leaving the block waits for its exit
+    return pid, ticks
+
+
+def _gone_within(pid: int, ticks: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while is_running(pid, ticks):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_a_spawned_child_dies_with_its_parent(tmp_path: Path, sig: signal.Signals) -> None:
+    pid, ticks = _child_of_signalled_parent(tmp_path, "tied", sig)
+    assert _gone_within(pid, ticks, 5.0), f"pid {pid} outlived its parent's {sig.name}"
+
+
+def test_a_detached_child_outlives_its_parent(tmp_path: Path) -> None:
+    pid, ticks = _child_of_signalled_parent(tmp_path, "detached", signal.SIGKILL)
+    time.sleep(0.5)
+    child = ManagedProcess(pid=pid, start_ticks=ticks, log=tmp_path / "child.log", started_at=0)
+    assert child.is_running()
+    assert stop_process(child, timeout_s=5) == "stopped"
+
+
+def test_a_child_whose_parent_died_before_prctl_exits_instead_of_running() -> None:
+    # The tie is prepared in this process; a forked child then spawns with it, so the grandchild finds a
+    # parent other than the one the tie names: what a child sees when its parent died before the prctl.
+    script = """
+import os, subprocess, sys
+from instructrec.infra.processes import die_with_parent
+tie = die_with_parent()
+print("own child", subprocess.run([sys.executable, "-c", "print('ran')"], preexec_fn=tie).returncode, flush=True)
+pid = os.fork()
+if pid == 0:
+    os._exit(subprocess.run([sys.executable, "-c", "print('ran')"], preexec_fn=tie).returncode)
+print("orphan", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout.splitlines() == ["ran", "own child 0", "orphan 1"], done.stderr
+
+
+def test_only_the_main_thread_may_spawn_a_tied_child() -> None:
+    # PR_SET_PDEATHSIG follows the forking thread: a child of a short-lived thread would die with it.
+    raised: list[BaseException] = []
+
+    def prepare() -> None:
+        try:
+            die_with_parent()
+        except InfraError as error:
+            raised.append(error)
+
+    thread = threading.Thread(target=prepare)
+    thread.start()
+    thread.join()
+    assert raised and "main thread" in str(raised[0])
+
+
+def test_infra_up_detaches_its_services_and_everyone_else_ties_them(tmp_path: Path, monkeypatch) -> None:
+    spawned: list[bool] = []
+
+    def fake_spawn(command, log_path, env=None, *, detached=False):
+        spawned.append(detached)
+        raise InfraError("not starting anything in a unit test")
+
+    monkeypatch.setattr(infrastructure_module, "spawn", fake_spawn)
+    monkeypatch.setenv("INSTRUCTREC_STATE_DIR", str(tmp_path / "cli"))
+    assert cli.main(["infra", "up", "--only", "kafka"]) == 2
+    with pytest.raises(InfraError):
+        Infrastructure(_settings(tmp_path)).up(components=["kafka"])
+    assert spawned == [True, False]
+
+
+# ---------------------------------------------------------------------------------------------- shutdown
+
+
+def test_a_stop_that_outlives_its_deadline_ends_the_process_with_a_reason() -> None:
+    script = """
+import time
+from streams.runner import ShutdownDeadline
+ShutdownDeadline(0.5, "the test's stop").arm()
+time.sleep(60)  # a stop that hangs
+"""
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - started < 50, "the process waited for its hanging stop"
+    assert done.returncode == 75, done.stderr
+    assert "the test's stop did not finish within 0.5 s: exiting with code 75" in done.stderr
 
 
 # ------------------------------------------------------------------------------------------------ Triton

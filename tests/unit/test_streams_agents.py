@@ -20,6 +20,7 @@ from instructrec.events import (
     ClickEvent,
     DeadLetter,
     FeedbackEvent,
+    ItemEvent,
     ModelUpdate,
     QueryEvent,
     QueryFilters,
@@ -29,7 +30,7 @@ from instructrec.events import (
 )
 from instructrec.serving.wire import decode_request
 from streams import deadletter
-from streams.agents import clicks, queries
+from streams.agents import catalog, clicks, queries
 from streams.app import StreamApp, Tables, Topics
 from streams.deadletter import DeadLetters
 from streams.metrics import Metrics
@@ -454,6 +455,14 @@ def test_invalid_clicks_are_dead_letters_with_their_origin() -> None:
 @pytest.mark.parametrize(("key", "ok"), [(b"u1", True), (None, False), (b"u2", False)])
 def test_user_keyed_messages_must_be_keyed_by_the_user(key, ok) -> None:
     assert (deadletter.key_problem(key, "u1") is None) is ok
+
+
+async def test_an_item_keyed_otherwise_than_its_id_is_dead_lettered_not_indexed() -> None:
+    stream = make_stream()
+    item = ItemEvent(item_id="m9", title="Heat (1995)")
+    await catalog.handle_batch(stream, [event(item, topic="items", key=b"m8")])
+    [dead] = letters(stream)
+    assert dead.source_topic == "items" and "is not the item_id 'm9'" in dead.error
 
 
 def test_intention_vectors_are_cached() -> None:

@@ -45,8 +45,9 @@ from instructrec.config import Settings
 from instructrec.events import ModelUpdate
 from instructrec.model.reranker import Reranker
 from instructrec.planner import OfflinePlanner
-from streams.kafka.compat import pause_after_empty_fetch
+from streams.kafka.compat import close_fetcher_quietly, pause_after_empty_fetch
 from streams.kafka.producer import EventProducer
+from streams.runner import SHUTDOWN_TIMEOUT_S, ShutdownDeadline
 from workers.finetune import cycle as cycles
 from workers.finetune.ingest import ingest
 from workers.finetune.publish import Published, PublishError, publish, reconcile
@@ -110,6 +111,7 @@ class FinetuneWorker:
     async def run(self, on_outcome: Callable[[Outcome], None] | None = None) -> None:
         kafka = self.settings.kafka
         pause_after_empty_fetch(kafka.empty_fetch_pause_s)
+        close_fetcher_quietly()
         async with TritonReranker(self.settings.triton) as triton, EventProducer(kafka) as producer:
             await self._reconcile(triton, producer)
             consumer = await self._consumer()
@@ -337,19 +339,26 @@ def _settle(future: asyncio.Future, result: Any, error: BaseException | None) ->
         future.set_result(result)
 
 
-def run_finetune(settings: Settings) -> int:
-    """Process entry: runs until SIGTERM or Ctrl-C."""
+def run_finetune(settings: Settings, *, shutdown_timeout_s: float = SHUTDOWN_TIMEOUT_S) -> int:
+    """Process entry: runs until SIGTERM or Ctrl-C, then stops within `shutdown_timeout_s` (or is cut short
+    with exit code 75: a stop that waits on a broker or Triton that is gone must not hang)."""
     import signal
 
     # Process-wide, and so set here: training takes few threads at a lower priority, so serving keeps the cores.
     torch.set_num_threads(settings.finetune.threads)
     os.nice(settings.finetune.nice)
     worker = FinetuneWorker(settings)
+    deadline = ShutdownDeadline(shutdown_timeout_s, "the fine-tune worker's stop")
+
+    def stop(sig: signal.Signals) -> None:
+        log.info("%s: stopping (within %g s)", sig.name, shutdown_timeout_s)
+        deadline.arm()
+        worker.stop.set()
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, worker.stop.set)
+            loop.add_signal_handler(sig, stop, sig)
         await worker.run()
 
     asyncio.run(main())
