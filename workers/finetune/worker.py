@@ -344,6 +344,9 @@ def run_finetune(settings: Settings, *, shutdown_timeout_s: float = SHUTDOWN_TIM
     with exit code 75: a stop that waits on a broker or Triton that is gone must not hang)."""
     import signal
 
+    logging.basicConfig(  # the stream worker's line format (Faust's), so the two logs read alike
+        level=logging.INFO, format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"
+    )
     # Process-wide, and so set here: training takes few threads at a lower priority, so serving keeps the cores.
     torch.set_num_threads(settings.finetune.threads)
     os.nice(settings.finetune.nice)
