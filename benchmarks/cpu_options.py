@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from harness import arguments, finish  # the benchmarks' shared library module
 from rich.console import Console
 from rich.table import Table
 
@@ -41,12 +42,7 @@ SETTINGS = [
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--json", dest="json_path", default=None)
+    parser = arguments(__doc__)
     parser.add_argument("--artifacts", type=Path, default=REPO / "artifacts" / "ml-latest-small")
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--quick", action="store_true", help="test split only, fewer latency samples")
@@ -59,11 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     console = Console()
     result = {"quality": quality(args, console), "latency": latency(args, console)}
-    console.print(report(result))
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps(result, indent=2))
-        console.print(f"wrote {args.json_path}")
-    return 0
+    return finish(console, report(result), result, args.json_path)
 
 
 def quality(args, console: Console) -> dict:
@@ -133,7 +125,7 @@ def latency(args, console: Console) -> list[dict]:
 
 def probe(args, fields: dict, samples: int) -> dict:
     """Median latency of one request after each idle gap, in this (fresh) process."""
-    from harness import Workload  # the serving benchmark's real instructions
+    from harness import Workload  # the benchmarks' shared library module
 
     from instructrec.artifacts import Artifacts
     from instructrec.serving.options import ServingOptions

@@ -1,15 +1,54 @@
 """What the benchmark scripts share (a library module, not a script): the serving workload of real
-instructions, and how much of the machine other processes used while a phase ran.
+instructions, how much of the machine other processes used while a phase ran, the Qdrant catalogue, and the
+feedback loop's set-up (loop.py, soak.py): the initial pipeline trained on the first 70% of time, and its own
+broker, tritonserver and catalogue for a stream worker and the fine-tune worker.
 
 Scripts import it by name (`from harness import ...`): Python puts a script's own folder on the path.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
 import os
 import random
+import shutil
+import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RERANKER = "instructrec_reranker"
+
+
+def arguments(doc: str | None) -> argparse.ArgumentParser:
+    """A benchmark's command line: its docstring as the help, and `--json PATH`. Models load offline (from
+    local paths): nothing may wait on a hub that cannot be reached."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", dest="json_path", default=None, help="also write the results here")
+    return parser
+
+
+def in_folder(root: Path | None, prefix: str, run: Callable[[Path], dict]) -> dict:
+    """`run` in `root` (created, kept) or, without one, in a temporary folder removed afterwards."""
+    if root is not None:
+        root.mkdir(parents=True, exist_ok=True)
+        return run(root)
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        return run(Path(tmp))
+
+
+def finish(console, rendered, result: dict, json_path: str | None) -> int:
+    """Print the tables; write the results as JSON when asked."""
+    console.print(rendered)
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
+        console.print(f"wrote {json_path}")
+    return 0
 
 
 class Workload:
@@ -118,3 +157,108 @@ def build_catalog(settings, dataset, limit: int | None, cache_dir: Path) -> tupl
             ]
         )
     return len(items), collaborative is not None
+
+
+# ------------------------------------------------------------------- the feedback loop's pipeline (loop, soak)
+
+
+def initial_pipeline(root: Path, dataset, users: int | None, minutes: float, console):
+    """The pipeline trained on the first 70% of time only (interactions up to the 70th percentile of
+    timestamps of the first `users` users, 5-core), cached in `root/artifacts`: nothing of the later 30% leaks
+    into it. Returns the early dataset, the split time and how long training took (nothing when cached)."""
+    from instructrec import experiment
+    from instructrec.artifacts import Artifacts
+    from workers.replay import time_split
+
+    early, cut = time_split(dataset, 0.7, users)
+    layout = Artifacts.of(root / "artifacts", dataset.name)
+    timings: dict[str, float] = {}
+    if not layout.trained:
+        config = experiment.PipelineConfig()
+        config.train.max_minutes = minutes
+        started = time.perf_counter()
+        with console.status(
+            f"training the initial pipeline on {early.describe()['interactions']} early interactions…"
+        ):
+            experiment.fit(early, layout, config, verbose=False)
+        timings["initial_training_s"] = round(time.perf_counter() - started, 1)
+    return early, cut, timings
+
+
+def small_cycles(every: int, holdout: int, budget_minutes: float, since_ts: float):
+    """Fine-tune settings for a benchmark: a cycle every `every` new examples (a third of that after ten
+    minutes), one epoch in `budget_minutes`, learning only from interactions after `since_ts` (the initial
+    pipeline has seen the rest)."""
+    from instructrec.config import FinetuneSettings
+
+    return FinetuneSettings(
+        every_examples=every,
+        min_examples=every // 3,
+        every_minutes=10.0,
+        holdout=holdout,
+        budget_minutes=budget_minutes,
+        epochs=1,
+        since_ts=since_ts,
+        poll_s=0.5,
+    )
+
+
+@contextlib.contextmanager
+def pipeline_services(root: Path, dataset, data_root: Path, finetune, console) -> Iterator[tuple]:
+    """Its own broker and tritonserver (the initial reranker in `root/artifacts` as version 1) and Qdrant
+    storage holding every item of the dataset (items first seen later are findable by text), all under
+    `root`; yields the settings a stream worker and the fine-tune worker (`finetune`) run with, and the
+    infrastructure's state (pids, ports). Leaving the block stops what it started.
+
+    A kept `root` reuses only the trained pipeline: state, Qdrant storage and model repository start afresh."""
+    from instructrec.adapters.triton.repository import copy_repository, default_repository, export_version
+    from instructrec.artifacts import Artifacts
+    from instructrec.config import InfraSettings, QdrantSettings, Settings
+    from instructrec.infra import Infrastructure, run_sync
+    from streams.kafka.admin import ensure_topics
+
+    layout = Artifacts.of(root / "artifacts", dataset.name)
+    for stale in ("state", "qdrant", "models"):
+        shutil.rmtree(root / stale, ignore_errors=True)
+    repository = copy_repository(default_repository(), root / "models" / "repository")
+    if not any((repository / RERANKER).glob("[0-9]*/reranker")):
+        export_version(layout.best_reranker, repository, 1)
+    base = Settings(
+        state_dir=root / "state",
+        data_root=data_root,
+        qdrant=QdrantSettings(path=root / "qdrant"),
+        infra=InfraSettings(model_repository=repository, models=[RERANKER], start_timeout_s=300),
+    )
+    infrastructure = Infrastructure(base)
+    with console.status("starting the broker and tritonserver…"):
+        state = infrastructure.up(components=["kafka", "triton"])
+    try:
+        settings = state.settings(base)
+        settings = settings.model_copy(
+            update={
+                "model": settings.model.model_copy(update={"artifacts": root / "artifacts"}),
+                "stream": settings.stream.model_copy(update={"store": "rocksdb", "dataset": dataset.name}),
+                "triton": settings.triton.model_copy(update={"timeout_s": 10.0}),
+                "finetune": finetune,
+            }
+        )
+        run_sync(ensure_topics(settings.kafka))
+        with console.status("building the Qdrant catalogue…"):
+            build_catalog(settings, dataset, None, REPO / ".state" / "cache")
+        yield settings, state
+    finally:
+        report = infrastructure.down()
+        if not report.ok:
+            console.print(f"[red]the infrastructure did not stop cleanly: {report.problems}")
+
+
+def later_events(dataset, cut: float, users: int | None, query_every: int, text_rate: float, seed: int = 0):
+    """Clicks up to `cut` (as fast as possible), then the rest with queries, each in time order. A replayed
+    request text is synthesised from the item the user goes on to choose, so `text_rate` 0 (the default)
+    keeps the live figures comparable with the offline pipeline's, which has no text."""
+    from workers.replay import ReplayConfig, replay_events, split_at
+
+    config = ReplayConfig(
+        users=users, query_every=query_every, text_rate=text_rate, k=10, seed=seed, min_history=3
+    )
+    return split_at(replay_events(dataset, config), cut)

@@ -17,7 +17,6 @@ JSON: {"<dataset>": {"<setting>": {"<method>": {"NDCG@10": x, "Recall@10": y, "c
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -26,7 +25,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
+from harness import arguments, finish  # the benchmarks' shared library module
+from rich.console import Console, Group
 from rich.progress import Progress
 from rich.table import Table
 
@@ -35,15 +35,10 @@ HANDWRITTEN = Path(__file__).resolve().parent / "requests.json"
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = arguments(__doc__)
     parser.add_argument("--dataset", default="ml-latest-small")
     parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--artifacts", type=Path, default=REPO / "artifacts", help="artefacts root")
-    parser.add_argument("--json", dest="json_path", default=None)
     parser.add_argument(
         "--seeds", default="0", help="comma-separated: the sequential setting on each seed's pipeline"
     )
@@ -143,12 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             "k": config.k,
         }
 
-    for rendered in tables(args.dataset, results):
-        console.print(rendered)
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps(results, indent=2))
-        console.print(f"written to {args.json_path}")
-    return 0
+    return finish(console, Group(*tables(args.dataset, results)), results, args.json_path)
 
 
 def tables(dataset: str, results: dict) -> list[Table]:

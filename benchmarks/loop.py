@@ -26,20 +26,25 @@ cycle_s_max, corrupted_rejected, serving_p99_ms_during_cycle, serving_p99_ms_idl
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
-import shutil
 import sqlite3
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
-from harness import build_catalog  # the benchmarks' shared library module
+from harness import (  # the benchmarks' shared library module
+    arguments,
+    finish,
+    in_folder,
+    initial_pipeline,
+    later_events,
+    pipeline_services,
+    small_cycles,
+)
 from rich.console import Console, Group
 from rich.table import Table
 
@@ -49,12 +54,7 @@ MODEL = "instructrec_reranker"
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--json", dest="json_path", default=None)
+    parser = arguments(__doc__)
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument(
         "--root", type=Path, default=None, help="work folder (kept); default: a temporary one"
@@ -73,111 +73,36 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.minutes, args.budget, args.every, args.holdout, args.users = 2.0, 1.0, 400, 300, 120
     console = Console(width=None if sys.stdout.isatty() else 200)
-    if args.root:
-        args.root.mkdir(parents=True, exist_ok=True)
-        result = run(args.root, args, console)
-    else:
-        with tempfile.TemporaryDirectory(prefix="instructrec-loop-") as tmp:
-            result = run(Path(tmp), args, console)
-    console.print(report(result))
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps(result, indent=2))
-        console.print(f"wrote {args.json_path}")
-    return 0
-
-
-# ---------------------------------------------------------------------------------------------------- data
-
-
-def later_events(dataset, cut: float, users: int | None, query_every: int, text_rate: float, seed: int = 0):
-    """Clicks up to `cut` (as fast as possible), then the rest with queries, each in time order. A replayed
-    request text is synthesised from the item the user goes on to choose, so `text_rate` 0 (the default)
-    keeps the live figures comparable with the offline pipeline's, which has no text."""
-    from workers.replay import ReplayConfig, replay_events, split_at
-
-    config = ReplayConfig(
-        users=users, query_every=query_every, text_rate=text_rate, k=10, seed=seed, min_history=3
-    )
-    return split_at(replay_events(dataset, config), cut)
+    result = in_folder(args.root, "instructrec-loop-", lambda root: run(root, args, console))
+    return finish(console, report(result), result, args.json_path)
 
 
 # ----------------------------------------------------------------------------------------------------- run
 
 
 def run(root: Path, args, console: Console) -> dict:
-    from instructrec import experiment
-    from instructrec.adapters.triton.repository import copy_repository, default_repository, export_version
-    from instructrec.artifacts import Artifacts
-    from instructrec.config import FinetuneSettings, InfraSettings, QdrantSettings, Settings
     from instructrec.data import load
-    from instructrec.infra import FinetuneProcess, Infrastructure, free_port, run_sync
+    from instructrec.infra import FinetuneProcess, free_port
     from instructrec.infra.worker import WorkerProcess
-    from streams.kafka.admin import ensure_topics
-    from workers.replay import time_split
 
     dataset = load(DATASET, root=args.data_root)
-    early, cut = time_split(dataset, 0.7, args.users)
-    layout = Artifacts.of(root / "artifacts", DATASET)
-    timings: dict[str, float] = {}
-    if not layout.trained:
-        config = experiment.PipelineConfig()
-        config.train.max_minutes = args.minutes
-        started = time.perf_counter()
-        with console.status(
-            f"training the initial pipeline on {early.describe()['interactions']} early interactions…"
-        ):
-            experiment.fit(early, layout, config, verbose=False)
-        timings["initial_training_s"] = round(time.perf_counter() - started, 1)
-    for stale in ("state", "qdrant", "models"):  # a kept --root reuses only the trained pipeline
-        shutil.rmtree(root / stale, ignore_errors=True)
-    repository = copy_repository(default_repository(), root / "models" / "repository")
-    if not any((repository / MODEL).glob("[0-9]*/reranker")):
-        export_version(layout.best_reranker, repository, 1)
-    base = Settings(
-        state_dir=root / "state",
-        data_root=args.data_root,
-        qdrant=QdrantSettings(path=root / "qdrant"),
-        infra=InfraSettings(model_repository=repository, models=[MODEL], start_timeout_s=300),
-    )
-    infrastructure = Infrastructure(base)
-    with console.status("starting the broker and tritonserver…"):
-        state = infrastructure.up(components=["kafka", "triton"])
+    early, cut, timings = initial_pipeline(root, dataset, args.users, args.minutes, console)
+    cycles_config = small_cycles(args.every, args.holdout, args.budget, cut)
     finetune = None
-    try:
-        settings = state.settings(base)
-        settings = settings.model_copy(
-            update={
-                "model": settings.model.model_copy(update={"artifacts": root / "artifacts"}),
-                "stream": settings.stream.model_copy(update={"store": "rocksdb", "dataset": DATASET}),
-                "triton": settings.triton.model_copy(update={"timeout_s": 10.0}),
-                "finetune": FinetuneSettings(
-                    every_examples=args.every,
-                    min_examples=args.every // 3,
-                    every_minutes=10.0,
-                    holdout=args.holdout,
-                    budget_minutes=args.budget,
-                    epochs=1,
-                    since_ts=cut,
-                    poll_s=0.5,
-                ),
-            }
-        )
-        run_sync(ensure_topics(settings.kafka))
-        with console.status("building the Qdrant catalogue…"):
-            build_catalog(settings, dataset, None, REPO / ".state" / "cache")
-        before, after = later_events(dataset, cut, args.users, args.query_every, args.text_rate)
-        worker = WorkerProcess(settings, web_port=free_port(), log=root / "worker.log")
-        with worker:
-            worker.wait_healthy(300)
-            finetune = FinetuneProcess(settings, log=root / "finetune.log").start()
-            measured = asyncio.run(replay(settings, worker, before, after, args, console))
-            time.sleep(10)  # the worker ingests the last events; a cycle they make due starts
-            cycles = finished_cycles(settings, wait_s=args.budget * 60 + 240)
-            live = live_prequential(worker)
-    finally:
-        if finetune is not None:
-            finetune.stop()
-        infrastructure.down()
+    with pipeline_services(root, dataset, args.data_root, cycles_config, console) as (settings, _):
+        try:
+            before, after = later_events(dataset, cut, args.users, args.query_every, args.text_rate)
+            worker = WorkerProcess(settings, web_port=free_port(), log=root / "worker.log")
+            with worker:
+                worker.wait_healthy(300)
+                finetune = FinetuneProcess(settings, log=root / "finetune.log").start()
+                measured = asyncio.run(replay(settings, worker, before, after, args, console))
+                time.sleep(10)  # the worker ingests the last events; a cycle they make due starts
+                cycles = finished_cycles(settings, wait_s=args.budget * 60 + 240)
+                live = live_prequential(worker)
+        finally:
+            if finetune is not None:
+                finetune.stop()
     result = judge_versions(settings, cycles, root, args.judge)
     result.update(measured)
     result["live_prequential"] = live

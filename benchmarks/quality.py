@@ -10,33 +10,26 @@ JSON: {"<dataset>": {"full": {"<method>": {"NDCG@10": x, ...}}, "full_unmasked":
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from rich.console import Console
+from harness import arguments, finish  # the benchmarks' shared library module
+from rich.console import Console, Group
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from instructrec import experiment
     from instructrec.artifacts import Artifacts
     from instructrec.data import load
     from instructrec.evaluation.report import tables
 
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = arguments(__doc__)
     parser.add_argument("--dataset", default="ml-latest-small")
     parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--artifacts", default=None, help="default: artifacts/<dataset>")
-    parser.add_argument("--json", dest="json_path", default=None)
     parser.add_argument("--reuse", action="store_true", help="evaluate the artefacts of an earlier run")
     parser.add_argument("--minutes", type=float, default=None, help="reranker training budget")
     args = parser.parse_args(argv)
@@ -56,13 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     results = experiment.evaluate(dataset, out)
 
     seconds = experiment.method_seconds(config)
-    for rendered in tables(args.dataset, results, seconds):
-        console.print(rendered)
-    console.print(experiment.summary(config))
-    if args.json_path:
-        payload = {args.dataset: {**results, "seconds": seconds, "config": asdict(config)}}
-        Path(args.json_path).write_text(json.dumps(payload, indent=2))
-    return 0
+    payload = {args.dataset: {**results, "seconds": seconds, "config": asdict(config)}}
+    rendered = Group(*tables(args.dataset, results, seconds), experiment.summary(config))
+    return finish(console, rendered, payload, args.json_path)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ gflops_per_request, achieved_gflops, matmul_gflops, and the details under the ot
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import copy
 import difflib
@@ -39,7 +38,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from harness import ForeignCpu, Workload  # the benchmarks' shared library module
+from harness import ForeignCpu, Workload, arguments, finish  # the benchmarks' shared library module
 from rich.console import Console
 from rich.table import Table
 
@@ -52,12 +51,7 @@ CONCURRENCY = (1, 4, 16, 64)
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--json", dest="json_path", default=None)
+    parser = arguments(__doc__)
     parser.add_argument(
         "--reranker", type=Path, default=None, help="a saved reranker (default: the offline default)"
     )
@@ -106,11 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         results["batched_throughput_16"] / results["unbatched_throughput_16"], 2
     )
     results["served_gflops"] = round(results["gflops_per_request"] / (results["p50_ms"] / 1000), 1)
-    console.print(report(results))
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps(results, indent=2))
-        console.print(f"written to {args.json_path}")
-    return 0
+    return finish(console, report(results), results, args.json_path)
 
 
 class Sizes:

@@ -26,21 +26,18 @@ clicks_eps, and details (load average, model, catalogue size, degraded answers).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import json
 import os
 import random
 import re
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
-from harness import build_catalog  # the benchmarks' shared library module
+from harness import arguments, build_catalog, finish, in_folder  # the benchmarks' shared library module
 from rich.console import Console
 from rich.table import Table
 
@@ -70,12 +67,7 @@ def intentions(dataset, n: int = 5000, seed: int = 0) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--json", dest="json_path", default=None)
+    parser = arguments(__doc__)
     parser.add_argument("--reranker", type=Path, default=None, help="a saved reranker folder")
     parser.add_argument("--artifacts", type=Path, default=REPO / "artifacts", help="trained artefacts root")
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data")
@@ -96,13 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.duration, args.items, args.clicks_per_user = 10.0, args.items or 1000, 20
     console = Console()
-    with tempfile.TemporaryDirectory(prefix="stream-bench-") as tmp:
-        result = run(Path(tmp), args, console)
-    console.print(report(result))
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps(result, indent=2))
-        console.print(f"wrote {args.json_path}")
-    return 0
+    result = in_folder(None, "stream-bench-", lambda root: run(root, args, console))
+    return finish(console, report(result), result, args.json_path)
 
 
 # ------------------------------------------------------------------------------------------------ set-up

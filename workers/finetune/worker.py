@@ -50,10 +50,13 @@ from streams.kafka.producer import EventProducer
 from streams.runner import SHUTDOWN_TIMEOUT_S, ShutdownDeadline
 from workers.finetune import cycle as cycles
 from workers.finetune.ingest import ingest
-from workers.finetune.publish import Published, PublishError, publish, reconcile
+from workers.finetune.publish import Published, publish, reconcile
 from workers.finetune.store import ExampleStore
 
 log = logging.getLogger(__name__)
+
+
+TRITON_RETRY_S = 10.0
 
 
 def store_path(settings: Settings) -> Path:
@@ -98,6 +101,8 @@ class FinetuneWorker:
         self.outcomes: list[Outcome] = []
         self._cycle: asyncio.Future | None = None
         self._last_cycle_at = time.monotonic()
+        self._triton_retry_at = 0.0  # Triton unreachable: when to ask again before starting a cycle
+        self._unannounced: list[Outcome] = []  # verdicts the broker did not take yet (they are stored)
         artifacts = Artifacts.of(settings.model.artifacts, settings.stream.dataset)
         from instructrec.experiment import PipelineConfig
 
@@ -119,6 +124,7 @@ class FinetuneWorker:
                 while not self.stop.is_set():
                     await self._poll(consumer)
                     outcome = await self._maybe_cycle(triton, producer)
+                    await self._announce_pending(producer)
                     if outcome is not None and on_outcome is not None:
                         on_outcome(outcome)
             finally:
@@ -172,6 +178,9 @@ class FinetuneWorker:
 
     # -- cycles
 
+    def training(self) -> bool:
+        return self._cycle is not None and not self._cycle.done()
+
     def due(self) -> bool:
         since = (self.store.last_cycle() or {}).get("trained_to", 0)
         new = self.store.count(since=since)
@@ -182,8 +191,14 @@ class FinetuneWorker:
 
     async def _maybe_cycle(self, triton: TritonReranker, producer: EventProducer) -> Outcome | None:
         if self._cycle is None:
-            if self.due():
-                self._cycle = _in_daemon_thread(self._train_cycle, await triton.refresh_model_version())
+            if time.monotonic() >= self._triton_retry_at and self.due():
+                try:
+                    incumbent = await triton.refresh_model_version()
+                except Exception as error:  # Triton down or restarting: a cycle needs to know what it serves
+                    log.warning("Triton did not say what it serves (%s): the cycle waits", error)
+                    self._triton_retry_at = time.monotonic() + TRITON_RETRY_S
+                    return None
+                self._cycle = _in_daemon_thread(self._train_cycle, incumbent)
             return None
         if not self._cycle.done():
             return None
@@ -199,13 +214,25 @@ class FinetuneWorker:
                 published = await self._publish(candidate_dir, triton, outcome)
                 outcome.version = str(published.version)
                 outcome.live_after = self.store.last_id()
-            except PublishError as error:
-                outcome.accepted, outcome.reason = False, str(error)
+            except Exception as error:  # PublishError, or Triton unreachable: the old version serves on
+                outcome.accepted, outcome.reason = False, f"not published: {error}"
         shutil.rmtree(candidate_dir, ignore_errors=True)
         self.store.end_cycle(outcome.cycle, time.time(), asdict(outcome))
-        await self._announce(producer, outcome)
+        self._unannounced.append(outcome)
         self.outcomes.append(outcome)
         return outcome
+
+    async def _announce_pending(self, producer: EventProducer) -> None:
+        """Publish stored verdicts to `model-updates`; with the broker away they wait for the next round."""
+        while self._unannounced:
+            try:
+                await self._announce(producer, self._unannounced[0])
+            except Exception as error:
+                log.warning(
+                    "could not publish the verdict of cycle %d yet (%s)", self._unannounced[0].cycle, error
+                )
+                return
+            self._unannounced.pop(0)
 
     def _train_cycle(self, incumbent: str) -> tuple[Outcome, Path]:
         """On the training thread: split, prepare, train, gate. Nothing is published from here."""
@@ -365,4 +392,11 @@ def run_finetune(settings: Settings, *, shutdown_timeout_s: float = SHUTDOWN_TIM
         await worker.run()
 
     asyncio.run(main())
+    if worker.training():
+        # A cycle is still training on its daemon thread (its examples stay stored; the next start trains
+        # them). Interpreter finalisation with torch busy on another thread aborts the process (SIGABRT,
+        # seen by benchmarks/soak.py), so everything else being closed, leave without it.
+        log.info("stopped mid-cycle: the cycle's training is abandoned")
+        logging.shutdown()
+        os._exit(0)
     return 0
