@@ -4,6 +4,7 @@ Each package declares its own commands (``add_commands(subparsers)``, binding ``
 ``COMMANDS`` lists them, and that is the one place a new group is registered. Settings are built once here,
 at the edge, and passed down.
 
+    config                               here                         (every setting and its default)
     infra up|down|status, demo           instructrec.infra.commands   (local development infrastructure)
     worker                               streams.commands             (a stream worker)
     train, evaluate, export, index,      workers.commands             (batch and long-running jobs)
@@ -18,8 +19,9 @@ from collections.abc import Callable, Sequence
 
 from pydantic import ValidationError
 from rich.console import Console
+from rich.table import Table
 
-from instructrec.config import Settings
+from instructrec.config import Settings, reference
 from instructrec.data.source import DataFormatError
 from instructrec.infra import InfraError
 from instructrec.infra import commands as infra_commands
@@ -29,7 +31,29 @@ from workers import commands as worker_commands
 
 errors = Console(stderr=True, soft_wrap=True)
 
+
+def add_config(commands: argparse._SubParsersAction) -> None:
+    config = commands.add_parser("config", help="every INSTRUCTREC_* setting: its default and what it does")
+    config.add_argument("--markdown", action="store_true", help="as a Markdown table")
+    config.set_defaults(handler=print_config)
+
+
+def print_config(args: argparse.Namespace, settings: Settings) -> int:
+    rows = reference()
+    if args.markdown:
+        print("| variable | default | |\n|---|---|---|")
+        for variable, default, description in rows:
+            print(f"| `{variable}` | `{default}` | {description} |")
+        return 0
+    table = Table("variable", "default", "", box=None, pad_edge=False)
+    for row in rows:
+        table.add_row(*row)
+    Console(soft_wrap=True).print(table)
+    return 0
+
+
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    add_config,
     infra_commands.add_commands,
     stream_commands.add_commands,
     worker_commands.add_commands,

@@ -223,6 +223,17 @@ class StreamSettings(BaseModel):
     canonical_url: str | None = Field(
         None, description="how other workers reach this one's web server; None: http://<web.host>:<web port>"
     )
+    # Static membership (KIP-345). Kafka: a worker restarted within the session timeout takes its partitions
+    # back without a rebalance, and a killed one's wait after the session timeout. noida-db: a restarted
+    # dynamic member never gets the partitions of the member it replaces (tests/integration/test_crash.py).
+    # A static worker that stops sends no LeaveGroup: its partitions wait for its return (Kafka: at most the
+    # session timeout; noida-db: for ever), so workers that leave for good must not keep an instance id.
+    instance_id: str | None = Field(
+        None,
+        min_length=1,
+        description="Kafka's group.instance.id: unique per worker and the same across its restarts (a "
+        "StatefulSet pod's name); None: dynamic membership",
+    )
     rejoin_on_stale_commit: bool = Field(
         True,
         description="read a commit's ILLEGAL_GENERATION as REBALANCE_IN_PROGRESS (noida-db; see streams.compat)",
@@ -367,3 +378,19 @@ def _plain(value: Any) -> Any:
 def _env_value(value: Any) -> str:
     """Sections and collections travel as JSON (pydantic-settings decodes them); scalars as plain text."""
     return json.dumps(value) if isinstance(value, dict | list) else "" if value is None else str(value)
+
+
+def reference(model: type[BaseModel] = Settings, prefix: str = ENV_PREFIX) -> list[tuple[str, str, str]]:
+    """Every setting as (environment variable, default, description), nested sections flattened with `__`:
+    what `instructrec config` prints and the README's configuration table is checked against."""
+    rows: list[tuple[str, str, str]] = []
+    for name, field in model.model_fields.items():
+        variable = prefix + name.upper()
+        kind = field.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            rows += reference(kind, variable + "__")
+            continue
+        default = field.get_default(call_default_factory=True)
+        shown = "(secret)" if isinstance(default, SecretStr) else json.dumps(_plain(default), default=str)
+        rows.append((variable, shown, field.description or ""))
+    return rows
