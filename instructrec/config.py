@@ -223,11 +223,11 @@ class StreamSettings(BaseModel):
     canonical_url: str | None = Field(
         None, description="how other workers reach this one's web server; None: http://<web.host>:<web port>"
     )
-    # Static membership (KIP-345). Kafka: a worker restarted within the session timeout takes its partitions
-    # back without a rebalance, and a killed one's wait after the session timeout. noida-db: a restarted
-    # dynamic member never gets the partitions of the member it replaces (tests/integration/test_crash.py).
-    # A static worker that stops sends no LeaveGroup: its partitions wait for its return (Kafka: at most the
-    # session timeout; noida-db: for ever), so workers that leave for good must not keep an instance id.
+    # Static membership (Kafka's group.instance.id, KIP-345): a worker restarted with its instance id takes its
+    # place and partitions back without a rebalance (Kafka: within the session timeout; noida-db: what lets a
+    # worker restarted after a SIGKILL get its partitions at all, tests/integration/test_crash.py). A static
+    # member that stops sends no LeaveGroup, so its partitions wait for its return (Kafka: up to the session
+    # timeout; noida-db: for ever): give one only to workers that come back, such as a StatefulSet's pods.
     instance_id: str | None = Field(
         None,
         min_length=1,

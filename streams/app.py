@@ -128,6 +128,8 @@ def faust_options(settings: Settings, web_port: int) -> dict[str, Any]:
         "topic_replication_factor": kafka.replication_factor,
         "processing_guarantee": "at_least_once",
         "consumer_auto_offset_reset": "earliest",
+        # Faust hands it to aiokafka's group_instance_id (static membership; see StreamSettings.instance_id).
+        "consumer_group_instance_id": settings.stream.instance_id,
         "store": f"{settings.stream.store}://",
         "datadir": str(data_dir),
         "web_enabled": True,

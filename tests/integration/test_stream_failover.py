@@ -11,7 +11,8 @@ The stop is graceful (SIGTERM). A crash (SIGKILL) cannot be tested against the l
 expires a dead member's session (two plain aiokafka consumers, 10 s session timeout: 45 s after one was
 killed the survivor still held only its own partitions), so a killed worker's partitions are never
 reassigned and their queries wait. Kafka reassigns them after the session timeout, and the survivor then
-skips what the served log already records.
+skips what the served log already records. What the local broker does allow is a restart in the killed
+worker's place with its instance id (static membership): tests/integration/test_crash.py.
 """
 
 from __future__ import annotations

@@ -1,0 +1,50 @@
+"""Settings that reach the Faust app's own clients: `StreamSettings.instance_id` becomes the group instance id
+(static membership) of the consumer a worker runs. Why a restarted worker needs it on the local broker:
+tests/integration/test_crash.py."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pydantic
+import pytest
+
+from instructrec.config import Settings
+from streams.app import create_app
+from streams.services import Services
+
+
+@contextlib.asynccontextmanager
+async def worker_consumer(settings: Settings) -> AsyncIterator:
+    """The aiokafka consumer that the worker's consumer thread would start (built, never started)."""
+    stream = create_app(settings, Services(index=None, encoder=None, reranker=None))
+    consumer = stream.app.consumer._thread._create_consumer(loop=asyncio.get_running_loop())
+    try:
+        yield consumer
+    finally:
+        await consumer.stop()
+
+
+async def test_an_instance_id_makes_the_worker_a_static_group_member(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("INSTRUCTREC_STREAM__INSTANCE_ID", "instructrec-worker-0")
+    settings = Settings(_env_file=None, state_dir=tmp_path, stream={"store": "memory"})
+    assert settings.stream.instance_id == "instructrec-worker-0"
+    async with worker_consumer(settings) as consumer:
+        assert consumer._group_instance_id == "instructrec-worker-0"
+        assert consumer._group_id == settings.stream.app_id
+
+
+async def test_without_one_the_worker_is_a_dynamic_member(tmp_path: Path) -> None:
+    settings = Settings(_env_file=None, state_dir=tmp_path, stream={"store": "memory"})
+    async with worker_consumer(settings) as consumer:
+        assert consumer._group_instance_id is None
+
+
+def test_an_empty_instance_id_is_refused() -> None:
+    with pytest.raises(pydantic.ValidationError, match="instance_id"):
+        Settings(_env_file=None, stream={"instance_id": ""})
