@@ -504,6 +504,17 @@ def test_each_worker_advertises_its_own_stable_canonical_url(monkeypatch) -> Non
     assert settings.web.host == "0.0.0.0"
 
 
+def test_each_worker_is_a_static_group_member_named_after_its_pod(monkeypatch) -> None:
+    rendered = render()
+    (c,) = containers(rendered.worker)
+    names = [e["name"] for e in c["env"]]
+    assert names.index("POD_NAME") < names.index("INSTRUCTREC_STREAM__INSTANCE_ID")
+    settings = settings_from(app_env(rendered, c), monkeypatch)
+    assert settings.stream.instance_id == f"{FULLNAME}-worker-0"
+    (c,) = containers(render({"worker": {"staticMembership": False}}).worker)
+    assert "INSTRUCTREC_STREAM__INSTANCE_ID" not in [e["name"] for e in c["env"]]
+
+
 def test_configmap_changes_roll_the_pods() -> None:
     def checksum(rendered: Rendered) -> str:
         return rendered.worker["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
@@ -832,7 +843,12 @@ def test_finetune_worker_publishes_into_the_repository_triton_serves(name: str, 
         assert pod_spec(finetune).get(key) == pod_spec(worker).get(key), key
     for key in ("image", "imagePullPolicy", "envFrom", "securityContext"):
         assert c[key] == w[key], key
-    worker_only = {"POD_NAME", "POD_NAMESPACE", "INSTRUCTREC_STREAM__CANONICAL_URL"}
+    worker_only = {
+        "POD_NAME",
+        "POD_NAMESPACE",
+        "INSTRUCTREC_STREAM__CANONICAL_URL",
+        "INSTRUCTREC_STREAM__INSTANCE_ID",
+    }
     assert env_of(c).keys() == env_of(w).keys() - worker_only
     annotations = finetune["spec"]["template"]["metadata"]["annotations"]
     assert (
