@@ -11,8 +11,16 @@ to normal answers by itself when the fault ends — never restarted.
   not when Triton returns; restarted by the project's Infrastructure on the same ports, it serves the worker's
   next queries.
 - The broker restarted (noida-db, stopped and started on its port and data): the worker reconnects, and every
-  query whose send the broker acknowledged, before, during or after, is answered exactly once. Opt-in: it
-  does not hold yet (see the test).
+  query whose send the broker acknowledged, before, during or after, is answered exactly once — unless the
+  broker itself lost what it had acknowledged, which the test checks before it blames the worker.
+
+LOSSY_BROKER: noida-db 0.2.3 can lose the last records it acknowledged (acks=all) when it is stopped with
+SIGTERM, and gives their offsets to the next records written after its restart (measured with bare aiokafka
+clients: 2 of 1,974 acknowledged records gone, each the last one acknowledged on its partition before the
+stop). A consumer whose committed offset lies past the records lost then skips the new records written at the
+reused offsets: in 2 of 3 runs, queries sent while the broker was away were stored and never answered (62 of
+120 in one). Kafka never reuses an acknowledged offset; the test skips, saying so, when the broker lost any
+acknowledged query, and fails on any other loss or repeat.
 
 A server restarted on its old ports waits for them: `instructrec.infra.ports.ensure_port_free` binds without
 SO_REUSEADDR, so the TIME_WAIT connections the stopped server leaves hold its ports for about a minute, although
@@ -222,18 +230,6 @@ async def test_triton_killed_under_load_degrades_answers_in_time_and_they_recove
     assert_once_each(log, load)
 
 
-# Opt-in until the cause is found: in 2 of 3 runs, queries the broker acknowledged while it was away (their sends
-# retried until it was back) were stored on the queries topic and never answered (62 of 120 in one run, the
-# rest answered once), and the worker's own reader of `recommendations` was told "offset 65 is out of range"
-# just after the restart. A bare noida-db stopped and restarted under the same kind of load (4 partitions, acks
-# all) kept every acknowledged record at its offset, so the loss is in how a running worker resumes.
-BROKER_RESTART = "INSTRUCTREC_TEST_BROKER_RESTART"
-
-
-@pytest.mark.skipif(
-    not os.environ.get(BROKER_RESTART),
-    reason=f"open: a worker may skip queries acknowledged during a broker restart (set {BROKER_RESTART}=1)",
-)
 async def test_a_broker_restart_under_load_loses_and_repeats_no_query(
     worker: WorkerProcess, settings: Settings, users: list[str], local_infra, reranker_version: str
 ) -> None:
@@ -250,7 +246,15 @@ async def test_a_broker_restart_under_load_loses_and_repeats_no_query(
             back_at = time.time()
             answering_at = await first_answer(log, load, since=back_at)
             await asyncio.sleep(AFTER_S)
-        await finish(log, load, settings)
+        try:
+            await finish(log, load, settings)
+        except AssertionError as failure:
+            stored = await _request_ids(settings, settings.kafka.topics.queries, QueryEvent)
+            if lost := set(load.sent) - stored:
+                pytest.skip(
+                    f"the broker lost {len(lost)} queries it had acknowledged (see LOSSY_BROKER): {failure}"
+                )
+            raise
 
     phases = {
         "before": sum(at < stopped_at for at in load.sent.values()),
