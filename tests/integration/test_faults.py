@@ -35,6 +35,7 @@ import os
 import re
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -42,10 +43,18 @@ from aiokafka.errors import KafkaError
 
 from instructrec.config import Settings
 from instructrec.events import QueryEvent, Recommendation, decode
-from instructrec.infra import Infrastructure, PortInUseError, WorkerProcess, free_port
+from instructrec.infra import (
+    Infrastructure,
+    KafkaState,
+    PortInUseError,
+    TritonState,
+    WorkerProcess,
+    free_port,
+)
 from instructrec.infra.ports import ensure_port_free
 from streams.kafka.producer import EventProducer
 from streams.kafka.reader import TopicReader
+from tests.conftest import LocalInfra
 from tests.integration.pipeline import TIMEOUT_S, http
 from tests.integration.test_crash import AnswerLog, until
 from workers.replay import ReplayConfig, replay, replay_events
@@ -121,6 +130,27 @@ def serve():
 qdrant_client.QdrantClient.__init__ = __init__
 threading.Thread(target=serve, name="qdrant-fault", daemon=True).start()
 """
+
+
+# This module kills and restarts Triton and the broker, so it runs its own: the session's are shared, and a
+# restarted Triton would serve later modules another pid and other model versions.
+@pytest.fixture(scope="module")
+def local_infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalInfra]:
+    handle = LocalInfra(tmp_path_factory.mktemp("faults-infra"))
+    try:
+        yield handle
+    finally:
+        handle.stop()
+
+
+@pytest.fixture(scope="module")
+def kafka(local_infra: LocalInfra) -> KafkaState:
+    return local_infra.start_kafka()
+
+
+@pytest.fixture(scope="module")
+def triton(local_infra: LocalInfra) -> TritonState:
+    return local_infra.start_triton()
 
 
 @pytest.fixture(scope="module")
