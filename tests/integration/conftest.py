@@ -55,10 +55,13 @@ def reranker_version(local_infra, triton, tmp_path_factory: pytest.TempPathFacto
     saved = tmp_path_factory.mktemp("reranker") / "model"
     default_model().save_pretrained(saved)
     folder = triton_repository.export_version(saved, local_infra.model_repository, link=True)
-    local_infra.start_triton(models=[MODEL])
-    yield folder.name
+    state = local_infra.start_triton(models=[MODEL])
+    # Loaded again whatever `up` found: a module before this one may have left the model loaded (or still
+    # unloading), serving its own, older version. Explicit model control loads the newest version.
     import tritonclient.http as httpclient
 
+    httpclient.InferenceServerClient(state.http_url, network_timeout=TIMEOUT_S).load_model(MODEL)
+    yield folder.name
     url = local_infra.state.triton.http_url  # a test may have restarted Triton on other ports
     httpclient.InferenceServerClient(url, network_timeout=TIMEOUT_S).unload_model(MODEL)
 

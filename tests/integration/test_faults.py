@@ -55,6 +55,7 @@ from instructrec.infra.ports import ensure_port_free
 from streams.kafka.producer import EventProducer
 from streams.kafka.reader import TopicReader
 from tests.conftest import LocalInfra
+from tests.integration.own_infra import own_infra
 from tests.integration.pipeline import TIMEOUT_S, http
 from tests.integration.test_crash import AnswerLog, until
 from workers.replay import ReplayConfig, replay, replay_events
@@ -132,15 +133,11 @@ threading.Thread(target=serve, name="qdrant-fault", daemon=True).start()
 """
 
 
-# This module kills and restarts Triton and the broker, so it runs its own: the session's are shared, and a
-# restarted Triton would serve later modules another pid and other model versions.
 @pytest.fixture(scope="module")
 def local_infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalInfra]:
-    handle = LocalInfra(tmp_path_factory.mktemp("faults-infra"))
-    try:
-        yield handle
-    finally:
-        handle.stop()
+    """This module's own broker and Triton: it kills and restarts them, which the session's later modules
+    would see (another pid, other model versions)."""
+    yield from own_infra(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -45,8 +45,10 @@ START_TIMEOUT_S = 240.0
 
 # A parent with no clean-up of its own: whatever stops its children after it dies is their tie to it.
 PARENT = """
-import json, sys, time
+import json, signal, sys, time
 from pathlib import Path
+# A shell's background job starts with SIGINT ignored, and Python keeps an ignored SIGINT: interruptible here.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from instructrec.config import QdrantSettings, Settings
 from instructrec.infra import Infrastructure, WorkerProcess, free_port
 

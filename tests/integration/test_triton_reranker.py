@@ -29,6 +29,8 @@ from instructrec.instructions import Instruction, request_instruction
 from instructrec.model.reranker import Reranker, default_model
 from instructrec.model.scoring import score
 from instructrec.serving.wire import encode_request
+from tests.conftest import LocalInfra
+from tests.integration.own_infra import own_infra
 
 pytestmark = pytest.mark.integration
 
@@ -64,6 +66,18 @@ def wire(ins: Instruction) -> bytes:
 def in_process(reranker: Reranker, batch: list[Instruction]) -> list[np.ndarray]:
     rows = [reranker.item_row(item_id) for item_id in IDS]
     return score(reranker, batch, TITLES.__getitem__, rows.__getitem__)
+
+
+@pytest.fixture(scope="module")
+def local_infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalInfra]:
+    """This module's own Triton: its tests pin version numbers, and the session's repository holds every
+    version that earlier modules exported."""
+    yield from own_infra(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def triton(local_infra: LocalInfra) -> TritonState:
+    return local_infra.start_triton()
 
 
 @pytest.fixture(scope="module")
