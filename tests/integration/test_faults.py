@@ -24,7 +24,7 @@ guards against records prefetched before a rebalance by their generation id, and
 starts the group at generation 1 again, as it was before the outage (Kafka keeps counting). noida-db itself
 also loses the last record it acknowledged on a partition now and then when stopped (bare aiokafka clients:
 0 to 2 of about 1,900 per run), and writes the next one at that offset. The test is opt-in until this is
-resolved (INSTRUCTREC_TEST_BROKER_RESTART=1); it skips, saying so, when the broker lost acknowledged queries.
+resolved (TEST_BROKER_RESTART=1); it skips, saying so, when the broker lost acknowledged queries.
 """
 
 from __future__ import annotations
@@ -257,7 +257,7 @@ async def test_triton_killed_under_load_degrades_answers_in_time_and_they_recove
     assert_once_each(log, load)
 
 
-BROKER_RESTART = "INSTRUCTREC_TEST_BROKER_RESTART"
+BROKER_RESTART = "TEST_BROKER_RESTART"
 
 
 @pytest.mark.skipif(
