@@ -39,15 +39,16 @@ class GrpcTransport(Transport):
 
 
 # gRPC waits longer and longer between attempts to reconnect a channel whose server is gone (up to 120 s by
-# default): after a minute's outage, a Triton that is back stayed unused for 45 s, every probe of the circuit
-# breaker refused by the channel itself (tests/integration/test_faults.py). Capped, a returning server is
-# used within a couple of seconds; an attempt to a server that is still away costs one refused connection.
+# default): after a minute's outage, a Triton that was back stayed unused until the channel's next attempt,
+# every probe of the circuit breaker refused by the channel itself (tests/integration/test_faults.py bounds
+# the recovery). Capped, a returning server is used within seconds; an attempt to a server that is still
+# away costs one refused connection.
 MAX_RECONNECT_BACKOFF_MS = 2000
 
 
 def channel_args() -> list[tuple[str, Any]]:
     """tritonclient's own channel options (which `channel_args` replaces), with the reconnect backoff capped."""
-    client = import_module("tritonclient.grpc._client")
+    client = import_module(GrpcTransport.module)
     keepalive = client.KeepAliveOptions()
     return [
         ("grpc.max_send_message_length", client.MAX_GRPC_MESSAGE_SIZE),
