@@ -187,8 +187,8 @@ def initial_pipeline(root: Path, dataset, users: int | None, minutes: float, con
 
 def small_cycles(every: int, holdout: int, budget_minutes: float, since_ts: float):
     """Fine-tune settings for a benchmark: a cycle every `every` new examples (a third of that after ten
-    minutes), one epoch in `budget_minutes`, learning only from interactions after `since_ts` (the initial
-    pipeline has seen the rest)."""
+    minutes), trained for at most `budget_minutes`, learning only from interactions after `since_ts` (the
+    initial pipeline has seen the rest); the rest as deployed."""
     from instructrec.config import FinetuneSettings
 
     return FinetuneSettings(
@@ -197,7 +197,6 @@ def small_cycles(every: int, holdout: int, budget_minutes: float, since_ts: floa
         every_minutes=10.0,
         holdout=holdout,
         budget_minutes=budget_minutes,
-        epochs=1,
         since_ts=since_ts,
         poll_s=0.5,
     )

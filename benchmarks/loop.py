@@ -17,8 +17,9 @@ learns from it, gates what it learned and hot-swaps it into Triton.
    swap, ranked as serving ranks them (the gate's computation) — beside the stream's own live prequential
    figures per version (`/metrics`); the initial pipeline's figure on all later examples (the offline
    pipeline on the same users); query latency while a cycle trains against while none does (no query may go
-   unanswered); examples per second of LoRA and of a full fine-tune on the same examples; and the gate's
-   verdict on a deliberately corrupted candidate (trained on shuffled answers).
+   unanswered); LoRA against a full fine-tune on the same examples and budget (examples per second, and the
+   gate's NDCG@10 gain over version 1 on the same holdout); and the gate's verdict on a deliberately
+   corrupted candidate (trained on shuffled answers).
 
 JSON keys: versions [{version, accepted, ndcg10_before, ndcg10_after, hr10_before, hr10_after, window}],
 cycle_s_max, corrupted_rejected, serving_p99_ms_during_cycle, serving_p99_ms_idle, plus details.
@@ -328,11 +329,13 @@ def live_prequential(worker) -> dict:
     return out
 
 
-def side_studies(settings, root: Path) -> dict:
-    """On the stored examples, in this process: the corrupted candidate's verdict, and LoRA against a full
-    fine-tune in examples per second on the same examples."""
-    import torch
+STUDY_BUDGET_S = 240.0  # each side study's training budget: the same for every candidate
 
+
+def side_studies(settings, root: Path) -> dict:
+    """On the stored examples, in this process, once the services are stopped (so on every core): LoRA
+    against a full fine-tune — the same examples, the same budget, judged by the gate against the served
+    version on the same holdout — and the gate's verdict on a candidate trained on shuffled answers."""
     from instructrec.artifacts import Artifacts
     from instructrec.experiment import PipelineConfig
     from instructrec.model.reranker import Reranker
@@ -340,7 +343,6 @@ def side_studies(settings, root: Path) -> dict:
     from workers.finetune import cycle as cycle_code
     from workers.finetune.store import ExampleStore
 
-    torch.set_num_threads(1)  # as the worker trains
     layout = Artifacts.of(root / "artifacts", DATASET)
     pipeline = PipelineConfig.load(layout.pipeline)
     planner = OfflinePlanner.load(layout, retriever=pipeline.retriever, config=pipeline.plan)
@@ -349,32 +351,31 @@ def side_studies(settings, root: Path) -> dict:
         split = cycle_code.split_examples(store, 0, settings.finetune, seed=7)
     finally:
         store.close()
-    served = max(int(p.name) for p in (settings.triton.repository / MODEL).iterdir() if p.name.isdigit())
-    weights = settings.triton.repository / MODEL / str(served) / "reranker"
-    sample = split.train[-600:]
-    out: dict = {}
-    for method in ("lora", "full"):
+    # Every study starts from the initial version, whatever the cycles published.
+    weights = settings.triton.repository / MODEL / "1" / "reranker"
+    incumbent = Reranker.from_pretrained(weights)
+    sample = split.train[-1500:]
+
+    def study(method: str, corrupt: bool = False) -> tuple:
         config = settings.finetune.model_copy(update={"method": method})
-        prepared = cycle_code.prepare(sample, planner, pipeline.k, seed=3)
-        trained = cycle_code.train_candidate(
-            Reranker.from_pretrained(weights), prepared, planner.catalogue, config, 120
+        prepared = cycle_code.prepare(sample, planner, pipeline.k, seed=3, corrupt=corrupt)
+        candidate = Reranker.from_pretrained(weights)
+        trained = cycle_code.train_candidate(candidate, prepared, planner.catalogue, config, STUDY_BUDGET_S)
+        judged = cycle_code.gate(
+            candidate, incumbent, split.holdout, planner, pipeline.weight_for, settings.finetune
         )
+        return trained, judged.verdict
+
+    out: dict = {"study_budget_s": STUDY_BUDGET_S, "study_examples": len(sample)}
+    for method in ("lora", "full"):
+        trained, verdict = study(method)
         out[f"{method}_examples_per_s"] = round(trained.examples_per_s, 2)
-    corrupted = cycle_code.prepare(split.train[-1500:], planner, pipeline.k, seed=5, corrupt=True)
-    candidate = Reranker.from_pretrained(weights)
-    cycle_code.train_candidate(
-        candidate, corrupted, planner.catalogue, settings.finetune, settings.finetune.budget_minutes * 60
-    )
-    judged = cycle_code.gate(
-        candidate,
-        Reranker.from_pretrained(weights),
-        split.holdout,
-        planner,
-        pipeline.weight_for,
-        settings.finetune,
-    )
-    out["corrupted_rejected"] = not judged.verdict.accepted
-    out["corrupted_verdict"] = {"reason": judged.verdict.reason, **judged.verdict.metrics}
+        out[f"{method}_gain_ndcg10"] = verdict.metrics.get("gain_ndcg@10")
+        out[f"{method}_p_better"] = verdict.metrics.get("p_better")
+        out[f"{method}_loss"] = [round(trained.loss_first, 3), round(trained.loss_last, 3)]
+    _, verdict = study("auto", corrupt=True)
+    out["corrupted_rejected"] = not verdict.accepted
+    out["corrupted_verdict"] = {"reason": verdict.reason, **verdict.metrics}
     return out
 
 
@@ -430,8 +431,12 @@ def report(result: dict) -> Group:
         ("query p50 / p99 while none does, ms", _pair(result, "idle")),
         ("longest cycle, s (≤ 600)", result.get("cycle_s_max")),
         (
-            "examples trained per second: LoRA / full",
+            "examples trained per second: LoRA / full (same examples, every core)",
             f"{result.get('lora_examples_per_s')} / {result.get('full_examples_per_s')}",
+        ),
+        (
+            "NDCG@10 gain over version 1 on the holdout: LoRA / full (same examples and budget)",
+            f"{_signed(result.get('lora_gain_ndcg10'))} / {_signed(result.get('full_gain_ndcg10'))}",
         ),
         ("a candidate trained on shuffled answers: rejected", result.get("corrupted_rejected")),
     ):
@@ -441,6 +446,10 @@ def report(result: dict) -> Group:
 
 def _pair(result: dict, which: str) -> str:
     return f"{result.get(f'serving_p50_ms_{which}')} / {result.get(f'serving_p99_ms_{which}')}"
+
+
+def _signed(value) -> str:
+    return "" if value is None else f"{value:+.4f}"
 
 
 def _arrow(before, after) -> str:

@@ -268,7 +268,15 @@ class FinetuneSettings(BaseModel):
     budget_minutes: float = Field(8.0, gt=0, description="wall-clock budget of one cycle's training")
     epochs: int = Field(2, ge=1)
     lr: float = Field(5e-5, gt=0)
-    method: Literal["lora", "full"] = Field("lora", description="LoRA (merged before export) or every weight")
+    # benchmarks/loop.py (`method_study`) measures both on the same examples: on the small default LoRA
+    # barely moves the ranking (it freezes the item projection, and few steps reach little), full does.
+    method: Literal["auto", "lora", "full"] = Field(
+        "auto",
+        description="LoRA (merged before export), every weight, or auto: LoRA above `lora_above` parameters",
+    )
+    lora_above: int = Field(
+        100_000_000, ge=0, description="auto: models with more parameters than this train LoRA adapters"
+    )
     lora_r: int = Field(8, ge=1)
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where it trains; auto: a GPU if present"

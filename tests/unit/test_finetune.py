@@ -9,11 +9,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from instructrec.adapters.triton import repository as repo
 from instructrec.config import FinetuneSettings
 from instructrec.events import ClickEvent, FeedbackEvent, encode
-from workers.finetune.cycle import split_examples
+from workers.finetune.cycle import resolve_method, split_examples
 from workers.finetune.gate import judge, ranks
 from workers.finetune.ingest import ingest
 from workers.finetune.store import Batch, Example, ExampleStore
@@ -127,6 +128,14 @@ def test_the_gate_accepts_a_real_gain_and_rejects_noise_and_losses() -> None:
     assert not judge(worse, incumbent, min_margin=0.002, confidence=0.9).accepted
     assert not judge(noise, incumbent, min_margin=0.02, confidence=0.9).accepted
     assert not judge(np.array([]), np.array([]), min_margin=0, confidence=0.5).accepted
+
+
+def test_auto_trains_lora_only_above_the_size_bound() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(1000, 1000, bias=False), torch.nn.Linear(10, 1))  # 1,000,011
+    assert resolve_method(FinetuneSettings(lora_above=1_000_000), model) == "lora"
+    assert resolve_method(FinetuneSettings(lora_above=1_000_011), model) == "full"
+    assert resolve_method(FinetuneSettings(method="lora", lora_above=10**9), model) == "lora"
+    assert resolve_method(FinetuneSettings(method="full", lora_above=0), model) == "full"
 
 
 def test_ranks_are_pessimistic_on_ties() -> None:

@@ -7,8 +7,11 @@ Training starts from the version Triton serves. `method="lora"` trains LoRA adap
 projections — query and value, which in the MiniLM encoder-decoder include the decoder's cross-attention: it
 started random in the offline default but the served version has trained it, so adapters on it are
 meaningful — and merges them into the weights before the candidate is saved, so every version is
-self-contained (no base checkpoint to keep). `method="full"` trains every weight. `benchmarks/loop.py`
-measures both, examples per second side by side.
+self-contained (no base checkpoint to keep). `method="full"` trains every weight. `method="auto"` (the
+default) takes LoRA for a model over `lora_above` parameters (a Flan-T5: memory and forgetting) and a full
+fine-tune below it: on the small default, a cycle's few hundred examples through rank-8 adapters leave the
+ranking where it was while a full fine-tune moves it (`benchmarks/loop.py`, its method study, measures
+both on the same examples: gain and examples per second).
 """
 
 from __future__ import annotations
@@ -157,8 +160,17 @@ def _shuffled(instance: Instance, rng: random.Random) -> Instance:
     return replace(instance, answer=wrong)
 
 
+def resolve_method(config: FinetuneSettings, reranker: Reranker) -> str:
+    """`auto`: LoRA for a model over `lora_above` parameters, every weight below."""
+    if config.method != "auto":
+        return config.method
+    size = sum(p.numel() for p in reranker.parameters())
+    return "lora" if size > config.lora_above else "full"
+
+
 @dataclass(frozen=True)
 class Trained:
+    method: str  # what was trained: "lora" or "full"
     seconds: float
     steps: int
     examples: int
@@ -178,7 +190,8 @@ def train_candidate(
     """Fine-tune `reranker` in place on the prepared examples (LoRA merged afterwards, or every weight)."""
     lookups = catalogue_lookups(reranker, catalogue)
     train_config = TrainConfig(batch_size=16, lr=config.lr, fresh_lr=config.lr, warmup=0.1, candidates=20)
-    if config.method == "lora":
+    method = resolve_method(config, reranker)
+    if method == "lora":
         reranker.add_lora("served", r=config.lora_r, alpha=2 * config.lora_r, targets=["query", "value"])
         train_config = replace(
             train_config, lr=config.lr * 20, fresh_lr=config.lr * 20
@@ -211,6 +224,7 @@ def train_candidate(
     seconds = time.perf_counter() - started
     ends = max(1, min(10, len(losses) // 2))  # first and last steps, never overlapping
     return Trained(
+        method,
         seconds,
         len(losses),
         seen,

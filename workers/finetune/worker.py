@@ -275,6 +275,7 @@ class FinetuneWorker:
             "loss_first": trained.loss_first,
             "loss_last": trained.loss_last,
             "corrupted": float(corrupt),
+            "lora": float(trained.method == "lora"),  # else a full fine-tune (`FinetuneSettings.method`)
         }
         outcome = Outcome(
             cycle_id,
