@@ -33,6 +33,7 @@ from streams.kafka.compat import (
     hide_sasl_tokens,
     pause_after_empty_fetch,
     rejoin_on_stale_commit,
+    seek_with_flow_stopped,
 )
 from streams.metrics import Metrics
 from streams.services import Services
@@ -92,6 +93,7 @@ def create_app(settings: Settings, services: Services, *, web_port: int | None =
         pause_after_empty_fetch(settings.kafka.empty_fetch_pause_s)
     hide_sasl_tokens()
     close_fetcher_quietly()  # a stop with the broker gone must not wait out Faust's stop timeout
+    seek_with_flow_stopped()  # records fetched during a rebalance's seek must not be dropped unhandled
     port = settings.web.port if web_port is None else web_port
     app = faust.App(settings.stream.app_id, **faust_options(settings, port))
     topics = declare_topics(app, settings.kafka)
