@@ -200,6 +200,12 @@ class StreamSettings(BaseModel):
     data_dir: Path | None = Field(
         None, description="RocksDB tables; None: <state_dir>/faust/<app_id>-<web port>"
     )
+    # Faust opens one RocksDB per table and partition with 3 × 64 MB memtables and a 2 GB block cache each:
+    # the worker's memory then grows with every byte written until hundreds of MB per partition
+    # (benchmarks/soak.py). These bound it: tables × partitions × (write buffers + block cache).
+    table_write_buffer_mb: int = Field(4, ge=1, description="RocksDB memtable size per table partition")
+    table_write_buffers: int = Field(2, ge=2, description="memtables per table partition (one flushing)")
+    table_block_cache_mb: int = Field(16, ge=0, description="RocksDB read cache per table partition")
     dataset: str = Field(
         "ml-latest-small", description="artifacts/<dataset>/ holds the collaborative retriever"
     )

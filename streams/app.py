@@ -187,6 +187,13 @@ def declare_topics(app: faust.App, kafka: KafkaSettings) -> Topics:
 
 
 def declare_tables(app: faust.App, settings: Settings) -> Tables:
+    stream = settings.stream
+    rocksdb = {  # faust.stores.rocksdb.RocksDBOptions; the memory store ignores them
+        "write_buffer_size": stream.table_write_buffer_mb * 2**20,
+        "max_write_buffer_number": stream.table_write_buffers,
+        "block_cache_size": stream.table_block_cache_mb * 2**20,
+    }
+
     def table(name: str, help: str):
         # Values are our own compact JSON (bytes): the record classes own their format and its evolution.
         return app.Table(
@@ -196,6 +203,7 @@ def declare_tables(app: faust.App, settings: Settings) -> Tables:
             value_type=bytes,
             partitions=settings.kafka.partitions,
             help=help,
+            options=dict(rocksdb),  # Faust pops keys from it: one copy per table
         )
 
     return Tables(
