@@ -329,7 +329,7 @@ def live_prequential(worker) -> dict:
     return out
 
 
-STUDY_BUDGET_S = 240.0  # each side study's training budget: the same for every candidate
+STUDY_BUDGET_S = 180.0  # each side study's training budget: the same for every candidate
 
 
 def side_studies(settings, root: Path) -> dict:

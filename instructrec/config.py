@@ -268,6 +268,14 @@ class FinetuneSettings(BaseModel):
     # benchmarks/loop.py): a few hundred judged ones take a thousand or more.
     holdout: int = Field(1000, ge=20, description="the newest examples the gate judges on (never trained on)")
     replay: float = Field(0.5, ge=0, le=1, description="share of a cycle's batch drawn from older examples")
+    # A cycle that started late (examples pile up while the previous one trains) would otherwise prepare
+    # thousands of examples its budget can never train: benchmarks/loop.py saw one run past 13 minutes.
+    cycle_examples: int = Field(
+        1500,
+        ge=1,
+        description="most examples one cycle prepares: the newest new ones, plus the replay share; older new "
+        "ones join the replay pool. What `budget_minutes` trains on a CPU (about 1.4/s); raise it on a GPU",
+    )
     feedback_weight: float = Field(
         2.0, ge=0, description="a feedback example counts this many clicks examples"
     )

@@ -80,6 +80,17 @@ def test_a_cycle_trains_on_new_examples_and_judges_on_the_newest(tmp_path: Path)
     assert max(int(e.target[1:]) for e in second.train) < min(int(e.target[1:]) for e in second.holdout)
 
 
+def test_a_late_cycle_takes_the_newest_it_can_train_and_replays_the_rest(tmp_path: Path) -> None:
+    store = ExampleStore(tmp_path / "s.db")
+    store.commit(Batch([example(n) for n in range(1000)], {}, {}))
+    config = FinetuneSettings(holdout=100, replay=0.5, cycle_examples=200)
+    split = split_examples(store, 0, config, seed=1)
+    fresh = [int(e.target[1:]) for e in split.train[: split.new]]
+    assert fresh == list(range(800, 900)) and split.trained_to == 900  # the newest 200 × (1 − 0.5)
+    replayed = [int(e.target[1:]) for e in split.train[split.new :]]
+    assert len(replayed) == 100 and max(replayed) < 800  # new ones left out are the replay's pool
+
+
 # ---- ingestion
 
 

@@ -69,14 +69,18 @@ class Split:
 
 
 def split_examples(store: ExampleStore, since: int, config: FinetuneSettings, seed: int) -> Split:
-    """New examples (after `since`) minus the newest `holdout`, plus a replay sample of older ones."""
+    """New examples (after `since`) minus the newest `holdout` — at most the newest `cycle_examples` ×
+    (1 − `replay`) of them — plus a replay sample of older ones (the new ones left out among them)."""
     last = store.last_id()
     judged = store.examples(after=max(since, last - config.holdout))
     holdout = [e for _, e in judged]
     cut = judged[0][0] - 1 if judged else last
-    fresh = [e for _, e in store.examples(after=since, upto=cut)]
+    most_fresh = max(1, round(config.cycle_examples * (1 - config.replay)))
+    start = max(since, cut - most_fresh)
+    fresh = [e for _, e in store.examples(after=start, upto=cut)]
     share = config.replay / max(1e-9, 1 - config.replay) if config.replay < 1 else 1.0
-    old = store.sample(int(len(fresh) * share), upto=since, seed=seed) if since else []
+    wanted = min(int(len(fresh) * share), config.cycle_examples - len(fresh))
+    old = store.sample(wanted, upto=start, seed=seed) if start else []
     return Split(fresh + old, holdout, cut, len(fresh))
 
 
