@@ -8,7 +8,7 @@ without bound: memory, file descriptors, consumer lag, latency?
    so that the split time is the one it was trained with); its own broker (noida-db) and tritonserver (the
    initial reranker as version 1), Qdrant storage with every item (embedded: it lives in the stream worker's
    process); one stream worker (RocksDB tables) and the fine-tune worker as child processes. The fine-tune
-   worker runs small cycles (every `--every` new examples, `--budget` minutes of training, one epoch), so
+   worker runs small cycles (every `--every` new examples, `--budget` minutes of training), so
    that it trains, gates and, when a candidate passes, hot-swaps several times during the soak.
 2. Warm-up, not measured: the early clicks (contexts and histories) as fast as the broker takes them, until
    both workers' groups have consumed them.
