@@ -282,7 +282,7 @@ class FinetuneSettings(BaseModel):
     budget_minutes: float = Field(8.0, gt=0, description="wall-clock budget of one cycle's training")
     epochs: int = Field(2, ge=1)
     lr: float = Field(5e-5, gt=0)
-    # benchmarks/loop.py (`method_study`) measures both on the same examples: on the small default LoRA
+    # benchmarks/loop.py (`side_studies`) measures both on the same examples: on the small default LoRA
     # barely moves the ranking (it freezes the item projection, and few steps reach little), full does.
     method: Literal["auto", "lora", "full"] = Field(
         "auto",

@@ -4,15 +4,20 @@ The swap, as Triton's explicit model control supports it (tritonserver 2.51 here
 1. the candidate is written as the next version number in a staging folder beside the repository, fsynced,
    and renamed into the model's folder (`export_version`): a server never sees half a version, and nothing
    but numbered version folders and config.pbtxt ever appears in the model's folder;
-2. `load_versions([old, new])`: Triton loads the new version while the old one keeps serving (both resident);
-   a failed load leaves the old one as it was;
-3. a probe request scored on exactly the new version;
-4. `load_versions([new])`: the old version is unloaded; requests already in flight on it finish there.
-Then the repository keeps the newest `keep_versions` folders. A failure anywhere before step 4 retires the
-new folder again and leaves the old version serving.
+2. `load_model()` with the repository's own config (version policy `latest: 1`): the config is unchanged, so
+   Triton loads only the new version, keeps the old one serving until the new one is ready, then unloads it;
+   requests in flight on the old one finish there; a failed load leaves the old one serving;
+3. a probe request scored on exactly the new version (its `initialize` has already scored a warm-up one).
+Then the repository keeps the newest `keep_versions` folders. A failure in 2 or 3 retires the new folder and
+loads again, which brings back the newest folder left: the old version.
 
-Rollback (`instructrec finetune rollback`): the newest folder is renamed out of the repository, so Triton's
-`latest` policy — and a restarted server — falls back to the previous version, which is then loaded alone.
+Why not a version-policy override (`specific: [old, new]`, probe, then `[new]`), which would probe before any
+traffic reaches the new version: any change of the loaded config makes Triton reload every version, the old
+one included, twice per swap. In benchmarks/soak.py the `[old, new]` load (four backend instances starting at
+once beside a busy stream on two cores) outlived its two-minute timeout and left the publish hung.
+
+Rollback (`instructrec finetune rollback`): the newest folder is renamed out of the repository and the model
+loaded again, so Triton's `latest` policy — and a restarted server — falls back to the previous version.
 """
 
 from __future__ import annotations
@@ -58,18 +63,15 @@ async def publish(candidate_dir: Path, repository: Path, client: TritonReranker,
     folder = export_version(candidate_dir, repository)
     new = int(folder.name)
     try:
-        await client.load_versions([v for v in (old, new) if v is not None])
-        await client.probe(new, warmup_request())
-        await client.load_versions([new])
+        await _serve(client, new)
     except Exception as error:
-        log.error("version %d did not come up (%s): retiring it, version %s keeps serving", new, error, old)
+        log.error("version %d did not come up (%s): retiring it, version %s serves again", new, error, old)
         retire_version(repository, new)
-        if old is not None:
-            try:
-                await client.load_versions([old])
-            except Exception:  # the old one never stopped serving through a failed load; nothing to undo
-                log.exception("could not pin version %s again", old)
-        raise PublishError(f"version {new} did not come up: {error}") from error
+        try:
+            await client.load_model()
+        except Exception:  # a load that failed never unloaded the old version; one that timed out is pending
+            log.exception("could not load version %s again", old)
+        raise PublishError(f"version {new} did not come up: {_describe(error)}") from error
     retired = prune_versions(repository, keep, protect=tuple(v for v in (old, new) if v is not None))
     return Published(new, old, tuple(retired))
 
@@ -81,7 +83,7 @@ async def rollback(repository: Path, client: TritonReranker) -> int:
         raise PublishError(f"nothing to roll back to: {len(found)} version(s) in {repository / MODEL_NAME}")
     newest, previous = found[-1], found[-2]
     retire_version(repository, newest)
-    await client.load_versions([previous])
+    await _serve(client, previous)
     return previous
 
 
@@ -98,12 +100,24 @@ async def reconcile(repository: Path, client: TritonReranker, accepted: int | No
     if serving is None or newest <= serving:
         return serving
     if accepted == newest:
-        await client.load_versions([serving, newest])
-        await client.probe(newest, warmup_request())
-        await client.load_versions([newest])
+        await _serve(client, newest)
         return newest
     retire_version(repository, newest)
     return serving
+
+
+async def _serve(client: TritonReranker, version: int) -> None:
+    """Load the model as the repository now holds it and check that `version` is what answers."""
+    serving = await client.load_model()
+    if serving != str(version):
+        raise PublishError(f"Triton serves version {serving or 'none'} after the load, not {version}")
+    await client.probe(version, warmup_request())
+
+
+def _describe(error: BaseException) -> str:
+    """An error's type and first line (a timeout's text is empty)."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 async def _served(client: TritonReranker) -> str:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import json
 import logging
 import random
 import time
@@ -337,28 +336,6 @@ class TritonReranker:
             await self.transport.load_model(self.model, config, self.load_timeout_s)
         self.breaker.record_success()  # a freshly loaded model deserves a chance right away
         return await self.refresh_model_version()
-
-    async def load_versions(self, versions: Sequence[int | str]) -> None:
-        """Serve exactly these versions: the loaded configuration with its version policy overridden by
-        `specific`. Triton keeps a version that stays in the list serving while the others (un)load, so
-        [old, new] brings the new one up beside the old, and [new] then retires the old; a version that fails
-        to load leaves the loaded ones as they were (Triton's explicit model control, server r24.08+)."""
-        async with asyncio.timeout(self.settings.timeout_s):
-            try:
-                config = await self.transport.model_config(self.model, self.settings.timeout_s)
-            except Exception as error:  # not loaded at all: its repository config is the base
-                log.info(
-                    "no loaded config of %s (%s): loading from the repository's", self.model, _describe(error)
-                )
-                config = None
-        if config is None:
-            await self.load_model()
-            config = await self.transport.model_config(self.model, self.settings.timeout_s)
-        config["version_policy"] = {"specific": {"versions": [int(v) for v in versions]}}
-        async with asyncio.timeout(self.load_timeout_s):
-            await self.transport.load_model(self.model, json.dumps(config), self.load_timeout_s)
-        self.breaker.record_success()
-        await self.refresh_model_version()
 
     async def probe(self, version: int | str, request: bytes) -> np.ndarray:
         """Score `request` on exactly `version` (no retries): is a freshly loaded version answering?"""
