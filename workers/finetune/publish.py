@@ -65,13 +65,13 @@ async def publish(candidate_dir: Path, repository: Path, client: TritonReranker,
     try:
         await _serve(client, new)
     except Exception as error:
-        log.error("version %d did not come up (%s): retiring it, version %s serves again", new, error, old)
+        log.error("version %d did not come up (%r): retiring it, version %s serves again", new, error, old)
         retire_version(repository, new)
         try:
             await client.load_model()
         except Exception:  # a load that failed never unloaded the old version; one that timed out is pending
             log.exception("could not load version %s again", old)
-        raise PublishError(f"version {new} did not come up: {_describe(error)}") from error
+        raise PublishError(f"version {new} did not come up: {str(error) or type(error).__name__}") from error
     retired = prune_versions(repository, keep, protect=tuple(v for v in (old, new) if v is not None))
     return Published(new, old, tuple(retired))
 
@@ -112,12 +112,6 @@ async def _serve(client: TritonReranker, version: int) -> None:
     if serving != str(version):
         raise PublishError(f"Triton serves version {serving or 'none'} after the load, not {version}")
     await client.probe(version, warmup_request())
-
-
-def _describe(error: BaseException) -> str:
-    """An error's type and first line (a timeout's text is empty)."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 async def _served(client: TritonReranker) -> str:
