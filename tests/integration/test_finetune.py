@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -32,7 +33,7 @@ from instructrec.serving.scorer import warmup_request
 from streams.kafka.admin import ensure_topics
 from streams.kafka.producer import EventProducer
 from streams.kafka.reader import TopicReader
-from workers.finetune.publish import rollback
+from workers.finetune.publish import PublishError, publish, rollback
 from workers.finetune.worker import FinetuneWorker, store_path
 from workers.replay import ReplayConfig, replay_events
 
@@ -170,6 +171,31 @@ async def test_a_cycle_gates_and_hot_swaps_a_new_version_and_rollback_restores_t
         assert version == "2" and len(scores) == 20
         assert await rollback(settings.triton.repository, client) == 1
     assert await served(settings) == "1" and repo.versions(settings.triton.repository) == [1]
+
+
+async def test_a_version_that_does_not_load_is_retired_and_the_old_one_serves_on(
+    settings, artifacts, dataset, root
+):
+    """A candidate whose weights are unreadable: Triton's load fails, its folder leaves the repository, and
+    version 1 answers throughout."""
+    broken = root / "broken"
+    shutil.copytree(Artifacts.of(artifacts, dataset.name).best_reranker, broken)
+    corrupted = list(broken.rglob("*.safetensors"))
+    assert corrupted
+    for weights in corrupted:
+        weights.write_bytes(b"not safetensors")
+    async with TritonReranker(settings.triton) as client:
+        with pytest.raises(PublishError, match="did not come up"):
+            await publish(broken, settings.triton.repository, client, keep=3)
+        assert await client.refresh_model_version() == "1"
+        (scores, version), *_ = await client.score_with_versions([warmup_request()])
+        assert version == "1" and len(scores) == 20
+    assert repo.versions(settings.triton.repository) == [1]
+    assert sorted(p.name for p in (settings.triton.repository / MODEL).iterdir()) == [
+        "1",
+        "config.pbtxt",
+        "configs",
+    ]
 
 
 def start_worker(settings: Settings, log: Path, env: dict | None = None) -> subprocess.Popen:
