@@ -45,7 +45,7 @@ timestamps use too; `paused_s` is how long the machine (a VM) stood still meanwh
 monotonic clock): a pause shows up as latency and as a gap between samples.
 
 JSON keys: samples [{t_s, phase, processes {worker, triton, broker, finetune: {rss_mb, fds, threads,
-processes} | null}, lag {stream, finetune}, events_sent, queries_sent, answered, degraded, dead_letters,
+anon_mb, shmem_mb, parts [[name, pid, rss_mb]], processes} | null}, lag {stream, finetune}, events_sent, queries_sent, answered, degraded, dead_letters,
 p50_ms, p99_ms, examples, cycles, cycle_running, triton_versions, paused_s, sample_s}], slopes
 {"<process>.rss_mb" | "<process>.fds" | "lag.<group>": {per_min, se, mean, threshold, ok, judged}}, unanswered,
 verdict, plus minutes (the table's rows), exited, cycles, model_updates, lag_end, left_running, exit_codes,
@@ -64,6 +64,7 @@ import sqlite3
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -301,9 +302,13 @@ class Monitor:
             usage = [u for p in tree if (u := self._usage(p))]
             out[name] = (
                 {
-                    "rss_mb": round(sum(u[0] for u in usage) / 1024, 1),
-                    "fds": sum(u[1] for u in usage),
-                    "threads": sum(u[2] for u in usage),
+                    "rss_mb": round(sum(u.rss_kb for u in usage) / 1024, 1),
+                    # Which kind of memory, in which process: a growing total says nothing about where.
+                    "anon_mb": round(sum(u.anon_kb for u in usage) / 1024, 1),
+                    "shmem_mb": round(sum(u.shmem_kb for u in usage) / 1024, 1),
+                    "parts": [[u.name, u.pid, round(u.rss_kb / 1024, 1)] for u in usage],
+                    "fds": sum(u.fds for u in usage),
+                    "threads": sum(u.threads for u in usage),
                     "processes": len(usage),
                 }
                 if usage
@@ -311,8 +316,8 @@ class Monitor:
             )
         return out
 
-    def _usage(self, pid: int) -> tuple[int, int, int] | None:
-        """VmRSS (kB), open descriptors, threads; None once the process is gone (or a zombie: no VmRSS)."""
+    def _usage(self, pid: int) -> Usage | None:
+        """Resident memory, open descriptors, threads; None once the process is gone (or a zombie: no VmRSS)."""
         try:
             status = Path(f"/proc/{pid}/status").read_text()
             fds = len(os.listdir(f"/proc/{pid}/fd"))
@@ -323,7 +328,12 @@ class Monitor:
             return None
         if pid not in self.seen and (stat := _stat(pid)):
             self.seen[pid] = int(stat[19])
-        return int(fields["VmRSS"].split()[0]), fds, int(fields["Threads"])
+        kb = {
+            key: int(fields[key].split()[0]) if key in fields else 0
+            for key in ("VmRSS", "RssAnon", "RssShmem")
+        }
+        name = fields.get("Name", "").strip()
+        return Usage(pid, name, kb["VmRSS"], kb["RssAnon"], kb["RssShmem"], fds, int(fields["Threads"]))
 
     def store(self) -> dict:
         from workers.finetune.store import peek
@@ -360,6 +370,19 @@ class Monitor:
         for path in leftovers:
             remove_path(path)
         return [path.name for path in leftovers]
+
+
+@dataclass(frozen=True)
+class Usage:
+    """One process at one sample (memory in kB, as /proc/<pid>/status gives it)."""
+
+    pid: int
+    name: str
+    rss_kb: int
+    anon_kb: int
+    shmem_kb: int  # shared memory it has touched (Triton: the Python backend's regions), in each mapper's RSS
+    fds: int
+    threads: int
 
 
 def _stat(pid: int) -> list[str] | None:
