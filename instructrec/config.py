@@ -206,6 +206,11 @@ class StreamSettings(BaseModel):
     table_write_buffer_mb: int = Field(4, ge=1, description="RocksDB memtable size per table partition")
     table_write_buffers: int = Field(2, ge=2, description="memtables per table partition (one flushing)")
     table_block_cache_mb: int = Field(16, ge=0, description="RocksDB read cache per table partition")
+    # Faust keeps every table file open (max_open_files near a million). Compaction keeps a partition at a few
+    # files (four level-0 files trigger a merge), but only this cap bounds the descriptors whatever the data.
+    table_max_open_files: int = Field(
+        32, ge=20, description="RocksDB table files kept open per table partition (RocksDB's minimum is 20)"
+    )
     dataset: str = Field(
         "ml-latest-small", description="artifacts/<dataset>/ holds the collaborative retriever"
     )

@@ -192,6 +192,7 @@ def declare_tables(app: faust.App, settings: Settings) -> Tables:
         "write_buffer_size": stream.table_write_buffer_mb * 2**20,
         "max_write_buffer_number": stream.table_write_buffers,
         "block_cache_size": stream.table_block_cache_mb * 2**20,
+        "max_open_files": stream.table_max_open_files,
     }
 
     def table(name: str, help: str):

@@ -52,17 +52,24 @@ def test_an_empty_instance_id_is_refused() -> None:
 
 async def test_table_partitions_open_rocksdb_with_bounded_memory(tmp_path: Path) -> None:
     """Faust's defaults (3 × 64 MB memtables and a 2 GB block cache per table partition) let a worker's
-    memory grow with every byte written (benchmarks/soak.py); the settings bound each partition's DB."""
+    memory grow with every byte written (benchmarks/soak.py), and every table file stays open; the settings
+    bound each partition's DB."""
     settings = Settings(
         _env_file=None,
         state_dir=tmp_path,
-        stream={"table_write_buffer_mb": 2, "table_write_buffers": 3, "table_block_cache_mb": 8},
+        stream={
+            "table_write_buffer_mb": 2,
+            "table_write_buffers": 3,
+            "table_block_cache_mb": 8,
+            "table_max_open_files": 24,
+        },
     )
     stream = create_app(settings, Services(index=None, encoder=None, reranker=None))
     for table in (stream.tables.context, stream.tables.served):
         options = table.data.rocksdb_options
         assert (options.write_buffer_size, options.max_write_buffer_number) == (2 * 2**20, 3)
         assert options.block_cache_size == 8 * 2**20
+        assert options.max_open_files == 24  # descriptors bounded, not only by compaction
         db = options.open(tmp_path / table.name)  # a real RocksDB opens with them
         db[b"k"] = b"v"
         assert db[b"k"] == b"v"
