@@ -203,11 +203,15 @@ def small_cycles(every: int, holdout: int, budget_minutes: float, since_ts: floa
 
 
 @contextlib.contextmanager
-def pipeline_services(root: Path, dataset, data_root: Path, finetune, console) -> Iterator[tuple]:
+def pipeline_services(
+    root: Path, dataset, data_root: Path, finetune, console, calibrate_on=None
+) -> Iterator[tuple]:
     """Its own broker and tritonserver (the initial reranker in `root/artifacts` as version 1) and Qdrant
     storage holding every item of the dataset (items first seen later are findable by text), all under
     `root`; yields the settings a stream worker and the fine-tune worker (`finetune`) run with, and the
-    infrastructure's state (pids, ports). Leaving the block stops what it started.
+    infrastructure's state (pids, ports). Leaving the block stops what it started. `calibrate_on`: the
+    dataset the pipeline was trained on, to export version 1 calibrated as `instructrec export --calibrate`
+    does (its choice in `root/models/calibration.json`).
 
     A kept `root` reuses only the trained pipeline: state, Qdrant storage and model repository start afresh."""
     from instructrec.adapters.triton.repository import copy_repository, default_repository, export_version
@@ -221,7 +225,11 @@ def pipeline_services(root: Path, dataset, data_root: Path, finetune, console) -
         shutil.rmtree(root / stale, ignore_errors=True)
     repository = copy_repository(default_repository(), root / "models" / "repository")
     if not any((repository / RERANKER).glob("[0-9]*/reranker")):
-        export_version(layout.best_reranker, repository, 1)
+        calibration = None
+        if calibrate_on is not None:
+            calibration = calibrated(layout, calibrate_on, repository, console).to_json()
+            (root / "models" / "calibration.json").write_text(calibration)
+        export_version(layout.best_reranker, repository, 1, calibration=calibration)
     base = Settings(
         state_dir=root / "state",
         data_root=data_root,
@@ -249,6 +257,24 @@ def pipeline_services(root: Path, dataset, data_root: Path, finetune, console) -
         report = infrastructure.down()
         if not report.ok:
             console.print(f"[red]the infrastructure did not stop cleanly: {report.problems}")
+
+
+def calibrated(layout, dataset, repository: Path, console):
+    """The initial reranker's serving options measured on this machine (instructrec.serving.calibration)."""
+    from instructrec.adapters.triton.repository import instance_count
+    from instructrec.serving.calibration import calibrate
+    from workers.commands import validation_requests
+
+    with console.status("calibrating precision and threads on this machine…"):
+        requests, targets = validation_requests(layout, dataset)
+        found = calibrate(
+            layout.best_reranker,
+            requests,
+            targets,
+            instances=instance_count(repository / RERANKER / "config.pbtxt"),
+        )
+    console.print(f"calibration ({found.seconds:.0f} s): {found.reason}")
+    return found
 
 
 def later_events(dataset, cut: float, users: int | None, query_every: int, text_rate: float, seed: int = 0):

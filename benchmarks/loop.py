@@ -5,8 +5,10 @@ learns from it, gates what it learned and hot-swaps it into Triton.
 
 1. The initial pipeline is trained on the first 70% of time only (interactions up to the 70th percentile of
    timestamps, 5-core): nothing of the later 30% leaks into it.
-2. Its own broker, tritonserver (the initial reranker as version 1) and Qdrant (every item of the dataset,
-   so items first seen later are findable by text); one stream worker; the fine-tune worker as its own
+2. Its own broker, tritonserver (the initial reranker as version 1, exported calibrated: precision and
+   threads measured on this machine, `details.calibration`; later versions inherit the choice) and Qdrant
+   (every item of the dataset, so items first seen later are findable by text); one stream worker; the
+   fine-tune worker as its own
    process (`python -m workers.finetune`, `threads` 1 at `nice` 10), told to learn only from interactions
    after the split (`since_ts`: the initial model has seen the rest).
 3. The first 70% replayed as clicks (contexts and histories), then the last 30% in time order at `--rate`
@@ -90,7 +92,10 @@ def run(root: Path, args, console: Console) -> dict:
     early, cut, timings = initial_pipeline(root, dataset, args.users, args.minutes, console)
     cycles_config = small_cycles(args.every, args.holdout, args.budget, cut)
     finetune = None
-    with pipeline_services(root, dataset, args.data_root, cycles_config, console) as (settings, _):
+    with pipeline_services(root, dataset, args.data_root, cycles_config, console, calibrate_on=early) as (
+        settings,
+        _,
+    ):
         try:
             before, after = later_events(dataset, cut, args.users, args.query_every, args.text_rate)
             worker = WorkerProcess(settings, web_port=free_port(), log=root / "worker.log")
@@ -115,6 +120,8 @@ def run(root: Path, args, console: Console) -> dict:
         "early": early.describe(),
         "later_events": len(after),
         "load_average": os.getloadavg(),
+        # version 1's serving options, measured on this machine (the versions after it inherit them)
+        "calibration": json.loads((root / "models" / "calibration.json").read_text()),
         **timings,
     }
     return result

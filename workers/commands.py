@@ -169,22 +169,118 @@ def add_export(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--version", type=int, default=None, help="version number (default: the next one)")
     export.add_argument("--link", action="store_true", help="hard-link the weights instead of copying them")
     export.add_argument("--overwrite", action="store_true", help="replace an existing version")
+    export.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="measure precision and threads on this machine (run it on one like Triton's) on the trained "
+        "pipeline's validation requests, and record the choice with the version",
+    )
+    export.add_argument(
+        "--calibrate-requests", type=int, default=300, help="validation requests the quality is judged on"
+    )
+    export.add_argument(
+        "--tolerance", type=float, default=0.005, help="most fused NDCG@10 a faster precision may lose"
+    )
+    add_dataset_arguments(export)
     export.set_defaults(handler=run_export)
 
 
 def run_export(args: argparse.Namespace, settings: Settings) -> int:
-    from instructrec.adapters.triton.repository import ExportError, default_repository, export_version
+    from instructrec.adapters.triton.repository import (
+        MODEL_NAME,
+        ExportError,
+        default_repository,
+        export_version,
+        instance_count,
+    )
 
     repository = args.repository or settings.infra.model_repository or default_repository()
+    calibration = None
+    if args.calibrate:
+        from instructrec.serving.calibration import calibrate
+
+        config = Path(repository) / MODEL_NAME / "config.pbtxt"
+        config = config if config.is_file() else default_repository() / MODEL_NAME / "config.pbtxt"
+        with console.status("calibration: the validation requests…"):
+            requests, targets = validation_requests(
+                artifacts(args, settings), load_dataset(args, settings), args.calibrate_requests
+            )
+        with console.status("calibration: every precision and thread count…") as status:
+            measured = calibrate(
+                args.reranker,
+                requests,
+                targets,
+                instances=instance_count(config),
+                tolerance=args.tolerance,
+                progress=lambda line: status.update(f"calibration: {line}"),
+            )
+        for trial in measured.trials:
+            quality = (
+                f"NDCG@10 {trial.ndcg10:.4f}, top-1 agreement {trial.top1_agreement:.3f}"
+                if trial.ndcg10 is not None
+                else "quality not measured: slower than float32"
+            )
+            console.print(f"  {trial.label}: {trial.ms_p50:.1f} ms per request; {quality}")
+        console.print(f"calibration ({measured.seconds:.0f} s): {measured.reason}")
+        calibration = measured.to_json()
     try:
         target = export_version(
-            args.reranker, repository, args.version, link=args.link, overwrite=args.overwrite
+            args.reranker,
+            repository,
+            args.version,
+            link=args.link,
+            overwrite=args.overwrite,
+            calibration=calibration,
         )
     except ExportError as error:
         errors.print(f"[red]error:[/] {error}", highlight=False)
         return 2
     console.print(f"exported {target}")
     return 0
+
+
+def validation_requests(artifacts: Artifacts, dataset, limit: int = 300) -> tuple[list[bytes], list[int]]:
+    """The validation requests offline training judges on (`model.training.validation_set`: each user's
+    held-out item, asked for with no text, a vague or a specific intention, over the plan's top-k) in wire
+    form with the plan's scores and the pipeline's fusion weight, as the stream sends them, and each one's
+    chosen candidate by position. Requests whose candidates miss the chosen item are left out: nothing to
+    rank."""
+    from instructrec.catalogue import describe
+    from instructrec.data.split import LeaveOneOut
+    from instructrec.experiment import PipelineConfig
+    from instructrec.instructions import SynthesisConfig, Synthesizer
+    from instructrec.model.training import validation_set
+    from instructrec.planner import OfflinePlanner
+    from instructrec.serving.wire import encode_request
+
+    config = PipelineConfig.load(artifacts.pipeline)
+    planner = OfflinePlanner.load(artifacts, dataset, config.retriever, config.plan)
+    synthesizer = Synthesizer(dataset, SynthesisConfig(n_candidates=config.k))
+    valid = validation_set(dataset, LeaveOneOut(dataset), planner, synthesizer, config.k, "valid")
+    ids = [item.id for item in dataset.items]
+    titles = [item.display_title for item in dataset.items]
+    texts = [describe(item.display_title, item.genres, item.tags) for item in dataset.items]
+    requests, targets = [], []
+    for n, (instruction, target) in enumerate(zip(valid.instructions, valid.targets, strict=True)):
+        if target not in instruction.candidates:
+            continue
+        prior = valid.priors[n] if valid.priors is not None else None
+        kind = instruction.combination.intention.value  # the weight follows the intention kind, as served
+        weight = config.fusion_weights.get(kind, config.fusion_weight)
+        requests.append(
+            encode_request(
+                instruction,
+                ids.__getitem__,
+                titles.__getitem__,
+                retrieval_scores=None if prior is None else [float(x) for x in prior],
+                fusion_weight=None if prior is None else weight,
+                text_of=texts.__getitem__,
+            )
+        )
+        targets.append(instruction.candidates.index(target))
+        if len(requests) == limit:
+            break
+    return requests, targets
 
 
 def add_finetune(commands: argparse._SubParsersAction) -> None:

@@ -6,14 +6,19 @@ No torch here: the Triton backend reads its options and sets the OpenMP policy b
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 log = logging.getLogger(__name__)
+
+# A version's own serving choice, measured on the machine that serves (instructrec.serving.calibration).
+CALIBRATION_FILE = "serving.json"
 
 Quantize = Literal["none", "int8"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -32,10 +37,17 @@ class ServingOptions:
     # thread's next time slice: an order of magnitude slower on shared cores (benchmarks/cpu_options.py).
     omp_wait_policy: Literal["PASSIVE", "ACTIVE", ""] = "PASSIVE"  # "": leave the environment as it is
     warmup: bool = True
+    # Seconds between giving freed heap memory back to the system (instructrec.serving.heap); 0: never.
+    trim_heap_s: float = 30.0
+    # Serve the precision and threads the version's calibration chose (its serving.json), on a CPU; a version
+    # without one serves the fields above.
+    calibrated: bool = False
 
     def __post_init__(self) -> None:
         if self.omp_wait_policy not in ("PASSIVE", "ACTIVE", ""):
             raise ValueError(f"omp_wait_policy: {self.omp_wait_policy!r} is not PASSIVE, ACTIVE or empty")
+        if self.trim_heap_s < 0:
+            raise ValueError(f"trim_heap_s: {self.trim_heap_s} is negative (0 turns trimming off)")
         if self.quantize not in get_args(Quantize):
             raise ValueError(f"quantize: {self.quantize!r} is not one of {get_args(Quantize)}")
         if self.dtype not in get_args(DType):
@@ -62,7 +74,31 @@ class ServingOptions:
             threads=int(parameters.get("threads") or 0),
             omp_wait_policy=parameters.get("omp_wait_policy", "PASSIVE").upper(),  # type: ignore[arg-type]
             warmup=_flag(parameters.get("warmup") or "true"),
+            trim_heap_s=float(parameters.get("trim_heap_s") or 30.0),
+            calibrated=_flag(parameters.get("calibrated") or "false"),
         )
+
+    def for_version(self, folder: str | Path) -> ServingOptions:
+        """These options for the version in `folder`: with `calibrated`, on a CPU, the precision and threads its
+        calibration chose; otherwise (or without one) unchanged."""
+        path = Path(folder) / CALIBRATION_FILE
+        if not self.calibrated or self.device != "cpu":
+            return self
+        if not path.is_file():
+            log.info("%s has no %s: serving the config's options", folder, CALIBRATION_FILE)
+            return self
+        chosen = json.loads(path.read_text())
+        options = replace(
+            self, quantize=chosen["quantize"], dtype=chosen["dtype"], threads=int(chosen["threads"])
+        )
+        log.info(
+            "serving the calibrated choice: quantize %s, dtype %s, %d thread(s) (%s)",
+            options.quantize,
+            options.dtype,
+            options.threads,
+            chosen.get("reason", ""),
+        )
+        return options
 
 
 def _flag(text: str) -> bool:

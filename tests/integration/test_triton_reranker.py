@@ -93,7 +93,8 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def served(local_infra, triton: TritonState, saved: dict[str, Path]) -> Iterator[TritonState]:
     triton_repository.export_version(saved["v1"], local_infra.model_repository, 1, link=True, overwrite=True)
     # The wire, the batching and the versions are checked for exact scores, so these tests serve float32.
-    # The CPU default (int8) trades exactness for speed; benchmarks/serving.py measures what that costs.
+    # Pinned, whatever the config's defaults: a calibrated version may serve int8, which trades exactness for
+    # speed (instructrec.serving.calibration); these versions have no calibration.
     config = local_infra.model_repository / MODEL / "config.pbtxt"
     triton_repository.set_parameters(config, {"quantize": "none", "dtype": "float32"})
     state = local_infra.start_triton(

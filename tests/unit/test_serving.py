@@ -31,6 +31,7 @@ from instructrec.model.reranker import Reranker
 from instructrec.model.scoring import fuse, score
 from instructrec.serving import scorer as serving_scorer
 from instructrec.serving import wire as wire_format
+from instructrec.serving.heap import HeapTrimmer, libc_trim
 from instructrec.serving.options import ServingOptions
 from instructrec.serving.scorer import ServingScorer
 from instructrec.serving.wire import RequestError, decode_request, encode_request
@@ -260,10 +261,13 @@ def test_options_from_the_triton_model_config() -> None:
             "quantize": {"string_value": "int8"},
             "threads": {"string_value": "2"},
             "warmup": {"string_value": "false"},
+            "trim_heap_s": {"string_value": "5"},
         }
     }
     options = ServingOptions.from_triton(config, {"model_instance_kind": "CPU"})
-    assert options == ServingOptions(quantize="int8", dtype="float32", device="cpu", threads=2, warmup=False)
+    assert options == ServingOptions(
+        quantize="int8", dtype="float32", device="cpu", threads=2, warmup=False, trim_heap_s=5.0
+    )
     gpu = ServingOptions.from_triton(
         {"parameters": {"dtype": {"string_value": "float16"}}},
         {"model_instance_kind": "GPU", "model_instance_device_id": "1"},
@@ -273,6 +277,27 @@ def test_options_from_the_triton_model_config() -> None:
         ServingOptions.from_triton({"parameters": {"quantize": {"string_value": "int4"}}})
     with pytest.raises(ValueError, match="CPU"):
         ServingOptions(quantize="int8", device="cuda:0")
+    with pytest.raises(ValueError, match="trim_heap_s"):
+        ServingOptions(trim_heap_s=-1)
+
+
+def test_the_heap_is_trimmed_at_most_every_interval() -> None:
+    now, calls = [0.0], []
+    trimmer = HeapTrimmer(30.0, trim=calls.append, clock=lambda: now[0])
+    assert not trimmer() and calls == []  # too soon after start
+    now[0] = 31.0
+    assert trimmer() and calls == [0]
+    now[0] = 40.0
+    assert not trimmer()
+    now[0] = 61.5
+    assert trimmer() and calls == [0, 0]
+    assert not HeapTrimmer(0, trim=calls.append, clock=lambda: 1e9)()  # 0: never
+
+
+def test_glibc_trim_is_found_and_callable_here() -> None:
+    trim = libc_trim()
+    assert trim is not None  # the images and this machine run glibc
+    assert trim(0) in (0, 1)  # 1: memory was released
 
 
 def test_int8_keeps_the_verbalizer_head_and_scores(reranker: Reranker, tmp_path) -> None:

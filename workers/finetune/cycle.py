@@ -16,6 +16,7 @@ both on the same examples: gain and examples per second).
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 import time
@@ -52,6 +53,8 @@ from instructrec.model.training import (
     prior_of,
 )
 from instructrec.planner import OfflinePlanner
+from instructrec.serving.options import ServingOptions
+from instructrec.serving.scorer import prepare as prepare_for_serving
 from workers.finetune.gate import Verdict, judge, ranks
 from workers.finetune.store import Example, ExampleStore
 
@@ -290,6 +293,14 @@ def gate(
     cand, inc = ranked(candidate), ranked(incumbent)
     verdict = judge(cand, inc, min_margin=config.min_margin, confidence=config.confidence, seed=seed)
     return Judged(verdict, cand, inc)
+
+
+def as_served(reranker: Reranker, options: ServingOptions) -> Reranker:
+    """The model as Triton serves it under `options` (a calibrated precision): a prepared copy, so that the
+    float32 weights trained here are the ones saved; the model itself where nothing changes."""
+    if options.quantize == "none" and options.dtype == "float32":
+        return reranker
+    return prepare_for_serving(copy.deepcopy(reranker), options)
 
 
 def training_device(choice: str) -> str:

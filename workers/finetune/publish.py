@@ -16,6 +16,10 @@ traffic reaches the new version: any change of the loaded config makes Triton re
 one included, twice per swap. In benchmarks/soak.py the `[old, new]` load (four backend instances starting at
 once beside a busy stream on two cores) outlived its two-minute timeout and left the publish hung.
 
+A new version carries the calibration of the version it was trained from (its serving.json: the precision
+and threads measured on the serving machine, `instructrec.serving.calibration`). Speed depends on the machine
+and the architecture, which a fine-tune does not change; quality in that precision is what the gate judged.
+
 Rollback (`instructrec finetune rollback`): the newest folder is renamed out of the repository and the model
 loaded again, so Triton's `latest` policy — and a restarted server — falls back to the previous version.
 """
@@ -23,7 +27,7 @@ loaded again, so Triton's `latest` policy — and a restarted server — falls b
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from instructrec.adapters.triton.client import TritonReranker
@@ -34,6 +38,7 @@ from instructrec.adapters.triton.repository import (
     retire_version,
     versions,
 )
+from instructrec.serving.calibration import read_calibration
 from instructrec.serving.scorer import warmup_request
 
 log = logging.getLogger(__name__)
@@ -60,7 +65,7 @@ def served_version(client_version: str, repository: Path) -> int | None:
 
 async def publish(candidate_dir: Path, repository: Path, client: TritonReranker, keep: int) -> Published:
     old = served_version(await _served(client), repository)
-    folder = export_version(candidate_dir, repository)
+    folder = export_version(candidate_dir, repository, calibration=inherited_calibration(repository, old))
     new = int(folder.name)
     try:
         await _serve(client, new)
@@ -74,6 +79,14 @@ async def publish(candidate_dir: Path, repository: Path, client: TritonReranker,
         raise PublishError(f"version {new} did not come up: {str(error) or type(error).__name__}") from error
     retired = prune_versions(repository, keep, protect=tuple(v for v in (old, new) if v is not None))
     return Published(new, old, tuple(retired))
+
+
+def inherited_calibration(repository: Path, version: int | None) -> str | None:
+    """`version`'s calibration for its successor (naming the version it was measured on), if it has one."""
+    found = read_calibration(repository / MODEL_NAME / str(version)) if version is not None else None
+    if found is None:
+        return None
+    return replace(found, inherited_from=found.inherited_from or version).to_json()
 
 
 async def rollback(repository: Path, client: TritonReranker) -> int:

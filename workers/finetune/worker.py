@@ -45,6 +45,7 @@ from instructrec.config import Settings
 from instructrec.events import ModelUpdate
 from instructrec.model.reranker import Reranker
 from instructrec.planner import OfflinePlanner
+from instructrec.serving.options import ServingOptions
 from streams.kafka.compat import close_fetcher_quietly, pause_after_empty_fetch
 from streams.kafka.producer import EventProducer
 from streams.runner import SHUTDOWN_TIMEOUT_S, ShutdownDeadline
@@ -255,9 +256,11 @@ class FinetuneWorker:
         candidate = Reranker.from_pretrained(weights).to(device)
         budget = self.config.budget_minutes * 60 - (time.perf_counter() - started)
         trained = cycles.train_candidate(candidate, prepared, self.planner.catalogue, self.config, budget)
+        # Both judged as Triton serves them: in the served version's calibrated precision, if it has one.
+        served = ServingOptions(calibrated=True, device=device).for_version(weights.parent)
         judged = cycles.gate(
-            candidate,
-            Reranker.from_pretrained(weights).to(device),
+            cycles.as_served(candidate, served),
+            cycles.as_served(Reranker.from_pretrained(weights).to(device), served),
             split.holdout,
             self.planner,
             self.pipeline.weight_for,

@@ -7,6 +7,7 @@ Layout (DESIGN §3; Triton's explicit model control loads what is here on `load_
         configs/gpu.pbtxt         GPU config: tritonserver --model-config-name=gpu
         1/model.py                the thin Python backend (committed)
         1/reranker/               the saved `Reranker` (not committed: `export_version` writes it)
+        1/serving.json            its calibration, when exported with one (instructrec.serving.calibration)
         2/model.py, 2/reranker/   the next version, and so on
 
 A version folder is written in a staging folder *outside* the model's folder (`staging_dir`: beside the
@@ -16,7 +17,7 @@ every version of a model whose folder gains anything else). Versions are immutab
 model is a new version number. Retiring a version (`retire_version`, rollback and pruning) is the same move
 in reverse: renamed out first, deleted after.
 
-    instructrec export RERANKER_DIR [--repository deploy/triton] [--version N]
+    instructrec export RERANKER_DIR [--repository deploy/triton] [--version N] [--calibrate ARTIFACTS]
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import uuid
 from pathlib import Path
 
 from instructrec.artifacts import VERSION_WEIGHTS_DIR as WEIGHTS_DIR
+from instructrec.serving.options import CALIBRATION_FILE
 
 MODEL_NAME = "instructrec_reranker"
 MODEL_FILE = "model.py"
@@ -69,8 +71,10 @@ def export_version(
     link: bool = False,
     overwrite: bool = False,
     staging: str | Path | None = None,
+    calibration: str | None = None,
 ) -> Path:
-    """Copy a saved reranker folder into `<repository>/<model>/<version>/` beside the backend's model.py.
+    """Copy a saved reranker folder into `<repository>/<model>/<version>/` beside the backend's model.py (and
+    `calibration`, a calibration's JSON, as its serving.json).
 
     `version` None: one more than the highest exported version (1 for the first). A repository without the
     model's config gets the checkout's config.pbtxt and configs/ too, so any empty folder becomes a complete
@@ -102,6 +106,8 @@ def export_version(
         shutil.copytree(source, partial / WEIGHTS_DIR, copy_function=_link_or_copy if link else shutil.copy2)
         _pin_adapter_base(partial / WEIGHTS_DIR)
         shutil.copy2(_backend_source(), partial / MODEL_FILE)
+        if calibration is not None:
+            (partial / CALIBRATION_FILE).write_text(calibration)
         (partial / VERSION_FILE).write_text(
             json.dumps({"version": version, "source": str(source), "exported_at": time.time()}, indent=2)
         )
@@ -156,6 +162,14 @@ def copy_repository(source: str | Path, target: str | Path) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+
+
+def instance_count(config_path: str | Path) -> int:
+    """The backend instances a config.pbtxt asks for (the sum of its instance groups' counts; 1 without)."""
+    config = Path(config_path).read_text()
+    groups = re.search(r"instance_group\s*\[(.*?)\]", config, re.S)
+    counts = [int(n) for n in re.findall(r"count:\s*(\d+)", groups.group(1))] if groups else []
+    return sum(counts) or 1
 
 
 def set_parameters(config_path: str | Path, values: dict[str, str]) -> None:

@@ -12,25 +12,31 @@ import triton_python_backend_utils as pb_utils
 
 from instructrec.artifacts import VERSION_WEIGHTS_DIR
 from instructrec.serving import options as serving_options
+from instructrec.serving.heap import HeapTrimmer
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        options = serving_options.ServingOptions.from_triton(json.loads(args["model_config"]), args)
+        # args["model_repository"] is this model's folder; the version's own folder holds its weights and,
+        # when it was calibrated on the serving machine, its choice of precision and threads.
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        config = json.loads(args["model_config"])
+        options = serving_options.ServingOptions.from_triton(config, args).for_version(version_dir)
         # OpenMP reads its wait policy once, when torch loads: set it first, then import the scorer (torch).
         serving_options.set_omp_wait_policy(options.omp_wait_policy)
         from instructrec.serving import scorer
 
         self.errors = scorer.RequestError
-        # args["model_repository"] is this model's folder; the weights sit in the version's own folder.
-        weights = Path(args["model_repository"]) / args["model_version"] / VERSION_WEIGHTS_DIR
-        self.scorer = scorer.load_scorer(weights, options)  # once, warmed up
+        self.scorer = scorer.load_scorer(version_dir / VERSION_WEIGHTS_DIR, options)  # once, warmed up
         self.version = args["model_version"].encode()
+        self.trim_heap = HeapTrimmer(options.trim_heap_s)
 
     def execute(self, requests):
         # All requests the dynamic batcher gathered are scored together: one forward pass.
         inputs = [pb_utils.get_input_tensor_by_name(request, "REQUEST").as_numpy() for request in requests]
-        return [self._response(result) for result in self.scorer.score_triton(inputs)]
+        responses = [self._response(result) for result in self.scorer.score_triton(inputs)]
+        self.trim_heap()  # every trim_heap_s: the batch's freed memory back to the system
+        return responses
 
     def _response(self, result):
         if isinstance(result, self.errors):
