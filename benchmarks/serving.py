@@ -20,7 +20,8 @@ Measured, in one run:
 - int8 dynamic quantisation and bfloat16 against float32 on the same requests: Kendall tau, top-10
   overlap, top-1 agreement and speed.
 JSON keys: p50_ms, p99_ms, batched_vs_unbatched, vs_generate, throughput {"1","4","16","64"},
-gflops_per_request, achieved_gflops, matmul_gflops, and the details under the other keys.
+gflops_per_request, achieved_gflops, matmul_gflops, served_gflops, served_over_matmul (served GFLOP/s over the
+matmul probe: a ratio that holds across machines), and the details under the other keys.
 """
 
 from __future__ import annotations
@@ -100,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         results["batched_throughput_16"] / results["unbatched_throughput_16"], 2
     )
     results["served_gflops"] = round(results["gflops_per_request"] / (results["p50_ms"] / 1000), 1)
+    # The share of this machine's matmul speed that one served request achieves: comparable across machines.
+    results["served_over_matmul"] = round(results["served_gflops"] / results["matmul_gflops"], 3)
     return finish(console, report(results), results, args.json_path)
 
 
@@ -204,7 +207,9 @@ async def measure_served(state, workload: Workload, sizes: Sizes, console: Conso
         for concurrency in CONCURRENCY:
             with console.status(f"throughput at {concurrency} concurrent…"), ForeignCpu(state.pid) as foreign:
                 before = await model_stats(state.http_url, MODEL)
-                out["throughput"][str(concurrency)] = await throughput(reranker, requests, concurrency, sizes)
+                out["throughput"][str(concurrency)] = await throughput(
+                    reranker, requests, concurrency, sizes.throughput
+                )
                 after = await model_stats(state.http_url, MODEL)
             out["mean_batch_size"][str(concurrency)] = mean_batch_size(before, after)
             out["foreign_cores"][f"throughput_{concurrency}"] = foreign.cores
@@ -214,19 +219,19 @@ async def measure_served(state, workload: Workload, sizes: Sizes, console: Conso
         rounds: dict[str, list[float]] = {"batched": [], "unbatched": []}
         with console.status("batched against unbatched…"), ForeignCpu(state.pid) as foreign:
             for _ in range(2):
-                rounds["batched"].append(await throughput(reranker, requests, 16, sizes))
-                rounds["unbatched"].append(await throughput(unbatched, requests, 16, sizes))
+                rounds["batched"].append(await throughput(reranker, requests, 16, sizes.throughput))
+                rounds["unbatched"].append(await throughput(unbatched, requests, 16, sizes.throughput))
         out["batched_vs_unbatched_rounds"] = rounds
         out["foreign_cores"]["batched_vs_unbatched"] = foreign.cores
         out["batched_throughput_16"] = max(rounds["batched"])
         out["unbatched_throughput_16"] = max(rounds["unbatched"])
-        out["unbatched_throughput_1"] = await throughput(unbatched, requests, 1, sizes)
+        out["unbatched_throughput_1"] = await throughput(unbatched, requests, 1, sizes.throughput)
     return out
 
 
-async def throughput(reranker, requests: list[bytes], concurrency: int, sizes: Sizes) -> float:
-    """Requests per second with `concurrency` requests always in flight."""
-    total = max(sizes.throughput, 3 * concurrency)
+async def throughput(reranker, requests: list[bytes], concurrency: int, at_least: int) -> float:
+    """Requests per second with `concurrency` requests always in flight (`at_least` requests in all)."""
+    total = max(at_least, 3 * concurrency)
     queue = iter(requests[i % len(requests)] for i in range(total))
 
     async def worker() -> None:
@@ -467,6 +472,7 @@ def report(results: dict) -> Table:
         ("achieved in-process (forward only)", f"{results['achieved_gflops']} GFLOP/s", ""),
         ("achieved served (at p50)", f"{results['served_gflops']} GFLOP/s", ""),
         ("matmul probe, 1024³ float32", f"{results['matmul_gflops']} GFLOP/s", "within 3×"),
+        ("served / matmul probe", f"{results['served_over_matmul']:.0%}", ""),
         (
             "in-process forward / decode+collate",
             f"{results['forward_ms']} / {results['decode_collate_ms']} ms",

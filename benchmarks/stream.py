@@ -17,11 +17,18 @@ Measured:
   that latency minus the recommendation's `rerank_ms` (the Triton call: model, queueing and gRPC); and
   what Triton itself reports per request (mean queueing and execution), so the rest of `rerank_ms` is the
   transport and the client;
-- the highest sustainable rate: rates go up until answers fall behind (under 95 % of the queries of a step
-  answered within a second of its end) or p99 exceeds one second; `max_qps` is the last rate that kept up,
-  `max_qps_within_slo` the last with p99 ≤ 250 ms.
+- Triton alone, in the same run and on the same server before any query is sent (the worker idle): the
+  served p50 of one 20-candidate request sent after another, and the throughput at 16 concurrent requests
+  (benchmarks/serving.py's workload and method);
+- the query path at a quarter of that throughput, and the highest sustainable rate: rates go up, as shares
+  of that throughput, until a step leaves a query unanswered (ten seconds after its end) or its p99 exceeds
+  one second; `max_qps` is the last rate that kept up, `max_qps_within_slo` the last with p99 ≤ 250 ms.
+- ratios that hold on any machine, each of two figures from this run: max_qps / serving throughput at 16;
+  quarter-rate p50 and p99 / served p50.
 JSON keys: rates {"1","5","10": {p50_ms, p99_ms, ...}}, max_qps, max_qps_within_slo, overhead_p99_ms,
-clicks_eps, and details (load average, model, catalogue size, degraded answers).
+serving_throughput_16, served_p50_ms, quarter_rate {qps, p50_ms, p99_ms}, ratios {max_over_serving,
+quarter_p50_over_served_p50, quarter_p99_over_served_p50}, clicks_eps, and details (load average, model,
+catalogue size, degraded answers).
 """
 
 from __future__ import annotations
@@ -171,6 +178,9 @@ def reranker_folder(args, root: Path) -> tuple[Path, str]:
 
 async def measure(settings, worker, dataset, args, console: Console, triton_url: str) -> dict:
     clicks_eps, users = await measure_clicks(settings, worker, dataset, args.clicks_per_user, console)
+    with console.status("Triton alone: sequential requests, then 16 concurrent…"):
+        alone = await served_alone(settings, args.data_root)
+    console.print(f"Triton alone: {alone}")
     texts = intentions(dataset)
     listener = Answers(settings)
     await listener.start()
@@ -189,15 +199,30 @@ async def measure(settings, worker, dataset, args, console: Console, triton_url:
             overhead += step.overheads
             degraded += step.degraded
             console.print(f"{rate:g} q/s: {rates[f'{rate:g}']}")
+        quarter = round(alone["throughput_16"] / 4, 1)
+        step = await offered(settings, listener, users, texts, quarter, args.duration)
+        rates[f"{quarter:g}"] = quarter_step = step.summary()
+        overhead += step.overheads
+        degraded += step.degraded
+        console.print(f"{quarter:g} q/s (a quarter of Triton alone): {quarter_step}")
         max_qps, within_slo = await find_max_rate(
-            settings, listener, users, texts, args.duration / 2, rates, console
+            settings, listener, users, texts, args.duration / 2, rates, alone["throughput_16"], console
         )
     finally:
         await listener.stop()
+    served_p50 = alone["p50_ms"]
     return {
         "rates": {key: rates[key] for key in ("1", "5", "10")},
         "max_qps": max_qps,
         "max_qps_within_slo": within_slo,
+        "serving_throughput_16": alone["throughput_16"],
+        "served_p50_ms": served_p50,
+        "quarter_rate": {"qps": quarter, "p50_ms": quarter_step["p50_ms"], "p99_ms": quarter_step["p99_ms"]},
+        "ratios": {
+            "max_over_serving": round(max_qps / alone["throughput_16"], 3),
+            "quarter_p50_over_served_p50": round(quarter_step["p50_ms"] / served_p50, 2),
+            "quarter_p99_over_served_p50": round(quarter_step["p99_ms"] / served_p50, 2),
+        },
         "overhead_p50_ms": _pct(overhead, 50),
         "overhead_p99_ms": _pct(overhead, 99),
         "clicks_eps": round(clicks_eps, 1),
@@ -223,6 +248,27 @@ async def measure_clicks(
     eps = len(events) / elapsed
     console.print(f"clicks: {len(events)} events applied in {elapsed:.1f} s = {eps:.0f} events/s")
     return eps, sorted({e.user_id for e in events})
+
+
+async def served_alone(settings, data_root: Path, requests: int = 100, concurrent: int = 16) -> dict:
+    """The stream's own Triton without the stream: p50 of requests sent one after another, and requests per
+    second with `concurrent` always in flight (serving.py's `throughput`, on its workload)."""
+    from harness import Workload
+    from serving import throughput
+
+    from instructrec.adapters.triton.client import TritonReranker
+
+    workload = Workload.build(str(data_root), max(requests, 12 * concurrent))
+    direct = settings.triton.model_copy(update={"timeout_s": 60, "retries": 0})
+    async with TritonReranker(direct) as reranker:
+        await reranker.score(workload.requests[:4])  # connection set-up, not part of any figure
+        latencies = []
+        for request in workload.requests[:requests]:
+            started = time.perf_counter()
+            await reranker.score_one(request)
+            latencies.append((time.perf_counter() - started) * 1000)
+        rate = await throughput(reranker, workload.requests, concurrent, 12 * concurrent)
+    return {"p50_ms": _pct(latencies, 50), "throughput_16": rate}
 
 
 def clicks_in(worker) -> float:
@@ -285,7 +331,7 @@ class Step:
 
     @property
     def kept_up(self) -> bool:
-        return len(self.latencies) >= 0.95 * self.sent and _pct(self.latencies, 99) <= 1000.0
+        return len(self.latencies) == self.sent and _pct(self.latencies, 99) <= 1000.0
 
     def summary(self) -> dict:
         return {
@@ -334,16 +380,22 @@ async def offered(
     return Step(rate, sent, listener, duration)
 
 
+# Shares of Triton's own throughput tried after the fixed steps, in order, until one does not keep up.
+SHARES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0)
+
+
 async def find_max_rate(
-    settings, listener, users, texts, duration: float, done: dict, console: Console
+    settings, listener, users, texts, duration: float, done: dict, serving: float, console: Console
 ) -> tuple[float, float]:
     max_qps = within = 0.0
     for key, summary in done.items():
-        if summary["answered"] >= 0.95 * summary["sent"] and summary["p99_ms"] <= 1000:
+        if summary["answered"] == summary["sent"] and summary["p99_ms"] <= 1000:
             max_qps = max(max_qps, float(key))
             if summary["p99_ms"] <= SLO_P99_MS:
                 within = max(within, float(key))
-    for rate in (15.0, 20.0, 30.0, 40.0, 60.0, 80.0):
+    for rate in sorted({round(share * serving, 1) for share in SHARES} - {float(k) for k in done}):
+        if rate <= max_qps:
+            continue
         step = await offered(settings, listener, users, texts, rate, duration)
         done[f"{rate:g}"] = step.summary()
         console.print(f"{rate:g} q/s: {done[f'{rate:g}']}")
@@ -397,9 +449,14 @@ def report(result: dict) -> Table:
             f"{step['answered']}/{step['sent']}",
             str(step["degraded"]),
         )
+    ratios = result["ratios"]
     table.caption = (
+        f"Triton alone: p50 {result['served_p50_ms']} ms, {result['serving_throughput_16']} req/s at 16 concurrent"
+        f" · max / Triton alone {ratios['max_over_serving']:.0%}"
+        f" · at a quarter ({result['quarter_rate']['qps']:g} q/s): p50 {ratios['quarter_p50_over_served_p50']}×"
+        f" and p99 {ratios['quarter_p99_over_served_p50']}× the served p50\n"
         f"max sustainable {result['max_qps']:g} q/s (p99 ≤ {SLO_P99_MS:g} ms up to {result['max_qps_within_slo']:g} q/s)"
-        f" · overhead p99 {result['overhead_p99_ms']} ms at 1–10 q/s · clicks {result['clicks_eps']:.0f} events/s"
+        f" · overhead p99 {result['overhead_p99_ms']} ms at 1, 5, 10 q/s and the quarter · clicks {result['clicks_eps']:.0f} events/s"
         f" · load {', '.join(f'{x:.2f}' for x in result['details']['load_average'])}"
     )
     return table
