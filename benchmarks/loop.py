@@ -347,6 +347,7 @@ def side_studies(settings, root: Path) -> dict:
     from instructrec.experiment import PipelineConfig
     from instructrec.model.reranker import Reranker
     from instructrec.planner import OfflinePlanner
+    from instructrec.serving.options import ServingOptions
     from workers.finetune import cycle as cycle_code
     from workers.finetune.store import ExampleStore
 
@@ -360,7 +361,9 @@ def side_studies(settings, root: Path) -> dict:
         store.close()
     # Every study starts from the initial version, whatever the cycles published.
     weights = settings.triton.repository / MODEL / "1" / "reranker"
-    incumbent = Reranker.from_pretrained(weights)
+    # Judged as served (version 1's calibrated precision), as the worker judges.
+    served = ServingOptions(calibrated=True).for_version(weights.parent)
+    incumbent = cycle_code.as_served(Reranker.from_pretrained(weights), served)
     sample = split.train[-1500:]
 
     def study(method: str, corrupt: bool = False) -> tuple:
@@ -369,7 +372,12 @@ def side_studies(settings, root: Path) -> dict:
         candidate = Reranker.from_pretrained(weights)
         trained = cycle_code.train_candidate(candidate, prepared, planner.catalogue, config, STUDY_BUDGET_S)
         judged = cycle_code.gate(
-            candidate, incumbent, split.holdout, planner, pipeline.weight_for, settings.finetune
+            cycle_code.as_served(candidate, served),
+            incumbent,
+            split.holdout,
+            planner,
+            pipeline.weight_for,
+            settings.finetune,
         )
         return trained, judged.verdict
 
