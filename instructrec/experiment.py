@@ -1,6 +1,10 @@
 """The offline pipeline end to end: fit the retrievers, tune the candidate plan, instruction-tune the reranker
 on the plan's candidates, and evaluate every method under both protocols of DESIGN §5.
 
+Catalogue scores are only ever held for a chunk of users (`evaluation.protocols.score_chunks`): evaluation
+keeps per-user ranks, sampled candidates' scores and top-k lists, so memory grows with users + items, not
+users × items.
+
 Artefacts of one dataset live in one folder, laid out by `instructrec.artifacts.Artifacts`.
 """
 
@@ -11,6 +15,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -20,12 +25,17 @@ from instructrec.candidates import PlanConfig
 from instructrec.catalogue import Catalogue
 from instructrec.data.dataset import Dataset
 from instructrec.data.split import LeaveOneOut, Stage
-from instructrec.evaluation.metrics import ranking_metrics
+from instructrec.evaluation.metrics import KS, RECALL_KS, ranking_metrics
 from instructrec.evaluation.protocols import (
-    evaluate_full,
-    reranked_ranks,
+    per_user,
+    ranks_in,
+    reranked_from_ranks,
+    retriever_rows,
     sample_candidates,
     sampled_ranks,
+    score_chunks,
+    scores_at,
+    top_in,
     top_k,
 )
 from instructrec.instructions import (
@@ -45,6 +55,7 @@ from instructrec.retrieval.sasrec import SASRec, SASRecConfig
 
 FUSION_GRID = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0)
 RETRIEVERS = ("popularity", "itemknn", "cooccurrence", "text", "sasrec", "blend")
+FITTED = ("popularity", "cooccurrence", "itemknn", "text", "sasrec")  # fitted alone; the blend reuses three
 
 
 @dataclass
@@ -89,23 +100,32 @@ class PipelineConfig:
 
 
 def fit_retrievers(
-    split: LeaveOneOut, out: Artifacts, sasrec: SASRecConfig, verbose: bool = True
+    split: LeaveOneOut,
+    out: Artifacts,
+    sasrec: SASRecConfig,
+    verbose: bool = True,
+    names: tuple[str, ...] = FITTED,
+    neighbours: int | None = None,
 ) -> dict[str, float]:
-    """Fits every retriever and baseline; returns their training wall times in seconds."""
+    """Fits the named retrievers and baselines (the blend's parts must be among them), then the blend;
+    returns their training wall times in seconds. `neighbours`: the item-item retrievers' cap per item
+    (None: uncut, see `retrieval.cooccurrence`)."""
     from instructrec.retrieval.blend import Blend
     from instructrec.retrieval.cooccurrence import CoOccurrence, ItemKNN
     from instructrec.retrieval.popularity import Popularity
     from instructrec.retrieval.text import TextRetriever
 
+    makers = {
+        "popularity": Popularity,
+        "cooccurrence": lambda: CoOccurrence(neighbours=neighbours),
+        "itemknn": lambda: ItemKNN(neighbours=neighbours),
+        "text": TextRetriever,
+        "sasrec": lambda: SASRec(copy.deepcopy(sasrec)),
+    }
     seconds = {}
     fitted = {}
-    for name, make in (
-        ("popularity", Popularity),
-        ("cooccurrence", CoOccurrence),
-        ("itemknn", ItemKNN),
-        ("text", TextRetriever),
-        ("sasrec", lambda: SASRec(copy.deepcopy(sasrec))),
-    ):
+    for name in names:
+        make = makers[name]
         started = time.perf_counter()
         model = make()
         model.fit(split, verbose=verbose) if name == "sasrec" else model.fit(split)
@@ -188,11 +208,14 @@ def fit(
 PLAN_GRID = {"affinity_weight": (0.0, 0.5, 1.0, 2.0, 4.0), "text_weight": (0.0, 0.5, 1.0, 2.0)}
 
 
-def tune_plan(planner, dataset: Dataset, split: LeaveOneOut, k: int = 20) -> PlanConfig:
+def tune_plan(
+    planner, dataset: Dataset, split: LeaveOneOut, k: int = 20, chunk: int | None = None
+) -> PlanConfig:
     """The plan's weights with the best validation NDCG@10 of its own order, over requests with a text
     (vague and specific, with and without the history), written from the validation items with the training
-    phrasings; with no text the plan is the retriever and these weights do not apply."""
-    requests = []  # (user, with the history?, text, target)
+    phrasings; with no text the plan is the retriever and these weights do not apply. The retriever scores
+    a chunk of users at a time."""
+    requests = []  # (user, with the history?, text, target), in user order
     for u in range(dataset.n_users):
         target = split.target(u, "valid")
         for i, write in enumerate((vague_intention, specific_intention)):
@@ -202,24 +225,36 @@ def tune_plan(planner, dataset: Dataset, split: LeaveOneOut, k: int = 20) -> Pla
     if not requests:  # nothing in the catalogue to write a request from (titles only): nothing to tune
         return planner.config
     histories = [[x.item for x in split.history(u, "valid")] for u in range(dataset.n_users)]
-    retrieval = planner.retrieval(histories)
     vectors = planner.vectors([text for _, _, text, _ in requests])
+    configs = [
+        replace(planner.config, affinity_weight=affinity, text_weight=text_weight)
+        for affinity in PLAN_GRID["affinity_weight"]
+        for text_weight in PLAN_GRID["text_weight"]
+    ]
+    gains: list[list[float]] = [[] for _ in configs]  # per config, in request order
+    users = np.array([u for u, _, _, _ in requests])
+    for rows, retrieval in score_chunks(
+        lambda rows: planner.retrieval(histories[rows]), dataset.n_users, chunk
+    ):
+        for r in range(*np.searchsorted(users, [rows.start, rows.stop])):
+            u, personal, text, target = requests[r]
+            history = histories[u] if personal else []
+            scores = retrieval[u - rows.start] if personal else None
+            for config, config_gains in zip(configs, gains, strict=True):
+                config_gains.append(_plan_gain(planner, history, text, vectors[r], scores, target, config))
     best, best_ndcg = planner.config, -1.0
-    for affinity in PLAN_GRID["affinity_weight"]:
-        for text_weight in PLAN_GRID["text_weight"]:
-            config = replace(planner.config, affinity_weight=affinity, text_weight=text_weight)
-            gains = []
-            for (u, personal, text, target), vector in zip(requests, vectors, strict=True):
-                history = histories[u] if personal else []
-                plan, _ = planner.plan_with(
-                    history, text, vector, retrieval[u] if personal else None, n=10, config=config
-                )
-                rows = [c.row for c in plan.candidates]
-                gains.append(1.0 / np.log2(rows.index(target) + 2) if target in rows else 0.0)
-            ndcg = float(np.mean(gains))
-            if ndcg > best_ndcg:
-                best, best_ndcg = config, ndcg
+    for config, config_gains in zip(configs, gains, strict=True):
+        ndcg = float(np.mean(config_gains))
+        if ndcg > best_ndcg:
+            best, best_ndcg = config, ndcg
     return best
+
+
+def _plan_gain(planner, history, text, vector, retrieval, target: int, config: PlanConfig) -> float:
+    """The NDCG@10 gain of the target in the plan's order (0 when the plan leaves it out)."""
+    plan, _ = planner.plan_with(history, text, vector, retrieval, n=10, config=config)
+    rows = [c.row for c in plan.candidates]
+    return 1.0 / np.log2(rows.index(target) + 2) if target in rows else 0.0
 
 
 def method_seconds(config: PipelineConfig) -> dict[str, float]:
@@ -318,49 +353,105 @@ def tune_fusion(reranker: Reranker, dataset: Dataset, valid: EvalSet) -> dict[st
     return weights
 
 
-def evaluate(
-    dataset: Dataset, out: Artifacts, seed: int = 0, n_negatives: int = 19
-) -> dict[str, dict[str, dict]]:
-    """Every method under full ranking (history masked, and not) and the sampled protocol, on the test split."""
+class HeldOut(NamedTuple):
+    """The test split, and each user's sampled candidates (the target and `n_negatives` shuffled)."""
+
+    split: LeaveOneOut
+    histories: list[list[int]]
+    targets: list[int]
+    sampled_rows: np.ndarray  # [users × (1 + n_negatives)] item rows
+    positions: np.ndarray  # the target's position in each
+
+
+def held_out(dataset: Dataset, seed: int = 0, n_negatives: int = 19) -> HeldOut:
     split = LeaveOneOut(dataset)
-    config = PipelineConfig.load(out.pipeline)
     histories, targets = split.histories("test"), split.targets("test")
     everything = [dataset.sequence(u) for u in range(dataset.n_users)]
-    sampled_rows, positions = sample_candidates(targets, everything, dataset.n_items, n_negatives, seed)
+    rows, positions = sample_candidates(targets, everything, dataset.n_items, n_negatives, seed)
+    return HeldOut(split, histories, targets, rows, positions)
+
+
+def retriever_pass(
+    retriever: Retriever,
+    histories: list[list[int]],
+    targets: list[int],
+    sampled_rows: np.ndarray,
+    k: int | None = None,
+    chunk: int | None = None,
+) -> dict:
+    """What evaluation keeps of one retriever, per test user, from one scoring pass a chunk at a time: the
+    target's rank with the history masked ("masked") and not ("unmasked"), the sampled candidates' scores
+    ("sampled"), and with `k` the top-k candidates and their scores, masked ("top") and not ("top_unmasked")."""
+    reducers = {
+        "masked": ranks_in(targets, histories),
+        "unmasked": ranks_in(targets, histories, mask_history=False),
+        "sampled": scores_at(sampled_rows),
+    }
+    if k is not None:
+        reducers["top"] = top_in(k, histories)
+        reducers["top_unmasked"] = top_in(k, histories, mask_history=False)
+    return per_user(retriever_rows(retriever, histories), len(targets), reducers, chunk)
+
+
+def evaluate_retrievers(
+    dataset: Dataset,
+    out: Artifacts,
+    names: tuple[str, ...] = RETRIEVERS,
+    seed: int = 0,
+    n_negatives: int = 19,
+    chunk: int | None = None,
+) -> dict[str, dict[str, dict]]:
+    """The named retrievers under full ranking (history masked, and not) and the sampled protocol, on the
+    test split."""
+    return _retriever_results(out, names, held_out(dataset, seed, n_negatives), chunk)
+
+
+def _retriever_results(
+    out: Artifacts, names: tuple[str, ...], held: HeldOut, chunk: int | None
+) -> dict[str, dict[str, dict]]:
     results: dict[str, dict[str, dict]] = {"full": {}, "full_unmasked": {}, "sampled": {}}
+    for name in names:
+        retriever = load_retriever(out.retriever(name))
+        kept = retriever_pass(retriever, held.histories, held.targets, held.sampled_rows, chunk=chunk)
+        results["full"][name] = ranking_metrics(kept["masked"], KS, RECALL_KS)
+        results["full_unmasked"][name] = ranking_metrics(kept["unmasked"], KS, RECALL_KS)
+        results["sampled"][name] = _sampled_metrics(held, kept["sampled"])
+    return results
 
-    def sampled(scores_of_rows: np.ndarray) -> dict:
-        return ranking_metrics(
-            sampled_ranks(sampled_rows, positions, histories, lambda u, h, c: scores_of_rows[u])
-        )
 
-    retriever_scores = {}
-    for name in RETRIEVERS:
-        scores = load_retriever(out.retriever(name)).score(histories)
-        retriever_scores[name] = scores
-        results["full"][name] = evaluate_full(scores, targets, histories)
-        results["full_unmasked"][name] = evaluate_full(scores, targets, histories, mask_history=False)
-        results["sampled"][name] = sampled(np.take_along_axis(scores, sampled_rows, axis=1))
+def _sampled_metrics(held: HeldOut, scores_of_rows: np.ndarray) -> dict[str, float]:
+    """Sampled-protocol metrics from each user's scores of its sampled candidates."""
+    scorer = lambda u, h, c: scores_of_rows[u]  # noqa: E731
+    return ranking_metrics(sampled_ranks(held.sampled_rows, held.positions, held.histories, scorer))
 
+
+def evaluate(
+    dataset: Dataset, out: Artifacts, seed: int = 0, n_negatives: int = 19, chunk: int | None = None
+) -> dict[str, dict[str, dict]]:
+    """Every method under full ranking (history masked, and not) and the sampled protocol, on the test split."""
+    config = PipelineConfig.load(out.pipeline)
+    held = held_out(dataset, seed, n_negatives)
+    results = _retriever_results(out, RETRIEVERS, held, chunk)
+    retriever = load_retriever(out.retriever(config.retriever))
+    # the pipeline's retriever again, now keeping its top-k: one more pass, never its whole matrix
+    first = retriever_pass(retriever, held.histories, held.targets, held.sampled_rows, config.k, chunk)
     reranker = Reranker.from_pretrained(out.best_reranker)
-    first = retriever_scores[config.retriever]
     results["full"]["retriever"] = results["full"][config.retriever]
     results["sampled"]["retriever"] = results["sampled"][config.retriever]
-    for mask in (True, False):
-        candidates, reranked, base = rerank_top_k(
-            reranker, dataset, split, "test", first, config.k, mask, seed
-        )
+    for mask, key in ((True, "full"), (False, "full_unmasked")):
+        candidates, base = first["top" if mask else "top_unmasked"]
+        retriever_ranks = first["masked" if mask else "unmasked"]
+        reranked = rerank(reranker, dataset, held.split, "test", candidates, seed=seed)
         fused = fuse(reranked, base, config.fusion_weight)
-        key = "full" if mask else "full_unmasked"
         results[key]["instructrec"] = ranking_metrics(
-            reranked_ranks(first, candidates, fused, targets, histories, mask)
+            reranked_from_ranks(retriever_ranks, candidates, fused, held.targets)
         )
         if mask:
             results[key]["reranker_only"] = ranking_metrics(
-                reranked_ranks(first, candidates, reranked, targets, histories, mask)
+                reranked_from_ranks(retriever_ranks, candidates, reranked, held.targets)
             )
-    reranked = rerank(reranker, dataset, split, "test", sampled_rows, seed=seed)
-    base = np.take_along_axis(first, sampled_rows, axis=1)
-    results["sampled"]["instructrec"] = sampled(fuse(reranked, base, config.fusion_weight))
-    results["sampled"]["reranker_only"] = sampled(reranked)
+    reranked = rerank(reranker, dataset, held.split, "test", held.sampled_rows, seed=seed)
+    fused = fuse(reranked, first["sampled"], config.fusion_weight)
+    results["sampled"]["instructrec"] = _sampled_metrics(held, fused)
+    results["sampled"]["reranker_only"] = _sampled_metrics(held, reranked)
     return results

@@ -13,11 +13,15 @@ defaults to pessimistic: its candidates are shuffled, so their order means nothi
 
 Masking. With `mask_history=True` the items in the user's history score -inf (LlamaRec's protocol: a
 re-watch is never recommended); the target itself is never masked, even if the user consumed it before.
+
+Chunks. Every protocol works row by row, so a [users × items] matrix never has to exist whole: `score_chunks`
+scores users a chunk at a time (~`CHUNK_BYTES` of float32 each) and the `chunked_*` functions keep only
+per-user results (ranks, top-k). Their results equal the whole-matrix functions' exactly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
 import numpy as np
@@ -27,6 +31,11 @@ from instructrec.evaluation.metrics import KS, RECALL_KS, ranking_metrics
 Ties = Literal["index", "pessimistic"]
 # (user, history, candidates) -> one score per candidate, higher is better
 CandidateScorer = Callable[[int, Sequence[int], np.ndarray], np.ndarray]
+# users (a slice of the evaluated list) -> their scores of the whole catalogue, float32 [len × items]
+RowScorer = Callable[[slice], np.ndarray]
+
+CHUNK_BYTES = 32 * 2**20  # one chunk's score matrix: tens of MB, whatever the catalogue
+FIRST_CHUNK = 16  # users scored before the catalogue's width is known
 
 
 def mask_scores(
@@ -85,6 +94,113 @@ def evaluate_full(
     return ranking_metrics(target_ranks(scores, targets, histories, mask_history, ties), ks, recall_ks)
 
 
+def chunked_ranks(
+    score_rows: RowScorer,
+    targets: Sequence[int],
+    histories: Sequence[Sequence[int]] | None = None,
+    mask_history: bool = True,
+    ties: Ties = "index",
+    chunk: int | None = None,
+) -> np.ndarray:
+    """`target_ranks` of the scores `score_rows` gives, computed a chunk of users at a time."""
+    reducer = ranks_in(targets, histories, mask_history, ties)
+    return per_user(score_rows, len(targets), {"ranks": reducer}, chunk)["ranks"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# per-user results a chunk at a time
+
+
+def chunk_users(n_items: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Users per chunk so that a chunk's float32 [users × items] matrix stays within `chunk_bytes`."""
+    return max(1, chunk_bytes // (4 * max(1, n_items)))
+
+
+def score_chunks(
+    score_rows: RowScorer, n_users: int, chunk: int | None = None
+) -> Iterator[tuple[slice, np.ndarray]]:
+    """(users, their float32 scores) a chunk at a time, in user order.
+
+    Without `chunk` the first chunk is small and its width (the catalogue size) sizes the rest by
+    `chunk_users`, so callers need not know the catalogue.
+    """
+    size, start = chunk or FIRST_CHUNK, 0
+    while start < n_users:
+        rows = slice(start, min(start + size, n_users))
+        scores = np.asarray(score_rows(rows), dtype=np.float32)
+        yield rows, scores
+        start, size = rows.stop, chunk or chunk_users(scores.shape[1])
+
+
+def sample_users(n_users: int, cap: int | None, seed: int = 0) -> np.ndarray:
+    """All users in order, or a seeded sample of `cap` of them (in user order) when there are more: what
+    validation needs to compare models is a fixed, large enough set, not every user of a large catalogue."""
+    if cap is None or n_users <= cap:
+        return np.arange(n_users)
+    return np.sort(np.random.default_rng(seed).choice(n_users, size=cap, replace=False))
+
+
+def retriever_rows(retriever, histories: Sequence[Sequence[int]]) -> RowScorer:
+    """A `RowScorer` over `histories` from anything with `score(histories)` (every retriever)."""
+    return lambda rows: retriever.score(histories[rows])
+
+
+# (a chunk's scores, its users) -> an array, or a tuple of arrays, with one row per user of the chunk
+Reducer = Callable[[np.ndarray, slice], np.ndarray | tuple[np.ndarray, ...]]
+
+
+def per_user(
+    score_rows: RowScorer, n_users: int, reducers: dict[str, Reducer], chunk: int | None = None
+) -> dict[str, np.ndarray | tuple[np.ndarray, ...]]:
+    """Every reducer's per-user results over all users, from one scoring pass a chunk at a time: only the
+    reduced rows are kept, never the [users × items] matrix."""
+    if n_users == 0:
+        raise ValueError("no users to score")
+    parts: dict[str, list] = {name: [] for name in reducers}
+    for rows, scores in score_chunks(score_rows, n_users, chunk):
+        for name, reduce in reducers.items():
+            parts[name].append(reduce(scores, rows))
+    return {name: _concatenate(chunks) for name, chunks in parts.items()}
+
+
+def _concatenate(chunks: list) -> np.ndarray | tuple[np.ndarray, ...]:
+    if isinstance(chunks[0], tuple):
+        return tuple(np.concatenate(column) for column in zip(*chunks, strict=True))
+    return np.concatenate(chunks)
+
+
+def ranks_in(
+    targets: Sequence[int],
+    histories: Sequence[Sequence[int]] | None = None,
+    mask_history: bool = True,
+    ties: Ties = "index",
+) -> Reducer:
+    """A reducer giving `target_ranks` of each user's target."""
+    targets = np.asarray(targets, dtype=np.int64)
+    return lambda scores, rows: target_ranks(
+        scores, targets[rows], _rows(histories, rows), mask_history, ties
+    )
+
+
+def top_in(k: int, histories: Sequence[Sequence[int]] | None = None, mask_history: bool = True) -> Reducer:
+    """A reducer giving (`top_k` items, their unmasked scores) per user."""
+
+    def reduce(scores: np.ndarray, rows: slice) -> tuple[np.ndarray, np.ndarray]:
+        top = top_k(scores, k, _rows(histories, rows), mask_history)
+        return top, np.take_along_axis(scores, top, axis=1)
+
+    return reduce
+
+
+def scores_at(columns: np.ndarray) -> Reducer:
+    """A reducer giving each user's scores of its own items (`columns[user]`, e.g. sampled candidates)."""
+    return lambda scores, rows: np.take_along_axis(scores, columns[rows], axis=1)
+
+
+def _rows(histories: Sequence[Sequence[int]] | None, rows: slice) -> Sequence[Sequence[int]] | None:
+    return None if histories is None else histories[rows]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # (b) full ranking after reranking the retriever's top K
 
@@ -126,10 +242,18 @@ def reranked_ranks(
     retriever rank, which is ≥ K by construction (same tie-break, same masking; the max() only matters for
     a target the user had already consumed, which `top_k` masks but `target_ranks` keeps).
     """
+    retriever = target_ranks(scores, targets, histories, mask_history, ties="index")
+    return reranked_from_ranks(retriever, candidates, reranker_scores, targets)
+
+
+def reranked_from_ranks(
+    retriever_ranks: np.ndarray, candidates: np.ndarray, reranker_scores: np.ndarray, targets: Sequence[int]
+) -> np.ndarray:
+    """`reranked_ranks` from the retriever's own target ranks (`target_ranks(..., ties="index")` under the
+    same masking as `candidates`), so the score matrix need not be kept."""
     candidates = np.asarray(candidates)
     reranker_scores = np.asarray(reranker_scores, dtype=np.float64)
-    retriever = target_ranks(scores, targets, histories, mask_history, ties="index")
-    ranks = np.maximum(retriever, candidates.shape[1])
+    ranks = np.maximum(retriever_ranks, candidates.shape[1])
     for user, target in enumerate(targets):
         where = np.flatnonzero(candidates[user] == target)
         if where.size:

@@ -6,6 +6,10 @@ masked (the protocols and the serving layer mask). Vector retrievers also expose
 `query_vectors(histories)` with `score == query_vectors @ item_vectors.T`: the streaming layer puts the item
 vectors into Qdrant and searches with the query vector under the dot product (`Distance.DOT`).
 
+A retriever's own state grows with items (item-to-item neighbours are capped per item) and its parameters,
+never with users × items; callers bound what `score` returns by passing a chunk of histories at a time
+(`evaluation.protocols.score_chunks`).
+
 On disk a retriever is a directory holding `config.json` (with its `kind`) and its arrays in
 `arrays.safetensors` (or `model.safetensors` for a torch model); `load_retriever` reads any of them back.
 """

@@ -35,7 +35,7 @@ from torch import nn
 
 from instructrec.data.split import LeaveOneOut
 from instructrec.evaluation.metrics import ndcg
-from instructrec.evaluation.protocols import target_ranks
+from instructrec.evaluation.protocols import chunked_ranks, retriever_rows, sample_users
 from instructrec.retrieval.base import Histories, read_config, write_config
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ class SASRecConfig:
     eval_every: int = 4  # epochs between validation NDCG@10 evaluations
     patience: int = 4  # evaluations without improvement before stopping
     all_windows: bool = True  # train on every max_len window of long sequences, not just the last one
+    valid_users: int | None = 10_000  # early stopping's validation users: a seeded sample when more
     seed: int = 0
 
 
@@ -231,6 +232,10 @@ class SASRec:
     ) -> SASRec:
         c = self.config
         c.n_items = n_items
+        if valid_targets is not None:
+            users = sample_users(len(valid_targets), c.valid_users, c.seed)
+            valid_histories = [valid_histories[u] for u in users]
+            valid_targets = [valid_targets[u] for u in users]
         torch.manual_seed(c.seed)
         rng = np.random.default_rng(c.seed)
         self.net = SASRecNet(c)
@@ -254,7 +259,8 @@ class SASRec:
                 loss = self._epoch(windows, optimizer, schedule, rng)
                 entry = {"epoch": epoch, "loss": round(loss, 4)}
                 if valid_targets is not None and (epoch % c.eval_every == 0 or epoch == c.epochs):
-                    ranks = target_ranks(self.score(valid_histories), valid_targets, valid_histories)
+                    scores = retriever_rows(self, valid_histories)  # a chunk of users at a time
+                    ranks = chunked_ranks(scores, valid_targets, valid_histories)
                     entry["valid_ndcg10"] = round(float(ndcg(ranks, 10).mean()), 5)
                     if entry["valid_ndcg10"] > best:
                         best, best_epoch, stale = entry["valid_ndcg10"], epoch, 0

@@ -7,14 +7,22 @@ import pytest
 
 from instructrec.evaluation.metrics import coverage, hit, intra_list_diversity, mrr, ndcg, ranking_metrics
 from instructrec.evaluation.protocols import (
+    chunk_users,
+    chunked_ranks,
     evaluate_full,
     evaluate_reranked,
     evaluate_sampled,
     matrix_scorer,
+    per_user,
+    ranks_in,
+    reranked_from_ranks,
     reranked_ranks,
     sample_candidates,
     sampled_ranks,
+    score_chunks,
+    scores_at,
     target_ranks,
+    top_in,
     top_k,
 )
 
@@ -187,3 +195,77 @@ def test_sampled_ranks_by_hand_and_determinism():
     scores = np.random.default_rng(2).random((len(targets), n_items)).astype(np.float32)
     run = lambda: evaluate_sampled(targets, histories, sequences, n_items, matrix_scorer(scores), seed=3)  # noqa: E731
     assert run() == run()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# chunks: the same results without the whole score matrix
+
+
+def _catalogue(n_users=23, n_items=40, seed=5):
+    """Scores with many ties, histories that sometimes hold the target, sampled candidates."""
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 5, size=(n_users, n_items)).astype(np.float32)
+    histories = [
+        rng.choice(n_items, size=rng.integers(0, 12), replace=False).tolist() for _ in range(n_users)
+    ]
+    targets = rng.integers(0, n_items, size=n_users)
+    sequences = [[*h, int(t)] for h, t in zip(histories, targets, strict=True)]
+    candidates, _ = sample_candidates(targets, sequences, n_items, n_negatives=9, seed=1)
+    return scores, histories, targets, candidates
+
+
+def _recording(scores, seen):
+    def score_rows(rows):
+        seen.append(rows.stop - rows.start)
+        return scores[rows]
+
+    return score_rows
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, None, 23, 100])
+def test_chunked_scoring_equals_the_whole_matrix(chunk):
+    scores, histories, targets, candidates = _catalogue()
+    seen = []
+    got = per_user(
+        _recording(scores, seen),
+        len(targets),
+        {
+            "masked": ranks_in(targets, histories),
+            "unmasked": ranks_in(targets, histories, mask_history=False),
+            "pessimistic": ranks_in(targets, histories, ties="pessimistic"),
+            "top": top_in(5, histories),
+            "top_unmasked": top_in(5, histories, mask_history=False),
+            "sampled": scores_at(candidates),
+        },
+        chunk,
+    )
+    assert sum(seen) == len(targets) and max(seen) <= (chunk or 16)  # scored once, never more than a chunk
+    masked = target_ranks(scores, targets, histories)
+    assert np.array_equal(got["masked"], masked)
+    assert np.array_equal(got["unmasked"], target_ranks(scores, targets, histories, mask_history=False))
+    assert np.array_equal(got["pessimistic"], target_ranks(scores, targets, histories, ties="pessimistic"))
+    assert ranking_metrics(got["masked"], recall_ks=(20,)) == ranking_metrics(masked, recall_ks=(20,))
+    for key, mask in (("top", True), ("top_unmasked", False)):
+        items, item_scores = got[key]
+        assert np.array_equal(items, top_k(scores, 5, histories, mask_history=mask))
+        assert np.array_equal(item_scores, np.take_along_axis(scores, items, axis=1))
+    assert np.array_equal(got["sampled"], np.take_along_axis(scores, candidates, axis=1))
+    chunked = chunked_ranks(_recording(scores, []), targets, histories, chunk=chunk)
+    assert np.array_equal(chunked, masked)
+    # the reranked protocol from kept ranks is the one from the matrix
+    items, _ = got["top"]
+    reranker = np.random.default_rng(0).random(items.shape)
+    expected = reranked_ranks(scores, items, reranker, targets, histories)
+    assert np.array_equal(reranked_from_ranks(got["masked"], items, reranker, targets), expected)
+
+
+def test_chunks_are_sized_by_the_catalogue():
+    assert chunk_users(16_859) == 497  # 32 MB of float32 per chunk on a 16,859-item catalogue
+    assert chunk_users(10**9) == 1
+    seen = []
+    wide = np.broadcast_to(np.zeros(2_000_000, dtype=np.float32), (40, 2_000_000))  # a view: no memory
+    rows = [r for r, _ in score_chunks(_recording(wide, seen), 40)]
+    assert seen == [16, 4, 4, 4, 4, 4, 4]  # a first probe, then 4 users (32 MB) per chunk
+    assert [r.start for r in rows] == [0, 16, 20, 24, 28, 32, 36]
+    with pytest.raises(ValueError, match="no users"):
+        per_user(_recording(np.zeros((0, 3)), []), 0, {"ranks": ranks_in([], [])})

@@ -5,11 +5,15 @@ import os
 import numpy as np
 import pytest
 import torch
+from scipy import sparse
 
 from instructrec.data.dataset import Dataset, Interaction, Item
 from instructrec.data.split import LeaveOneOut
+from instructrec.evaluation.metrics import ndcg
+from instructrec.evaluation.protocols import chunked_ranks, retriever_rows, sample_users
 from instructrec.retrieval import Blend, CoOccurrence, ItemKNN, Popularity, load_retriever
 from instructrec.retrieval.blend import normalise, tune_weights
+from instructrec.retrieval.cooccurrence import item_item, row_blocks
 from instructrec.retrieval.sasrec import SASRec, SASRecConfig, _training_windows
 
 torch.set_num_threads(1)  # tiny models; and on a shared CPU two threads spin-wait on each other
@@ -45,7 +49,7 @@ def test_popularity_counts_training_interactions_only():
 
 def test_cooccurrence_counts_followers_within_the_window():
     model = CoOccurrence(window=2, last=2, decay=0.5).fit_sequences([[0, 1, 2, 3], [1, 2]], n_items=4)
-    m = model.matrix
+    m = model.matrix.toarray()
     assert m[0].tolist() == [0, 1, 1, 0]  # 1 and 2 follow 0 within two steps; 3 is three steps away
     assert m[1].tolist() == [0, 0, 2, 1]  # 1 → 2 twice (both users), 1 → 3 once
     assert m[3].tolist() == [0, 0, 0, 0]  # nothing follows the last item
@@ -57,11 +61,51 @@ def test_cooccurrence_counts_followers_within_the_window():
 def test_itemknn_is_cosine_of_item_columns():
     # users: {0,1}, {0,1}, {0,2}: cos(0,1) = 2 / sqrt(3·2), cos(0,2) = 1 / sqrt(3), cos(1,2) = 0
     model = ItemKNN(last=1).fit_sequences([[0, 1], [1, 0], [0, 2]], n_items=3)
-    assert model.matrix[0, 1] == pytest.approx(2 / np.sqrt(6))
-    assert model.matrix[0, 2] == pytest.approx(1 / np.sqrt(3))
-    assert model.matrix[1, 2] == 0 and model.matrix[0, 0] == 0
-    assert np.allclose(model.matrix, model.matrix.T)
+    m = model.matrix.toarray()
+    assert m[0, 1] == pytest.approx(2 / np.sqrt(6))
+    assert m[0, 2] == pytest.approx(1 / np.sqrt(3))
+    assert m[1, 2] == 0 and m[0, 0] == 0
+    assert np.allclose(m, m.T)
     assert np.argmax(model.score([[2, 0]])[0]) == 1
+
+
+def _random_sequences(n_users=80, n_items=60, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, n_items, size=rng.integers(0, 30)).tolist() for _ in range(n_users)], n_items
+
+
+@pytest.mark.parametrize("model", [CoOccurrence, ItemKNN])
+def test_item_item_keeps_each_items_largest_neighbours(model):
+    sequences, n_items = _random_sequences()
+    full = model(neighbours=None).fit_sequences(sequences, n_items).matrix.toarray()
+    cut = model(neighbours=6).fit_sequences(sequences, n_items).matrix
+    assert np.diff(cut.indptr).max() == 6 and (np.count_nonzero(full, axis=1) > 6).any()
+    for row, kept in enumerate(cut.toarray()):
+        order = np.lexsort((np.arange(n_items), -full[row]))[:6]  # value descending, ties by lower index
+        expected = np.zeros(n_items, dtype=np.float32)
+        expected[order] = full[row, order]
+        assert np.array_equal(kept, expected)
+
+
+def test_item_item_blocks_do_not_change_the_matrix():
+    sequences, n_items = _random_sequences()
+    items = np.concatenate([np.asarray(s) for s in sequences])
+    users = np.repeat(np.arange(len(sequences)), [len(s) for s in sequences])
+    interactions = sparse.csr_array((np.ones(len(items), np.float32), (users, items)), shape=(80, n_items))
+    left = interactions.T.tocsr()
+    assert len(row_blocks(left, interactions, budget=50)) > 10
+    one_block = item_item(left, interactions, 5, budget=10**9)
+    many = item_item(left, interactions, 5, budget=50)
+    assert (one_block != many).nnz == 0 and one_block.nnz == many.nnz
+
+
+def test_item_item_scores_a_history_without_dense_matrices():
+    sequences, n_items = _random_sequences()
+    model = ItemKNN(last=3, decay=0.5).fit_sequences(sequences, n_items)
+    dense = model.matrix.toarray()
+    history = [4, 9, 4, 17]  # 4 twice: 17, then 4 at 0.5, then 9 at 0.25, and the older 4 is past `last`
+    expected = dense[17] + 0.5 * dense[4] + 0.25 * dense[9]
+    np.testing.assert_allclose(model.score([history, []]), [expected, np.zeros(n_items)], rtol=1e-6)
 
 
 def test_item_item_save_load_round_trip(tmp_path):
@@ -69,7 +113,27 @@ def test_item_item_save_load_round_trip(tmp_path):
     model.save(tmp_path / "cooc")
     loaded = load_retriever(tmp_path / "cooc")
     assert isinstance(loaded, CoOccurrence) and loaded.window == 3 and loaded.decay == 0.7
-    assert np.array_equal(loaded.matrix, model.matrix)
+    assert loaded.neighbours == model.neighbours
+    assert (loaded.matrix != model.matrix).nnz == 0
+
+
+def test_a_dense_era_item_item_artifact_still_loads(tmp_path):
+    """Saved before the neighbour cut: the config has no `neighbours`, the arrays every non-zero."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    dense = np.array([[0, 2, 1], [0, 0, 3], [1, 0, 0]], dtype=np.float32)
+    rows, cols = np.nonzero(dense)
+    (tmp_path / "config.json").write_text(
+        json.dumps({"kind": "itemknn", "last": 2, "decay": 0.5, "n_items": 3})
+    )
+    arrays = {"rows": rows.astype(np.int32), "cols": cols.astype(np.int32), "values": dense[rows, cols]}
+    save_file(arrays, str(tmp_path / "arrays.safetensors"))
+    loaded = load_retriever(tmp_path)
+    assert isinstance(loaded, ItemKNN) and loaded.neighbours is None and loaded.last == 2
+    assert np.array_equal(loaded.matrix.toarray(), dense)
+    assert loaded.score([[2, 0]])[0].tolist() == [0.5, 2, 1]  # M[0] + 0.5 · M[2]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -93,6 +157,44 @@ def test_tune_weights_picks_the_useful_component():
     assert weights[0] == 1.0 and weights[1] > 0 and best == pytest.approx(1.0)
     weights, _ = tune_weights([oracle, noise], targets, [[] for _ in targets], grid=(0.0, 1.0, 5.0))
     assert weights == [1.0, 0.0]
+
+
+def test_tune_weights_chunk_by_chunk_equals_the_whole_matrices():
+    rng = np.random.default_rng(1)
+    n_users, n_items = 37, 25
+    targets = rng.integers(0, n_items, size=n_users)
+    histories = [rng.choice(n_items, size=rng.integers(0, 6), replace=False).tolist() for _ in range(n_users)]
+    noisy_oracle = rng.random((n_users, n_items)).astype(np.float32)
+    noisy_oracle[np.arange(n_users), targets] += 0.6
+    components = [
+        rng.integers(0, 4, size=(n_users, n_items)).astype(np.float32),
+        noisy_oracle,
+        rng.random((n_users, n_items)),
+    ]
+    whole = tune_weights(components, targets, histories)
+    assert whole[0][1] > 0  # the oracle is worth a weight: the tuning has something to find
+    for chunk in (1, 5, 36):
+        assert tune_weights(components, targets, histories, chunk=chunk) == whole
+
+
+def test_blend_tunes_on_a_seeded_sample_of_many_validation_users():
+    split = toy_split(cycle_sequences(n_users=30, length=6), N_CYCLE)
+    make = lambda seed: Blend([Popularity(), CoOccurrence(window=1, last=1)], valid_users=12, seed=seed)  # noqa: E731
+    a, b = make(0).fit(split), make(0).fit(split)
+    assert a.weights == b.weights and a.valid_ndcg10 == b.valid_ndcg10
+    sample = sample_users(30, 12, seed=0)
+    assert (
+        len(sample) == 12
+        and np.all(np.diff(sample) > 0)
+        and not np.array_equal(sample, sample_users(30, 12, 1))
+    )
+    assert sample_users(30, 40).tolist() == list(range(30)) and sample_users(30, None).tolist() == list(
+        range(30)
+    )
+    # the tuned NDCG is the sample's: the same as tuning on those users alone
+    histories, targets = split.histories("valid"), split.targets("valid")
+    alone = Blend(a.components).tune([histories[u] for u in sample], [targets[u] for u in sample])
+    assert alone.weights == a.weights and alone.valid_ndcg10 == a.valid_ndcg10
 
 
 def test_blend_fits_tunes_and_round_trips(tmp_path):
@@ -161,6 +263,25 @@ def test_sasrec_early_stops_on_validation_and_is_seeded():
     b = SASRec(SASRecConfig(**config)).fit(split)
     assert a.log["best_valid_ndcg10"] is not None and a.log["train_seconds"] >= 0
     assert [e["loss"] for e in a.log["curve"]] == [e["loss"] for e in b.log["curve"]]
+
+
+def test_sasrec_validates_on_a_seeded_sample_of_many_users():
+    sequences, n_items = _random_sequences(n_users=60, n_items=30, seed=2)
+    split = toy_split([s for s in sequences if len(s) >= 3][:40], n_items)  # a split needs 3 per user
+    config = SASRecConfig(
+        d=16, blocks=1, heads=1, max_len=20, batch_size=16, epochs=2, eval_every=1, valid_users=15
+    )
+    model = SASRec(config).fit(split)
+    histories, targets = split.histories("valid"), split.targets("valid")
+
+    def valid_ndcg(users):
+        hs = [histories[u] for u in users]
+        ranks = chunked_ranks(retriever_rows(model, hs), [targets[u] for u in users], hs)
+        return round(float(ndcg(ranks, 10).mean()), 5)
+
+    sample = sample_users(40, 15, seed=config.seed)
+    assert model.log["best_valid_ndcg10"] == valid_ndcg(sample)  # the best epoch's, restored
+    assert valid_ndcg(sample) != valid_ndcg(range(40))  # so the sample is what was measured
 
 
 # ---------------------------------------------------------------------------------------------------------
