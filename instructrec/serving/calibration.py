@@ -146,6 +146,8 @@ def calibrate(
     chosen candidate, by position."""
     from instructrec.serving.scorer import load_scorer
 
+    if not requests or len(requests) != len(targets):
+        raise ValueError(f"calibration needs validation requests with a target each ({len(requests)} given)")
     started = time.perf_counter()
     cores = cores or len(os.sched_getaffinity(0))
     timed = list(requests[:latency_requests])

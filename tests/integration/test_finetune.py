@@ -29,10 +29,12 @@ from instructrec.config import FinetuneSettings, InfraSettings, Settings, TopicN
 from instructrec.data.dataset import CATALOGUES, Dataset, Interaction, Item
 from instructrec.events import ModelUpdate, decode
 from instructrec.infra import Infrastructure, run_sync, settings_env
+from instructrec.serving.calibration import calibrate, read_calibration
 from instructrec.serving.scorer import warmup_request
 from streams.kafka.admin import ensure_topics
 from streams.kafka.producer import EventProducer
 from streams.kafka.reader import TopicReader
+from workers.commands import validation_requests
 from workers.finetune.publish import PublishError, publish, rollback
 from workers.finetune.worker import FinetuneWorker, store_path
 from workers.replay import ReplayConfig, replay_events
@@ -89,7 +91,13 @@ def artifacts(root: Path, dataset: Dataset) -> Path:
 def triton(root: Path, artifacts: Path, dataset: Dataset):
     """This module's own tritonserver over its own repository, serving the trained model as version 1."""
     repository = repo.copy_repository(repo.default_repository(), root / "repository")
-    repo.export_version(Artifacts.of(artifacts, dataset.name).best_reranker, repository, 1)
+    layout = Artifacts.of(artifacts, dataset.name)
+    # Version 1 calibrated as `instructrec export --calibrate` does: Triton serves its choice, and the
+    # versions the worker publishes carry it.
+    requests, targets = validation_requests(layout, dataset)
+    instances = repo.instance_count(repository / MODEL / "config.pbtxt")
+    chosen = calibrate(layout.best_reranker, requests, targets, instances=instances, latency_requests=5)
+    repo.export_version(layout.best_reranker, repository, 1, calibration=chosen.to_json())
     settings = Settings(state_dir=root / "infra", infra=InfraSettings(model_repository=repository))
     infrastructure = Infrastructure(settings)
     state = infrastructure.up(components=["triton"], models=["health", MODEL])
@@ -166,6 +174,9 @@ async def test_a_cycle_gates_and_hot_swaps_a_new_version_and_rollback_restores_t
     assert update.kind == "verdict" and update.accepted and update.version == "2" and update.incumbent == "1"
 
     assert await served(settings) == "2"
+    first, carried = (read_calibration(settings.triton.repository / MODEL / v) for v in ("1", "2"))
+    assert carried is not None and carried.inherited_from == 1
+    assert (carried.quantize, carried.dtype, carried.threads) == (first.quantize, first.dtype, first.threads)
     async with TritonReranker(settings.triton) as client:  # the swapped version answers
         scores, version = (await client.score_with_versions([warmup_request()]))[0]
         assert version == "2" and len(scores) == 20

@@ -178,3 +178,8 @@ def test_instance_count_reads_the_configs_instance_groups(tmp_path) -> None:
     assert triton_repository.instance_count(config) == 2
     (tmp_path / "c.pbtxt").write_text('name: "x"\nbackend: "python"\n')
     assert triton_repository.instance_count(tmp_path / "c.pbtxt") == 1
+
+
+def test_calibration_without_validation_requests_says_so(saved_reranker) -> None:
+    with pytest.raises(ValueError, match="validation requests"):
+        calibrate(saved_reranker, [], [], instances=2)
