@@ -51,20 +51,6 @@ def normalise(scores: np.ndarray, how: Normalisation = "zscore") -> np.ndarray:
     return scores
 
 
-def tune_weights(
-    components: Sequence[np.ndarray],
-    targets: Sequence[int],
-    histories: Histories,
-    grid: Sequence[float] = WEIGHT_GRID,
-    how: Normalisation = "zscore",
-    k: int = 10,
-    chunk: int | None = None,
-) -> tuple[list[float], float]:
-    """`tune_scorers` over whole [users × items] score matrices."""
-    scorers = [lambda rows, m=matrix: m[rows] for matrix in components]
-    return tune_scorers(scorers, targets, histories, grid, how, k, chunk)
-
-
 def tune_scorers(
     components: Sequence[RowScorer],
     targets: Sequence[int],

@@ -12,7 +12,7 @@ from instructrec.data.split import LeaveOneOut
 from instructrec.evaluation.metrics import ndcg
 from instructrec.evaluation.protocols import chunked_ranks, retriever_rows, sample_users
 from instructrec.retrieval import Blend, CoOccurrence, ItemKNN, Popularity, load_retriever
-from instructrec.retrieval.blend import normalise, tune_weights
+from instructrec.retrieval.blend import normalise, tune_scorers
 from instructrec.retrieval.cooccurrence import item_item, row_blocks
 from instructrec.retrieval.sasrec import SASRec, SASRecConfig, _training_windows
 
@@ -145,6 +145,11 @@ def test_normalise_rows():
     assert normalise(scores, "minmax")[0].tolist() == [0, 0.5, 1]
     assert normalise(scores, "zscore")[1].tolist() == [0, 0, 0]  # a constant row stays finite
     assert normalise(scores, "zscore")[0].mean() == pytest.approx(0)
+
+
+def tune_weights(matrices, targets, histories, **kwargs):
+    """Tuning over whole [users × items] matrices: each component scores a chunk by slicing its matrix."""
+    return tune_scorers([lambda rows, m=m: m[rows] for m in matrices], targets, histories, **kwargs)
 
 
 def test_tune_weights_picks_the_useful_component():
