@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-rate", type=float, default=0.0, help="share of queries with a request text")
     parser.add_argument("--users", type=int, default=None, help="only the first N users")
     parser.add_argument("--judge", type=int, default=2000, help="most examples a version is judged on")
+    parser.add_argument(
+        "--method", choices=["auto", "lora", "full"], default="auto", help="the fine-tune worker's method"
+    )
     parser.add_argument("--quick", action="store_true", help="a short run: few users, small cycles")
     args = parser.parse_args(argv)
     if args.quick:
@@ -90,7 +93,9 @@ def run(root: Path, args, console: Console) -> dict:
 
     dataset = load(DATASET, root=args.data_root)
     early, cut, timings = initial_pipeline(root, dataset, args.users, args.minutes, console)
-    cycles_config = small_cycles(args.every, args.holdout, args.budget, cut)
+    cycles_config = small_cycles(args.every, args.holdout, args.budget, cut).model_copy(
+        update={"method": args.method}
+    )
     finetune = None
     with pipeline_services(root, dataset, args.data_root, cycles_config, console, calibrate_on=early) as (
         settings,
@@ -117,6 +122,7 @@ def run(root: Path, args, console: Console) -> dict:
     result.update(side_studies(settings, root))
     result["details"] = {
         "split_ts": cut,
+        "method": args.method,
         "early": early.describe(),
         "later_events": len(after),
         "load_average": os.getloadavg(),
@@ -246,6 +252,7 @@ def judge_versions(settings, cycles: list[dict], root: Path, most: int) -> dict:
     from instructrec.experiment import PipelineConfig
     from instructrec.model.reranker import Reranker
     from instructrec.planner import OfflinePlanner
+    from instructrec.serving.options import ServingOptions
     from workers.finetune import cycle as cycle_code
     from workers.finetune.store import ExampleStore
 
@@ -258,10 +265,14 @@ def judge_versions(settings, cycles: list[dict], root: Path, most: int) -> dict:
     def weights(version) -> Path:
         return repository / MODEL / str(version) / "reranker"
 
+    def loaded(version) -> Reranker:  # as Triton serves it: the version's own (inherited) calibration
+        options = ServingOptions(calibrated=True).for_version(weights(version).parent)
+        return cycle_code.as_served(Reranker.from_pretrained(weights(version)), options)
+
     def judge(new, old, examples):
         return cycle_code.gate(
-            Reranker.from_pretrained(weights(new)),
-            Reranker.from_pretrained(weights(old)),
+            loaded(new),
+            loaded(old),
             _evenly(examples, most),
             planner,
             pipeline.weight_for,
