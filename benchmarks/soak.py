@@ -6,10 +6,11 @@ without bound: memory, file descriptors, consumer lag, latency?
 1. Set-up as benchmarks/loop.py (harness.py): the initial pipeline trained on the first 70% of time of the
    first `--users` users (cached under `--root`; /work/runs/loop-quick holds one for 120 users, the default,
    so that the split time is the one it was trained with); its own broker (noida-db) and tritonserver (the
-   initial reranker as version 1), Qdrant storage with every item (embedded: it lives in the stream worker's
-   process); one stream worker (RocksDB tables) and the fine-tune worker as child processes. The fine-tune
-   worker runs small cycles (every `--every` new examples, `--budget` minutes of training), so
-   that it trains, gates and, when a candidate passes, hot-swaps several times during the soak.
+   initial reranker as version 1, exported calibrated as deployed: `details.calibration`), Qdrant storage
+   with every item (embedded: it lives in the stream worker's process); one stream worker (RocksDB tables)
+   and the fine-tune worker as child processes. The fine-tune worker runs small cycles (every `--every` new
+   examples, `--budget` minutes of training), so that it trains, gates and, when a candidate passes,
+   hot-swaps several times during the soak.
 2. Warm-up, not measured: the early clicks (contexts and histories) as fast as the broker takes them, until
    both workers' groups have consumed them.
 3. Load: the later events at `--rate` events per second for `--minutes`, as users act (`send_live`: a click
@@ -130,12 +131,15 @@ def run(root: Path, args, console: Console) -> dict:
 
     users = args.users or None
     dataset = load(DATASET, root=args.data_root)
-    _, cut, timings = initial_pipeline(root, dataset, users, args.train_minutes, console)
+    early, cut, timings = initial_pipeline(root, dataset, users, args.train_minutes, console)
     finetune = None
     exit_codes: dict[str, int | None] = {}
-    with pipeline_services(
-        root, dataset, args.data_root, small_cycles(args.every, args.holdout, args.budget, cut), console
-    ) as (settings, state):
+    cycles = small_cycles(args.every, args.holdout, args.budget, cut)
+    # Version 1 exported calibrated, as deployed (`instructrec export --calibrate`) and as the loop serves it.
+    with pipeline_services(root, dataset, args.data_root, cycles, console, calibrate_on=early) as (
+        settings,
+        state,
+    ):
         try:
             before, after = later_events(dataset, cut, users, args.query_every, args.text_rate)
             events = steady_events(after, math.ceil(args.rate * args.minutes * 60))
@@ -170,6 +174,7 @@ def run(root: Path, args, console: Console) -> dict:
             "passes": math.ceil(len(events) / len(after)),
             "pids": monitor.roots,
             "load_average": os.getloadavg(),
+            "calibration": json.loads((root / "models" / "calibration.json").read_text()),
             **timings,
         }
     )
