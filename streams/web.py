@@ -303,6 +303,8 @@ async def health(stream: StreamApp, replies: Replies) -> dict[str, dict[str, Any
         "partitions": len(assignment),
         "rebalancing": bool(app.rebalancing),
         "recovering": bool(app.tables.recovery.in_recovery),
+        # False outside a rebalance means the stream hands nothing to the agents (Faust's flow control)
+        "flowing": bool(app.consumer.flow_active) if app.consumer else False,
     }
     checks["replies"] = {"ok": replies.ready.is_set()}
     try:

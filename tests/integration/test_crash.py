@@ -84,9 +84,12 @@ async def test_a_worker_killed_mid_replay_and_restarted_loses_and_repeats_nothin
             restarted.start()
             await asyncio.to_thread(restarted.wait_healthy, TIMEOUT_S)
             healthy_s = time.time() - killed_at
-            async with asyncio.timeout(REPLAYS_S):
-                late_clicks = await replay
-            await log.wait_for(queries)
+            try:
+                async with asyncio.timeout(REPLAYS_S):
+                    late_clicks = await replay
+                await log.wait_for(queries)
+            except TimeoutError:
+                pytest.fail(await _stalled(restarted, queries - log.got.keys()))
             await asyncio.sleep(5.0)  # time for any duplicate to show up
         expected = await contexts_from_clicks(settings)
         got = await _contexts_once_settled(restarted, expected)
@@ -182,6 +185,19 @@ async def _contexts_once_settled(worker: WorkerProcess, expected: dict[str, dict
         if got == expected or time.monotonic() > deadline:
             return got
         await asyncio.sleep(1.0)
+
+
+async def _stalled(worker: WorkerProcess, unanswered: set[str]) -> str:
+    """What the restarted worker was doing when queries went unanswered: its /health, and every asyncio
+    task's stack in its log (mode's worker dumps them on SIGUSR1)."""
+    health = worker.health()
+    if worker.running():
+        worker.process.send_signal(signal.SIGUSR1)
+        await asyncio.sleep(3.0)  # the dump is written by the worker's loop
+    return (
+        f"{len(unanswered)} queries unanswered after the restart; the restarted worker's /health: {health}; "
+        f"its task stacks are at the end of {worker.log}"
+    )
 
 
 def _redeliveries(worker: WorkerProcess) -> dict[str, float]:
