@@ -6,11 +6,16 @@ rises in steps whenever a larger one comes (benchmarks/soak.py: Triton's memory,
 scoring a few batches of eight, one `malloc_trim(0)` gave back about 90 MB of a 444 MB instance. `HeapTrimmer`
 calls it at most every `every_s` seconds, from the thread that has just answered, so what the instance holds
 follows what is live; a C library without malloc_trim (musl) leaves it off.
+
+The fine-tune worker frees two or three models' worth at the end of every cycle and keeps the rest of its
+heap at that high-water mark the same way (benchmarks/soak.py: its saw-tooth, whose lows rose cycle after
+cycle); it calls `release_heap` once per cycle.
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import time
 from collections.abc import Callable
 
@@ -47,3 +52,13 @@ class HeapTrimmer:
         self.last = now
         self.trim(0)
         return True
+
+
+def release_heap(trim: Callable[[int], int] | None = None) -> bool:
+    """Once, now: collect garbage (a model's tensors can sit in reference cycles), then trim. Whether it trimmed."""
+    gc.collect()
+    trim = trim if trim is not None else libc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True

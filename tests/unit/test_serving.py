@@ -4,8 +4,10 @@ retry and circuit-breaker policy against a fake transport and a fake clock."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import random
+import weakref
 
 import numpy as np
 import orjson
@@ -31,7 +33,7 @@ from instructrec.model.reranker import Reranker
 from instructrec.model.scoring import fuse, score
 from instructrec.serving import scorer as serving_scorer
 from instructrec.serving import wire as wire_format
-from instructrec.serving.heap import HeapTrimmer, libc_trim
+from instructrec.serving.heap import HeapTrimmer, libc_trim, release_heap
 from instructrec.serving.options import ServingOptions
 from instructrec.serving.scorer import ServingScorer
 from instructrec.serving.wire import RequestError, decode_request, encode_request
@@ -292,6 +294,23 @@ def test_the_heap_is_trimmed_at_most_every_interval() -> None:
     now[0] = 61.5
     assert trimmer() and calls == [0, 0]
     assert not HeapTrimmer(0, trim=calls.append, clock=lambda: 1e9)()  # 0: never
+
+
+def test_releasing_the_heap_collects_garbage_then_trims_once() -> None:
+    class Cycle:  # a reference cycle: only the collector frees it
+        def __init__(self) -> None:
+            self.me = self
+
+    collected: list[bool] = []
+    calls: list[int] = []
+    gc.disable()  # so that only release_heap's collection can free it
+    try:
+        weakref.finalize(Cycle(), collected.append, True)
+        assert not collected
+        assert release_heap(trim=calls.append)
+    finally:
+        gc.enable()
+    assert collected == [True] and calls == [0]
 
 
 def test_glibc_trim_is_found_and_callable_here() -> None:

@@ -45,6 +45,7 @@ from instructrec.config import Settings
 from instructrec.events import ModelUpdate
 from instructrec.model.reranker import Reranker
 from instructrec.planner import OfflinePlanner
+from instructrec.serving.heap import release_heap
 from instructrec.serving.options import ServingOptions
 from streams.kafka.compat import close_fetcher_quietly, pause_after_empty_fetch
 from streams.kafka.producer import EventProducer
@@ -205,6 +206,7 @@ class FinetuneWorker:
             return None
         job, self._cycle = self._cycle, None
         self._last_cycle_at = time.monotonic()
+        release_heap()  # the cycle's models are garbage now: their memory goes back to the system
         try:
             outcome, candidate_dir = job.result()
         except Exception:  # a failed cycle publishes nothing; the next one starts from the same examples
