@@ -3,7 +3,9 @@ staging and retirement."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,7 +19,7 @@ from instructrec.events import ClickEvent, FeedbackEvent, encode
 from workers.finetune.cycle import resolve_method, split_examples
 from workers.finetune.gate import judge, ranks
 from workers.finetune.ingest import ingest
-from workers.finetune.store import Batch, Example, ExampleStore
+from workers.finetune.store import Batch, Example, ExampleStore, peek
 
 
 def example(n: int, user: str = "u", source: str = "clicks") -> Example:
@@ -43,6 +45,17 @@ def test_examples_and_positions_commit_together_and_survive_a_reopen(tmp_path: P
     again = ExampleStore(tmp_path / "s.db")
     assert again.count() == 2 and again.positions() == {("clicks", 0): 7} and again.history("u") == ["a", "b"]
     assert [e.target for _, e in again.examples()] == ["t1", "t2"]
+
+
+def test_peek_reads_zeros_until_the_schema_exists_then_the_counts(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    with contextlib.closing(sqlite3.connect(path)) as db:  # the file before its tables
+        db.execute("PRAGMA journal_mode=WAL")
+    assert peek(path) == {"examples": 0, "cycles": 0, "running": False}
+    store = ExampleStore(path)
+    store.commit(Batch([example(1), example(2)], {}, {("clicks", 0): 2}))
+    assert peek(path) == {"examples": 2, "cycles": 0, "running": False}
+    store.close()
 
 
 def test_a_failed_commit_stores_nothing(tmp_path: Path) -> None:

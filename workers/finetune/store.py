@@ -115,7 +115,8 @@ class ExampleStore:
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before offsets move
-        self._db.executescript(SCHEMA)
+        # One transaction: a reader (`peek`, another process) sees every table or none.
+        self._db.executescript(f"BEGIN IMMEDIATE;{SCHEMA}COMMIT;")
         self._rng = random.Random(self.counter("evicted"))
 
     @_locked
@@ -310,9 +311,12 @@ def peek(path: str | Path) -> dict[str, int | bool]:
     """Examples stored and whether a cycle is running, read-only (another process owns the store); zeros
     before the worker has created it."""
     path = Path(path)
+    nothing = {"examples": 0, "cycles": 0, "running": False}
     if not path.is_file():
-        return {"examples": 0, "cycles": 0, "running": False}
+        return nothing
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as db:
+        if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'cycles'").fetchone() is None:
+            return nothing  # the file exists, its schema not yet (it is created in one transaction)
         examples = db.execute("SELECT COUNT(*) FROM examples").fetchone()[0]
         finished, running = db.execute(
             "SELECT COUNT(finished), COUNT(*) - COUNT(finished) FROM cycles"
