@@ -200,9 +200,7 @@ def train_candidate(
     method = resolve_method(config, reranker)
     if method == "lora":
         reranker.add_lora("served", r=config.lora_r, alpha=2 * config.lora_r, targets=["query", "value"])
-        train_config = replace(
-            train_config, lr=config.lr * 20, fresh_lr=config.lr * 20
-        )  # adapters start at zero
+        train_config = replace(train_config, lr=config.lora_lr, fresh_lr=config.lora_lr)
     steps = max(1, -(-len(prepared.instances) // train_config.batch_size)) * config.epochs
     optimizer, schedule = optimizer_for(reranker, train_config, steps)
     started = time.perf_counter()
