@@ -7,9 +7,9 @@ scoring a few batches of eight, one `malloc_trim(0)` gave back about 90 MB of a 
 calls it at most every `every_s` seconds, from the thread that has just answered, so what the instance holds
 follows what is live; a C library without malloc_trim (musl) leaves it off.
 
-The fine-tune worker frees two or three models' worth at the end of every cycle and keeps the rest of its
-heap at that high-water mark the same way (benchmarks/soak.py: its saw-tooth, whose lows rose cycle after
-cycle); it calls `release_heap` once per cycle.
+The fine-tune worker loads two or three models every cycle and frees them at its end, and glibc keeps that
+memory the same way (benchmarks/soak.py: the worker's saw-tooth, whose lows rose cycle after cycle), so it
+calls `release_heap` once per cycle.
 """
 
 from __future__ import annotations
