@@ -30,6 +30,7 @@ from streams import agents, web
 from streams.deadletter import DeadLetters
 from streams.kafka.compat import (
     close_fetcher_quietly,
+    flush_the_whole_buffer,
     hide_sasl_tokens,
     pause_after_empty_fetch,
     rejoin_on_stale_commit,
@@ -94,6 +95,7 @@ def create_app(settings: Settings, services: Services, *, web_port: int | None =
     hide_sasl_tokens()
     close_fetcher_quietly()  # a stop with the broker gone must not wait out Faust's stop timeout
     seek_with_flow_stopped()  # records fetched during a rebalance's seek must not be dropped unhandled
+    flush_the_whole_buffer()  # no offset commit while answers of the queries it covers are still queued
     port = settings.web.port if web_port is None else web_port
     app = faust.App(settings.stream.app_id, **faust_options(settings, port))
     topics = declare_topics(app, settings.kafka)

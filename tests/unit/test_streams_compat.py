@@ -1,13 +1,18 @@
-"""The Faust patch in streams.kafka.compat that keeps records from reaching the streams during a seek (its
-effect under load runs in the integration broker-restart test)."""
+"""The Faust patches in streams.kafka.compat that keep records from reaching the streams during a seek (its
+effect under load runs in the integration broker-restart test) and keep an offset commit from overtaking the
+messages still in the producer buffer (its effect runs in the integration crash test)."""
 
 from __future__ import annotations
 
+import asyncio
+from types import SimpleNamespace
+
 import pytest
 from faust.transport.consumer import Consumer
+from faust.transport.producer import ProducerBuffer
 from faust.types import TP
 
-from streams.kafka.compat import seek_with_flow_stopped
+from streams.kafka.compat import flush_the_whole_buffer, seek_with_flow_stopped
 
 QUERIES = TP("queries", 0)
 
@@ -39,6 +44,8 @@ class StubConsumer:
 def patched() -> None:
     seek_with_flow_stopped()
     seek_with_flow_stopped()  # idempotent
+    flush_the_whole_buffer()
+    flush_the_whole_buffer()
 
 
 async def test_the_seek_runs_with_the_flow_stopped_and_leaves_it_to_the_caller() -> None:
@@ -62,3 +69,64 @@ async def test_a_seek_with_the_flow_already_stopped_keeps_it_stopped() -> None:
     with pytest.raises(TimeoutError):
         await Consumer.perform_seek(consumer)
     assert not consumer.flow_active
+
+
+# ------------------------------------------------------------------------------------------- the buffer
+
+
+class SlowTopic:
+    """A topic whose hand-over of a message to the client takes longer than Faust's flush waited (0.1 s):
+    as on a busy event loop, or when aiokafka waits for a full batch to drain."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+        self.published: list[object] = []
+
+    async def publish_message(self, fut, wait: bool = False) -> None:
+        await asyncio.sleep(self.delay_s)
+        self.published.append(fut)
+
+
+def _queued(topic: SlowTopic, n: int) -> list[SimpleNamespace]:
+    return [SimpleNamespace(message=SimpleNamespace(channel=topic)) for _ in range(n)]
+
+
+async def _running_buffer() -> ProducerBuffer:
+    buffer = ProducerBuffer()
+    buffer.app = SimpleNamespace(conf=SimpleNamespace(producer_threaded=False))
+    await buffer.start()
+    return buffer
+
+
+async def test_a_flush_returns_only_once_every_queued_message_is_handed_over() -> None:
+    topic = SlowTopic(0.25)
+    buffer = await _running_buffer()
+    try:
+        for fut in _queued(topic, 3):
+            buffer.put(fut)
+        await asyncio.wait_for(buffer.flush(), timeout=10)
+        assert len(topic.published) == 3  # Faust's own flush returned with all 3 still queued
+    finally:
+        await buffer.stop()
+
+
+async def test_a_flush_waits_for_the_message_being_handed_over() -> None:
+    topic = SlowTopic(0.25)
+    buffer = await _running_buffer()
+    try:
+        (fut,) = _queued(topic, 1)
+        buffer.put(fut)
+        await asyncio.sleep(0.05)  # the sender has taken it off the queue: the buffer's size is 0
+        assert buffer.size == 0
+        await asyncio.wait_for(buffer.flush(), timeout=10)
+        assert topic.published == [fut]
+    finally:
+        await buffer.stop()
+
+
+async def test_a_buffer_that_has_stopped_refuses_to_flush_what_it_holds() -> None:
+    buffer = await _running_buffer()
+    await buffer.stop()
+    buffer.put(_queued(SlowTopic(0.0), 1)[0])
+    with pytest.raises(RuntimeError, match="not Running"):
+        await buffer.flush()
