@@ -305,6 +305,7 @@ async def health(stream: StreamApp, replies: Replies) -> dict[str, dict[str, Any
         "recovering": bool(app.tables.recovery.in_recovery),
         # False outside a rebalance means the stream hands nothing to the agents (Faust's flow control)
         "flowing": bool(app.consumer.flow_active) if app.consumer else False,
+        "queries_in_flight": len(stream.in_flight),  # taken and not yet answered
     }
     checks["replies"] = {"ok": replies.ready.is_set()}
     try:

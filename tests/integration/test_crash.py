@@ -89,7 +89,7 @@ async def test_a_worker_killed_mid_replay_and_restarted_loses_and_repeats_nothin
                     late_clicks = await replay
                 await log.wait_for(queries)
             except TimeoutError:
-                pytest.fail(await _stalled(restarted, queries - log.got.keys()))
+                pytest.fail(await _stalled(settings, restarted, queries - log.got.keys()))
             await asyncio.sleep(5.0)  # time for any duplicate to show up
         expected = await contexts_from_clicks(settings)
         got = await _contexts_once_settled(restarted, expected)
@@ -187,17 +187,71 @@ async def _contexts_once_settled(worker: WorkerProcess, expected: dict[str, dict
         await asyncio.sleep(1.0)
 
 
-async def _stalled(worker: WorkerProcess, unanswered: set[str]) -> str:
-    """What the restarted worker was doing when queries went unanswered: its /health, and every asyncio
-    task's stack in its log (mode's worker dumps them on SIGUSR1)."""
+async def _stalled(settings: Settings, worker: WorkerProcess, unanswered: set[str]) -> str:
+    """Which of the ways a query can go unanswered it was, for CI's log: where each unanswered query sits
+    against the group's committed offsets (below them: committed without an answer), whether an answer is
+    on the topic after all (the test's reader missed it), the redeliveries the restarted worker skipped as
+    answered (its served log holds an answer that never reached the topic), its /health (queries in
+    flight), and the frames of this project's code in its asyncio tasks (mode dumps them on SIGUSR1)."""
     health = worker.health()
+    skipped = _redeliveries(worker) if worker.running() else "?"
+    log_size = worker.log.stat().st_size
     if worker.running():
         worker.process.send_signal(signal.SIGUSR1)
-        await asyncio.sleep(3.0)  # the dump is written by the worker's loop
-    return (
-        f"{len(unanswered)} queries unanswered after the restart; the restarted worker's /health: {health}; "
-        f"its task stacks are at the end of {worker.log}"
+    at = await _offsets_of(settings, unanswered)
+    answered = await _answered(settings, unanswered)
+    admin = AIOKafkaAdminClient(**settings.kafka.aiokafka_kwargs())
+    await admin.start()
+    try:
+        committed = {
+            tp.partition: meta.offset
+            for tp, meta in (await admin.list_consumer_group_offsets(settings.stream.app_id)).items()
+            if tp.topic == settings.kafka.topics.queries
+        }
+    finally:
+        await admin.close()
+    place = {
+        request_id: f"{partition}@{offset} (committed {committed.get(partition)})"
+        for request_id, (partition, offset) in at.items()
+    }
+    with worker.log.open("rb") as log:
+        log.seek(log_size)
+        dump = log.read().decode(errors="replace").splitlines()
+    frames = sorted(
+        {
+            line.strip()
+            for line in dump
+            if line.strip().startswith('File "') and ("/streams/" in line or "/instructrec/" in line)
+        }
     )
+    return (
+        f"{len(unanswered)} queries unanswered after the restart: {place}; answered on the topic after all: "
+        f"{sorted(answered)}; redeliveries skipped {skipped}; the restarted worker's /health: {health}; "
+        f"this project's frames in its tasks: {frames}; its whole log: {worker.log}"
+    )
+
+
+async def _answered(settings: Settings, request_ids: set[str]) -> set[str]:
+    """Which of `request_ids` have an answer on the recommendations topic, read again from the start."""
+    found = set()
+    topic = settings.kafka.topics.recommendations
+    async with TopicReader(settings.kafka, topic, from_beginning=True) as reader:
+        async for record in reader.records(idle_timeout_s=3.0):
+            answer = decode(Recommendation, record.value)
+            if answer.request_id in request_ids:
+                found.add(answer.request_id)
+    return found
+
+
+async def _offsets_of(settings: Settings, request_ids: set[str]) -> dict[str, tuple[int, int]]:
+    """(partition, offset) of each query on the queries topic."""
+    found = {}
+    async with TopicReader(settings.kafka, settings.kafka.topics.queries, from_beginning=True) as reader:
+        async for record in reader.records(idle_timeout_s=3.0):
+            query = decode(QueryEvent, record.value)
+            if query.request_id in request_ids:
+                found[query.request_id] = (record.partition, record.offset)
+    return found
 
 
 def _redeliveries(worker: WorkerProcess) -> dict[str, float]:
