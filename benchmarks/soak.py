@@ -35,8 +35,12 @@ without bound: memory, file descriptors, consumer lag, latency?
    limit), and for lag, less than one second's worth of events (`--rate`) per minute: a worker that keeps up
    has a flat lag, one that falls behind by a second every minute never catches up. The verdict is "no
    unbounded growth" only if every slope is below its bar — but the local broker's memory, reported and not
-   judged: noida-db keeps every record in memory without retention, so it grows with the data by design. A short run's slope also holds steps (a
-   connection opened once, a cycle's model loaded): a failed bar says where to look, not that it leaks.
+   judged: noida-db keeps every record in memory without retention, so it grows with the data by design. A
+   process's descriptors are judged without the RocksDB table files (`.sst`) the stream worker's tables hold
+   open: those come and go in steps as data is flushed and compacted, and the bar on them is a ceiling, the
+   cap the configuration puts on them (`STREAM__TABLE_MAX_OPEN_FILES` per partition of each table; series
+   `worker.table_fds`). A short run's slope also holds steps (a connection opened once, a cycle's model
+   loaded): a failed bar says where to look, not that it leaks.
    A process that exits during the soak fails the verdict too (its series stop there).
 6. Clean-up: every process a sample saw must be gone after the stop (`left_running`); the workers' exit
    codes (0: a clean stop on SIGTERM).
@@ -45,10 +49,11 @@ Times are seconds since the load began on the wall clock, which the fine-tune st
 timestamps use too; `paused_s` is how long the machine (a VM) stood still meanwhile (wall clock minus
 monotonic clock): a pause shows up as latency and as a gap between samples.
 
-JSON keys: samples [{t_s, phase, processes {worker, triton, broker, finetune: {rss_mb, fds, threads,
+JSON keys: samples [{t_s, phase, processes {worker, triton, broker, finetune: {rss_mb, fds, table_fds, threads,
 anon_mb, shmem_mb, parts [[name, pid, rss_mb]], processes} | null}, lag {stream, finetune}, events_sent, queries_sent, answered, degraded, dead_letters,
 p50_ms, p99_ms, examples, cycles, cycle_running, triton_versions, paused_s, sample_s}], slopes
-{"<process>.rss_mb" | "<process>.fds" | "lag.<group>": {per_min, se, mean, threshold, ok, judged}}, unanswered,
+{"<process>.rss_mb" | "<process>.fds" | "worker.table_fds" | "lag.<group>": {per_min, se, mean, threshold, ok,
+judged, bound (the threshold is a ceiling on the level)}}, unanswered,
 verdict, plus minutes (the table's rows), exited, cycles, model_updates, lag_end, left_running, exit_codes,
 removed_shm and details.
 """
@@ -313,6 +318,7 @@ class Monitor:
                     "shmem_mb": round(sum(u.shmem_kb for u in usage) / 1024, 1),
                     "parts": [[u.name, u.pid, round(u.rss_kb / 1024, 1)] for u in usage],
                     "fds": sum(u.fds for u in usage),
+                    "table_fds": sum(u.table_fds for u in usage),
                     "threads": sum(u.threads for u in usage),
                     "processes": len(usage),
                 }
@@ -325,7 +331,7 @@ class Monitor:
         """Resident memory, open descriptors, threads; None once the process is gone (or a zombie: no VmRSS)."""
         try:
             status = Path(f"/proc/{pid}/status").read_text()
-            fds = len(os.listdir(f"/proc/{pid}/fd"))
+            targets = _fd_targets(pid)
         except OSError:
             return None
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
@@ -338,7 +344,10 @@ class Monitor:
             for key in ("VmRSS", "RssAnon", "RssShmem")
         }
         name = fields.get("Name", "").strip()
-        return Usage(pid, name, kb["VmRSS"], kb["RssAnon"], kb["RssShmem"], fds, int(fields["Threads"]))
+        fds, table_fds = len(targets), sum(t.endswith(".sst") for t in targets)
+        return Usage(
+            pid, name, kb["VmRSS"], kb["RssAnon"], kb["RssShmem"], fds, table_fds, int(fields["Threads"])
+        )
 
     def store(self) -> dict:
         from workers.finetune.store import peek
@@ -387,7 +396,18 @@ class Usage:
     anon_kb: int
     shmem_kb: int  # shared memory it has touched (Triton: the Python backend's regions), in each mapper's RSS
     fds: int
+    table_fds: int  # of them, RocksDB's table files (.sst): the stream worker's tables
     threads: int
+
+
+def _fd_targets(pid: int) -> list[str]:
+    """What each of the process's open descriptors points at (one that closes meanwhile is skipped)."""
+    folder = f"/proc/{pid}/fd"
+    targets = []
+    for fd in os.listdir(folder):
+        with contextlib.suppress(OSError):
+            targets.append(os.readlink(f"{folder}/{fd}"))
+    return targets
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -535,7 +555,7 @@ async def soak(settings, monitor: Monitor, before, events, args, console: Consol
         for name in PROCESSES
         if any(s["processes"][name] is None for s in samples)
     }
-    slopes = growth(soaked, soak_s, args)
+    slopes = growth(soaked, soak_s, args, table_files_cap(settings))
     grows = [name for name, s in slopes.items() if not s["ok"] and s["judged"]]
     problems = [f"growth above the bar: {', '.join(grows)}"] if grows else []
     if exited:  # its slopes stop where it died: nothing can be said about its growth
@@ -650,15 +670,19 @@ def read_cycles(settings, since_wall: float) -> list[dict]:
 # ------------------------------------------------------------------------------------------------- growth
 
 
-def growth(samples: list[dict], soak_s: float, args) -> dict[str, dict]:
-    """Least-squares slopes per minute over the second half of the load, each against its bar."""
+def growth(samples: list[dict], soak_s: float, args, table_files_cap: int) -> dict[str, dict]:
+    """Least-squares slopes per minute over the second half of the load, each against its bar. A process's
+    `fds` are its descriptors other than RocksDB's table files; those (`table_fds`) follow the tables' data
+    and compaction in steps, and are judged against the cap the configuration puts on them."""
     half = [s for s in samples if s["t_s"] >= soak_s / 2]
     series: dict[str, list[tuple[float, float]]] = {}
     for name in PROCESSES:
-        for key in ("rss_mb", "fds"):
-            series[f"{name}.{key}"] = [
-                (s["t_s"], s["processes"][name][key]) for s in half if s["processes"].get(name)
-            ]
+        alive = [(s["t_s"], s["processes"][name]) for s in half if s["processes"].get(name)]
+        series[f"{name}.rss_mb"] = [(t, p["rss_mb"]) for t, p in alive]
+        series[f"{name}.fds"] = [(t, p["fds"] - p.get("table_fds", 0)) for t, p in alive]
+    tables = [
+        (s["t_s"], s["processes"]["worker"].get("table_fds", 0)) for s in half if s["processes"]["worker"]
+    ]
     for group in ("stream", "finetune"):
         series[f"lag.{group}"] = [
             (s["t_s"], s["lag"][group]) for s in half if s["lag"].get(group) is not None
@@ -679,7 +703,24 @@ def growth(samples: list[dict], soak_s: float, args) -> dict[str, dict]:
             "ok": bool(per_min == per_min and per_min < threshold),  # NaN (too few samples) fails
             "judged": name not in NOT_JUDGED,
         }
+    y = [float(v) for _, v in tables]
+    per_min, se = _slope([t / 60 for t, _ in tables], y)
+    out["worker.table_fds"] = {
+        "per_min": _round(per_min),
+        "se": _round(se),
+        "mean": _round(float(np.mean(y))) if y else float("nan"),
+        "threshold": table_files_cap,
+        "ok": bool(y) and max(y) <= table_files_cap,
+        "judged": True,
+        "bound": True,  # the bar is a ceiling on the level, not on the slope
+    }
     return out
+
+
+def table_files_cap(settings) -> int:
+    """The most RocksDB table files the stream worker's tables may hold open: the per-partition cap
+    (`STREAM__TABLE_MAX_OPEN_FILES`) for each partition of each table (context, served)."""
+    return settings.stream.table_max_open_files * settings.kafka.partitions * 2
 
 
 # The local broker (noida-db) keeps every record in memory and has no retention: its memory follows the data
@@ -807,8 +848,8 @@ def report(result: dict) -> Group:
             _num(s["mean"]),
             _num(s["per_min"], 3),
             _num(s["se"], 3),
-            _num(s["threshold"], 3),
-            ("ok" if s["ok"] else "[red]above") if s["judged"] else "not judged: the broker's log",
+            _num(s["threshold"], 0 if s.get("bound") else 3),
+            _mark(s),
         )
     cycles = result.get("cycles", [])
     verdicts = [u for u in result.get("model_updates", []) if u.get("kind") != "prequential"]
@@ -853,6 +894,14 @@ def report(result: dict) -> Group:
     ):
         summary.add_row(label, str(value))
     return Group(over_time, slopes, summary)
+
+
+def _mark(s: dict) -> str:
+    if not s["judged"]:
+        return "not judged: the broker's log"
+    if s.get("bound"):
+        return "ok: within the cap" if s["ok"] else "[red]over the cap"
+    return "ok" if s["ok"] else "[red]above"
 
 
 def _longest(result: dict) -> float | None:
