@@ -222,6 +222,12 @@ class StreamSettings(BaseModel):
         description="query micro-batches in flight at once: one's Triton call overlaps the next's retrieval",
     )
     commit_interval_s: float = Field(1.0, gt=0, description="offset commits; shorter: fewer redeliveries")
+    # A served-log record holds up to `answered_requests` ids (9 KB at 256) and `impressions` answers, each
+    # with its instruction: past aiokafka's 16 KiB default batch, a second write to the same partition waits
+    # inside Faust's one sender for the first request's round trip, holding every answer queued behind it.
+    producer_batch_kb: int = Field(
+        256, ge=16, description="producer batch per partition, KiB (a record larger than it goes alone)"
+    )
     history_size: int = Field(200, ge=1, description="recent items kept per user (and excluded from answers)")
     explicit_size: int = Field(50, ge=1, description="ratings, dislikes and tags kept per user, each")
     reviews_size: int = Field(10, ge=1)

@@ -131,6 +131,7 @@ def faust_options(settings: Settings, web_port: int) -> dict[str, Any]:
         "topic_partitions": kafka.partitions,
         "topic_replication_factor": kafka.replication_factor,
         "processing_guarantee": "at_least_once",
+        "producer_max_batch_size": settings.stream.producer_batch_kb * 1024,
         "consumer_auto_offset_reset": "earliest",
         # Faust hands it to aiokafka's group_instance_id (static membership; see StreamSettings.instance_id).
         "consumer_group_instance_id": settings.stream.instance_id,

@@ -74,3 +74,11 @@ async def test_table_partitions_open_rocksdb_with_bounded_memory(tmp_path: Path)
         db[b"k"] = b"v"
         assert db[b"k"] == b"v"
         db.close()
+
+
+def test_the_producer_batches_what_a_served_log_record_needs(tmp_path: Path) -> None:
+    """aiokafka's 16 KiB batch held one served-log record alone: the next write to its partition waited a
+    broker round trip inside Faust's single sender, with every answer queued behind it."""
+    settings = Settings(_env_file=None, state_dir=tmp_path, stream={"producer_batch_kb": 64})
+    stream = create_app(settings, Services(index=None, encoder=None, reranker=None))
+    assert stream.app.conf.producer_max_batch_size == 64 * 1024
