@@ -65,9 +65,10 @@ a micro-batch being rendered) the commit goes ahead while the answers and served
 covers are still in the worker's memory; a crash then loses them with their offsets committed, and the
 restarted worker never sees those queries again. Read in faust-streaming 0.15.3 after the crash test
 (tests/integration/test_crash.py) lost 4 of 24 queries in CI while the restarted worker was healthy and
-consuming. The patch waits until the queue is empty and no message is being handed over; a buffer that is
-not running still raises as Faust's does (its sender has stopped). Against any broker: it only makes the
-flush mean what Faust's commit relies on.
+consuming. The patch waits until every message queued before the flush began has been handed over (not
+for later ones: a busy producer must not hold a commit off); a buffer that is not running still raises as
+Faust's does (its sender has stopped). Against any broker: it only makes the flush mean what Faust's commit
+relies on.
 """
 
 from __future__ import annotations
@@ -196,20 +197,25 @@ def flush_the_whole_buffer() -> None:
 
     if getattr(ProducerBuffer.flush, "_instructrec_shim", False):
         return
-    send = ProducerBuffer._send_pending
+    queue, send, faust_flush = ProducerBuffer.put, ProducerBuffer._send_pending, ProducerBuffer.flush
+
+    @functools.wraps(queue)
+    def put(self, fut) -> None:
+        self._instructrec_queued = getattr(self, "_instructrec_queued", 0) + 1
+        queue(self, fut)
 
     @functools.wraps(send)
     async def _send_pending(self, fut) -> None:
-        # The buffer's sender takes a message off the queue before it hands it over: count it meanwhile.
-        self._instructrec_handing_over = getattr(self, "_instructrec_handing_over", 0) + 1
-        try:
-            await send(self, fut)
-        finally:
-            self._instructrec_handing_over -= 1
+        await send(self, fut)  # one that fails crashes the buffer, and a flush then raises
+        self._instructrec_handed_over = getattr(self, "_instructrec_handed_over", 0) + 1
 
     async def flush(self) -> None:
-        waits = 0
-        while self.size or getattr(self, "_instructrec_handing_over", 0):
+        """Wait until every message queued before the flush began is handed over (the buffer's sender takes
+        them in order); later ones are not waited for, so a busy producer cannot hold a commit off."""
+        if self.app is not None and self.app.conf.producer_threaded:
+            return await faust_flush(self)  # its sender is another thread's loop
+        queued, waits = getattr(self, "_instructrec_queued", 0), 0
+        while getattr(self, "_instructrec_handed_over", 0) < queued:
             if self.state != "running":
                 raise RuntimeError("Cannot flush: Producer not Running")  # as Faust's own flush
             self.message_sent.clear()
@@ -218,9 +224,10 @@ def flush_the_whole_buffer() -> None:
             except TimeoutError:  # where Faust's flush would have returned: look again
                 waits += 1
         if waits:
-            log.debug("producer flush waited %d x 0.1 s for the buffer to empty", waits)
+            log.debug("producer flush waited %d x 0.1 s for the buffer to hand its messages over", waits)
 
     flush._instructrec_shim = True
+    ProducerBuffer.put = put
     ProducerBuffer._send_pending = _send_pending
     ProducerBuffer.flush = flush
 

@@ -130,3 +130,22 @@ async def test_a_buffer_that_has_stopped_refuses_to_flush_what_it_holds() -> Non
     buffer.put(_queued(SlowTopic(0.0), 1)[0])
     with pytest.raises(RuntimeError, match="not Running"):
         await buffer.flush()
+
+
+async def test_a_flush_waits_only_for_what_was_queued_before_it() -> None:
+    """A producer that keeps queueing must not hold a commit off."""
+    topic = SlowTopic(0.25)
+    buffer = await _running_buffer()
+    try:
+        first, *later = _queued(topic, 3)
+        buffer.put(first)
+        flush = asyncio.create_task(buffer.flush())
+        await asyncio.sleep(0.05)
+        for fut in later:
+            buffer.put(fut)
+        await asyncio.wait_for(flush, timeout=10)
+        assert topic.published == [first]
+        await asyncio.wait_for(buffer.flush(), timeout=10)
+        assert topic.published == [first, *later]
+    finally:
+        await buffer.stop()
