@@ -198,8 +198,10 @@ async def _stalled(settings: Settings, worker: WorkerProcess, unanswered: set[st
     log_size = worker.log.stat().st_size
     if worker.running():
         worker.process.send_signal(signal.SIGUSR1)
-    at = await _offsets_of(settings, unanswered)
-    answered = await _answered(settings, unanswered)
+    # Each read below idles 3 s at its end: time enough for the worker's loop to write the dump.
+    topics = settings.kafka.topics
+    at = await _offsets_of(settings, topics.queries, QueryEvent, unanswered)
+    answered = await _offsets_of(settings, topics.recommendations, Recommendation, unanswered)
     admin = AIOKafkaAdminClient(**settings.kafka.aiokafka_kwargs())
     await admin.start()
     try:
@@ -231,26 +233,14 @@ async def _stalled(settings: Settings, worker: WorkerProcess, unanswered: set[st
     )
 
 
-async def _answered(settings: Settings, request_ids: set[str]) -> set[str]:
-    """Which of `request_ids` have an answer on the recommendations topic, read again from the start."""
-    found = set()
-    topic = settings.kafka.topics.recommendations
+async def _offsets_of(settings: Settings, topic: str, kind, request_ids: set[str]) -> dict[str, tuple]:
+    """(partition, offset) of each record of `topic` (decoded as `kind`) that names one of `request_ids`."""
+    found = {}
     async with TopicReader(settings.kafka, topic, from_beginning=True) as reader:
         async for record in reader.records(idle_timeout_s=3.0):
-            answer = decode(Recommendation, record.value)
-            if answer.request_id in request_ids:
-                found.add(answer.request_id)
-    return found
-
-
-async def _offsets_of(settings: Settings, request_ids: set[str]) -> dict[str, tuple[int, int]]:
-    """(partition, offset) of each query on the queries topic."""
-    found = {}
-    async with TopicReader(settings.kafka, settings.kafka.topics.queries, from_beginning=True) as reader:
-        async for record in reader.records(idle_timeout_s=3.0):
-            query = decode(QueryEvent, record.value)
-            if query.request_id in request_ids:
-                found[query.request_id] = (record.partition, record.offset)
+            event = decode(kind, record.value)
+            if event.request_id in request_ids:
+                found[event.request_id] = (record.partition, record.offset)
     return found
 
 
