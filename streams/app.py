@@ -34,6 +34,7 @@ from streams.kafka.compat import (
     hide_sasl_tokens,
     pause_after_empty_fetch,
     rejoin_on_stale_commit,
+    seek_uncommitted_to_the_start,
     seek_with_flow_stopped,
 )
 from streams.metrics import Metrics
@@ -95,6 +96,7 @@ def create_app(settings: Settings, services: Services, *, web_port: int | None =
     hide_sasl_tokens()
     close_fetcher_quietly()  # a stop with the broker gone must not wait out Faust's stop timeout
     seek_with_flow_stopped()  # records fetched during a rebalance's seek must not be dropped unhandled
+    seek_uncommitted_to_the_start()  # ... nor those of a partition nothing was committed on
     flush_the_whole_buffer()  # no offset commit while answers of the queries it covers are still queued
     port = settings.web.port if web_port is None else web_port
     app = faust.App(settings.stream.app_id, **faust_options(settings, port))

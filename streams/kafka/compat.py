@@ -53,7 +53,7 @@ the 9 records cleared right after the seek, at 7-9, 6-8 and 9-11 of three partit
 patch stops the flow before the seek and leaves it stopped; it relies on perform_seek's callers: the
 recovery (`_resume_streams`, `on_recovery_completed`) resumes the flow right after the clear, and
 `Consumer.getmany` seeks only with the flow stopped already. Records handed out before the seek are fetched
-again from the committed offsets; any an agent had taken already are handled twice and absorbed as
+again from the committed offsets (with none committed, from the first: patch 9); any an agent had taken already are handled twice and absorbed as
 duplicates. A seek that fails puts the flow back as it was. The race is Faust's: a real Kafka hits it too
 whenever records are waiting as a rebalance ends.
 
@@ -69,6 +69,19 @@ consuming. The patch waits until every message queued before the flush began has
 for later ones: a busy producer must not hold a commit off); a buffer that is not running still raises as
 Faust's does (its sender has stopped). Against any broker: it only makes the flush mean what Faust's commit
 relies on.
+
+9. `seek_uncommitted_to_the_start` (patches Faust's ThreadDelegateConsumer.seek_to_committed): the seek of
+patch 7 (Faust's `perform_seek`) puts a partition back only where a committed offset exists — aiokafka's
+`seek_to_committed` moves a partition only to a committed offset above 0 — so a partition nothing was ever
+committed on keeps its fetch position, past the records handed out before the seek and dropped with the
+flow. Seen in the crash test: the restarted worker never answered the first queries of the partitions the
+killed worker had not committed on (0@0, 1@0, 3@0 and 3@1; the partition with a commit lost nothing), yet
+it went on to commit past them. The recovery resumes the flow to read the changelogs, so the stream
+partitions are fetched too; at its closing seek, one of five runs found those three partitions at 1, 1 and
+2 with nothing committed (and with the patch answered all 24). With `consumer_auto_offset_reset` "earliest" (this project's setting) the
+patch seeks those partitions of the app's own topics to their first offset (a changelog's position is the
+table recovery's to set); the records handed out already come again and are absorbed as duplicates. Under
+"latest" it changes nothing: where that position was is not known any more. Against a real Kafka too.
 """
 
 from __future__ import annotations
@@ -189,6 +202,30 @@ def seek_with_flow_stopped() -> None:
 
     perform_seek._instructrec_shim = True
     Consumer.perform_seek = perform_seek
+
+
+def seek_uncommitted_to_the_start() -> None:
+    """Install the seek_to_committed patch (process-wide, idempotent): see the module docstring."""
+    from faust.transport.consumer import ThreadDelegateConsumer
+
+    if getattr(ThreadDelegateConsumer.seek_to_committed, "_instructrec_shim", False):
+        return
+    original = ThreadDelegateConsumer.seek_to_committed
+
+    @functools.wraps(original)
+    async def seek_to_committed(self) -> Any:
+        committed = await original(self)
+        if self.app.conf.consumer_auto_offset_reset == "earliest":
+            changelogs = self.app.tables.changelog_topics
+            uncommitted = [
+                tp for tp, offset in committed.items() if not offset and tp.topic not in changelogs
+            ]
+            if uncommitted:  # offset 0 too: aiokafka does not seek to it either
+                await self.seek_wait(await self.earliest_offsets(*uncommitted))
+        return committed
+
+    seek_to_committed._instructrec_shim = True
+    ThreadDelegateConsumer.seek_to_committed = seek_to_committed
 
 
 def flush_the_whole_buffer() -> None:

@@ -1,5 +1,6 @@
 """The Faust patches in streams.kafka.compat that keep records from reaching the streams during a seek (its
-effect under load runs in the integration broker-restart test) and keep an offset commit from overtaking the
+effect under load runs in the integration broker-restart test), put a partition nothing was committed on
+back to its first offset at that seek (its effect runs in the integration crash test), and keep an offset commit from overtaking the
 messages still in the producer buffer (its effect runs in the integration crash test)."""
 
 from __future__ import annotations
@@ -8,11 +9,11 @@ import asyncio
 from types import SimpleNamespace
 
 import pytest
-from faust.transport.consumer import Consumer
+from faust.transport.consumer import Consumer, ThreadDelegateConsumer
 from faust.transport.producer import ProducerBuffer
 from faust.types import TP
 
-from streams.kafka.compat import flush_the_whole_buffer, seek_with_flow_stopped
+from streams.kafka.compat import flush_the_whole_buffer, seek_uncommitted_to_the_start, seek_with_flow_stopped
 
 QUERIES = TP("queries", 0)
 
@@ -44,6 +45,8 @@ class StubConsumer:
 def patched() -> None:
     seek_with_flow_stopped()
     seek_with_flow_stopped()  # idempotent
+    seek_uncommitted_to_the_start()
+    seek_uncommitted_to_the_start()
     flush_the_whole_buffer()
     flush_the_whole_buffer()
 
@@ -69,6 +72,46 @@ async def test_a_seek_with_the_flow_already_stopped_keeps_it_stopped() -> None:
     with pytest.raises(TimeoutError):
         await Consumer.perform_seek(consumer)
     assert not consumer.flow_active
+
+
+class StubDelegate:
+    """What the seek_to_committed patch touches on Faust's consumer: the committed offsets its thread's seek
+    found, the first offsets of the partitions, and the seeks made."""
+
+    def __init__(self, committed: dict[TP, int | None], reset: str = "earliest") -> None:
+        async def seek_to_committed() -> dict[TP, int | None]:
+            return committed
+
+        self._thread = SimpleNamespace(seek_to_committed=seek_to_committed)
+        self.app = SimpleNamespace(
+            conf=SimpleNamespace(consumer_auto_offset_reset=reset),
+            tables=SimpleNamespace(changelog_topics={"app-contexts-changelog"}),
+        )
+        self.seeks: list[dict[TP, int]] = []
+
+    async def earliest_offsets(self, *partitions: TP) -> dict[TP, int]:
+        return {tp: 3 for tp in partitions}  # the log's start, past retention
+
+    async def seek_wait(self, partitions: dict[TP, int]) -> None:
+        self.seeks.append(dict(partitions))
+
+
+async def test_a_partition_nothing_was_committed_on_goes_back_to_its_first_offset() -> None:
+    fresh, zero, committed = TP("queries", 1), TP("queries", 2), TP("queries", 3)
+    changelog = TP("app-contexts-changelog", 1)
+    consumer = StubDelegate({QUERIES: None, fresh: None, zero: 0, committed: 7, changelog: None})
+    found = await ThreadDelegateConsumer.seek_to_committed(consumer)
+    assert found[committed] == 7 and found[QUERIES] is None  # Faust's perform_seek still gets what it read
+    # aiokafka seeks only to a committed offset above 0; a changelog's position is the recovery's to set
+    assert consumer.seeks == [{QUERIES: 3, fresh: 3, zero: 3}]
+
+
+async def test_with_latest_reset_or_everything_committed_nothing_more_is_sought() -> None:
+    latest = StubDelegate({QUERIES: None}, reset="latest")
+    await ThreadDelegateConsumer.seek_to_committed(latest)
+    everything = StubDelegate({QUERIES: 7})
+    await ThreadDelegateConsumer.seek_to_committed(everything)
+    assert latest.seeks == everything.seeks == []
 
 
 # ------------------------------------------------------------------------------------------- the buffer
