@@ -3,8 +3,8 @@ collaborative retriever in-process, the request's text searched in Qdrant, its c
 InstructRec instruction → the reranker on Triton → a `Recommendation` whose items carry their reasons.
 
 Queries are micro-batched (`stream.take_events(batch_size, within=batch_window_s)`): a batch shares one
-embedding call, one hop to the Qdrant thread and one Triton call. Within a batch each query is handled on its
-own: an invalid query becomes a dead letter, so does one over its user's rate (`streams.ratelimit`), a
+embedding call and one hop to the Qdrant thread, and its Triton requests go out together; each query is
+answered as soon as its own scores are back. Within a batch each query is handled on its own: an invalid query becomes a dead letter, so does one over its user's rate (`streams.ratelimit`), a
 redelivered one (its request id is in the served log) is skipped, and every other query gets exactly one
 answer, published together with the served-log update (see `streams.served`). Nothing drops a query silently:
 - reranker down, slow or its circuit open → the candidates in the plan's order, `degraded` with the reason;
@@ -405,35 +405,31 @@ def _fill_unknown(scores: list[float | None]) -> list[float]:
     return [floor if s is None else s for s in scores]
 
 
-async def rerank(stream: StreamApp, batch: list[Pending]) -> float:
-    """One Triton call for the batch; on any failure every query keeps its retrieval order, degraded.
-    Returns the call's duration in ms."""
-    ready = [p for p in batch if p.request is not None]
-    if not ready:
+async def rerank(stream: StreamApp, p: Pending) -> float:
+    """The query's Triton call (a batch's go out together, and Triton's instances and dynamic batcher take
+    them side by side); on any failure the query keeps its retrieval order, degraded. Returns the call's
+    duration in ms (0 without a request)."""
+    if p.request is None:
         return 0.0
     triton = stream.settings.triton
     # The client has its own timeouts, retries and circuit breaker; this bound only guarantees an answer.
     deadline = triton.timeout_s * (triton.retries + 1) + 1.0
     started = time.perf_counter()
     try:
-        scored = await asyncio.wait_for(
-            stream.services.reranker.score_with_versions([p.request for p in ready]), deadline
-        )
-        if len(scored) != len(ready):
-            raise RuntimeError(f"{len(scored)} score lists for {len(ready)} requests")
+        scored = await asyncio.wait_for(stream.services.reranker.score_with_versions([p.request]), deadline)
+        if len(scored) != 1:
+            raise RuntimeError(f"{len(scored)} score lists for 1 request")
     except Exception as error:  # unavailable, timed out, circuit open, or a bad answer: degrade, never drop
-        reason = f"reranker unavailable: {type(error).__name__}: {error}"[:500]
-        for p in ready:
-            p.degrade(reason)
+        p.degrade(f"reranker unavailable: {type(error).__name__}: {error}"[:500])
         _circuit_gauge(stream)
         return (time.perf_counter() - started) * 1000
     _circuit_gauge(stream)
-    for p, (row, version) in zip(ready, scored, strict=True):
-        scores = np.asarray(row, dtype=np.float64)
-        expected = len(p.instruction.candidates) if p.instruction is not None else 0
-        if scores.shape != (expected,):  # a model that answers for other items than it was asked about
-            p.degrade(f"reranker answered {scores.size} scores for {expected} candidates")
-            continue
+    (row, version), *_ = scored
+    scores = np.asarray(row, dtype=np.float64)
+    expected = len(p.instruction.candidates) if p.instruction is not None else 0
+    if scores.shape != (expected,):  # a model that answers for other items than it was asked about
+        p.degrade(f"reranker answered {scores.size} scores for {expected} candidates")
+    else:
         p.scores = scores
         p.version = version  # the version that scored this request (a swap may land mid-batch)
     return (time.perf_counter() - started) * 1000
@@ -577,46 +573,48 @@ async def _answer(stream: StreamApp, batch: list[Pending], started: float) -> in
         marks["retrieve_ms"] = time.perf_counter()
         await render(stream, batch)
         marks["render_ms"] = time.perf_counter()
-        rerank_ms = await rerank(stream, batch)
-        marks["rerank_ms"] = time.perf_counter()
     except Exception as error:  # a bug: every query still hears back
         log.exception("query batch failed")
         for p in batch:
             stream.dead_letters.send_event(p.event, error)
-            p.instruction, p.candidates = None, []
+            p.instruction, p.request, p.candidates = None, None, []
             p.degrade(f"error: {type(error).__name__}")
-        rerank_ms = 0.0
     stages, previous = {}, started
     for name, at in marks.items():
         stages[name] = (at - previous) * 1000
         previous = at
-    stages["rerank_ms"] = rerank_ms if "rerank_ms" in marks else 0.0
-    model_version = _model_version(stream)
-    published = 0
-    for p in batch:
-        total = (time.perf_counter() - started) * 1000
-        timings = {"queue_ms": p.queue_ms, **stages, "total_ms": total}
-        try:
-            answer = recommendation(stream, p, model_version, timings)
-            impression = _impression(p, answer)
-        except Exception as error:  # one query's problem stays that query's
-            stream.dead_letters.send_event(p.event, error)
-            answer = Recommendation(
-                request_id=p.query.request_id,
-                user_id=p.query.user_id,
-                items=(),
-                model_version=NO_MODEL,
-                template_id=NO_TEMPLATE,
-                degraded=True,
-                reason=f"error: {type(error).__name__}",
-            )
-            impression = None
-        publish(stream, p, answer, impression)
-        published += 1
     for name, value in stages.items():
         metrics.stage_seconds.labels(name.removesuffix("_ms")).observe(value / 1000)
-    metrics.stage_seconds.labels("total").observe((time.perf_counter() - started) * 1000 / 1000)
-    return published
+    # Each query is answered the moment its own scores are back: one does not wait for its batch's slowest
+    # (with more requests than Triton instances, the last ones wait for an instance).
+    await asyncio.gather(*(_rerank_and_publish(stream, p, stages, started) for p in batch))
+    return len(batch)
+
+
+async def _rerank_and_publish(
+    stream: StreamApp, p: Pending, stages: dict[str, float], started: float
+) -> None:
+    rerank_ms = await rerank(stream, p)
+    total = (time.perf_counter() - started) * 1000
+    timings = {"queue_ms": p.queue_ms, **stages, "rerank_ms": rerank_ms, "total_ms": total}
+    try:
+        answer = recommendation(stream, p, _model_version(stream), timings)
+        impression = _impression(p, answer)
+    except Exception as error:  # one query's problem stays that query's
+        stream.dead_letters.send_event(p.event, error)
+        answer = Recommendation(
+            request_id=p.query.request_id,
+            user_id=p.query.user_id,
+            items=(),
+            model_version=NO_MODEL,
+            template_id=NO_TEMPLATE,
+            degraded=True,
+            reason=f"error: {type(error).__name__}",
+        )
+        impression = None
+    publish(stream, p, answer, impression)
+    stream.metrics.stage_seconds.labels("rerank").observe(rerank_ms / 1000)
+    stream.metrics.stage_seconds.labels("total").observe(total / 1000)
 
 
 def _model_version(stream: StreamApp) -> str:

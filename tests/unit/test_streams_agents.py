@@ -291,6 +291,31 @@ async def test_a_redelivery_during_the_first_answer_is_skipped_by_a_concurrent_b
     assert stream.metrics.duplicates.labels("queries")._value.get() == 1
 
 
+async def test_a_query_is_answered_as_soon_as_its_own_scores_are_back_not_its_batchs_slowest() -> None:
+    gate = asyncio.Event()
+
+    class OneSlowRequest(FakeReranker):
+        async def score(self, requests):
+            if any(b"slow" in r for r in requests):  # the request text travels in the instruction
+                await gate.wait()
+            return await super().score(requests)
+
+    stream = make_stream(reranker=OneSlowRequest())
+    watch(stream, "u1", ["m1", "m2"])
+    watch(stream, "u2", ["m3", "m4"])
+    slow = QueryEvent(request_id="r1", user_id="u1", text="something slow")
+    fast = QueryEvent(request_id="r2", user_id="u2", text="something quick")
+    batch = asyncio.create_task(queries.answer_batch(stream, [event(slow, offset=0), event(fast, offset=1)]))
+    async with asyncio.timeout(5):
+        while not answers(stream):
+            await asyncio.sleep(0.01)
+    assert [a.request_id for a in answers(stream)] == ["r2"] and not batch.done()
+    gate.set()
+    assert await batch == 2
+    assert [a.request_id for a in answers(stream)] == ["r2", "r1"]
+    assert not any(a.degraded for a in answers(stream))
+
+
 async def test_reranker_failure_answers_in_the_plans_order_flagged_degraded() -> None:
     stream = make_stream(reranker=FakeReranker("fail"))
     watch(stream, "u1", ["m1", "m2"])
