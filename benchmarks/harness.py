@@ -109,18 +109,60 @@ class ForeignCpu:
         self.cores = round(max(0.0, busy - own) / os.sysconf("SC_CLK_TCK") / elapsed, 2)
 
     def _own_ticks(self) -> int:
-        total = 0
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:  # exited meanwhile
-                continue
-            pid, session = int(entry.name), int(fields[3])
-            if pid == os.getpid() or (self.server_pid is not None and session == self.server_pid):
-                total += int(fields[11]) + int(fields[12])  # utime + stime, all threads
-        return total
+        return sum(
+            ticks
+            for pid, session, ticks in _process_ticks()
+            if pid == os.getpid() or (self.server_pid is not None and session == self.server_pid)
+        )
+
+
+class CpuBySession:
+    """CPU time per named process session between two `read`s (every process of the session, every thread:
+    Triton's server and its backend stubs, a worker and its threads), with the machine's busy time beside
+    them, so a step can say which process its cores went to. A name can also be this very process ("own")."""
+
+    def __init__(self, sessions: dict[str, int]) -> None:
+        self.sessions = sessions  # name -> the session leader's pid
+
+    def read(self) -> dict[str, float]:
+        """CPU seconds so far per name, "machine" (all CPUs' busy time) and "wall" (a monotonic clock)."""
+        by_leader = {leader: name for name, leader in self.sessions.items()}
+        ticks = dict.fromkeys(self.sessions, 0)
+        for pid, session, used in _process_ticks():
+            name = by_leader.get(session) or (by_leader.get(pid) if pid == os.getpid() else None)
+            if name is not None:
+                ticks[name] += used
+        hz = os.sysconf("SC_CLK_TCK")
+        return {
+            **{name: t / hz for name, t in ticks.items()},
+            "machine": _machine_busy_ticks() / hz,
+            "wall": time.perf_counter(),
+        }
+
+    @staticmethod
+    def seconds(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+        """CPU seconds each used between two reads, "other" (the machine's busy time that none of the named
+        sessions used), "machine" and "wall" (seconds elapsed)."""
+        used = {k: after[k] - before[k] for k in after}
+        named = sum(v for k, v in used.items() if k not in ("machine", "wall"))
+        return {**used, "other": max(0.0, used["machine"] - named)}
+
+    @staticmethod
+    def cores(seconds: dict[str, float]) -> dict[str, float]:
+        """Cores each kept busy (CPU seconds over wall seconds), from `seconds`."""
+        return {k: round(v / seconds["wall"], 2) for k, v in seconds.items() if k != "wall"}
+
+
+def _process_ticks() -> Iterator[tuple[int, int, int]]:
+    """(pid, session, utime + stime of all its threads in clock ticks) for every live process."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        yield int(entry.name), int(fields[3]), int(fields[11]) + int(fields[12])
 
 
 def _machine_busy_ticks() -> int:

@@ -24,10 +24,13 @@ Measured:
   of that throughput, until a step leaves a query unanswered (ten seconds after its end) or its p99 exceeds
   one second; `max_qps` is the last rate that kept up, `max_qps_within_slo` the last with p99 ≤ 250 ms.
 - ratios that hold on any machine, each of two figures from this run: max_qps / serving throughput at 16;
-  quarter-rate p50 and p99 / served p50.
+  quarter-rate p50 and p99 / served p50;
+- where the cores went at each step: CPU time of the worker, Triton (server and backend stubs), the broker,
+  this load generator and everything else, as cores kept busy and as CPU ms per answered query.
 JSON keys: rates {"1","5","10": {p50_ms, p99_ms, ...}}, max_qps, max_qps_within_slo, overhead_p99_ms,
 serving_throughput_16, served_p50_ms, quarter_rate {qps, p50_ms, p99_ms}, ratios {max_over_serving,
-quarter_p50_over_served_p50, quarter_p99_over_served_p50}, clicks_eps, and details (load average, model,
+quarter_p50_over_served_p50, quarter_p99_over_served_p50}, steps {rate: {..., cores, cpu_ms_per_query}},
+clicks_eps, and details (load average, model,
 catalogue size, degraded answers).
 """
 
@@ -44,7 +47,13 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-from harness import arguments, build_catalog, finish, in_folder  # the benchmarks' shared library module
+from harness import (  # the benchmarks' shared library module
+    CpuBySession,
+    arguments,
+    build_catalog,
+    finish,
+    in_folder,
+)
 from rich.console import Console
 from rich.table import Table
 
@@ -147,7 +156,13 @@ def run(root: Path, args, console: Console) -> dict:
         with worker:
             with console.status("starting the worker…"):
                 worker.wait_healthy(300)
-            result = asyncio.run(measure(settings, worker, dataset, args, console, state.triton.http_url))
+            cpu = CpuBySession(
+                {"worker": worker.process.pid, "triton": state.triton.pid, "broker": state.kafka.pid}
+                | {"load": os.getpid()}
+            )
+            result = asyncio.run(
+                measure(settings, worker, dataset, args, console, state.triton.http_url, cpu)
+            )
         result["details"].update(
             {
                 "reranker": model_name,
@@ -176,7 +191,9 @@ def reranker_folder(args, root: Path) -> tuple[Path, str]:
 # ------------------------------------------------------------------------------------------------ measuring
 
 
-async def measure(settings, worker, dataset, args, console: Console, triton_url: str) -> dict:
+async def measure(
+    settings, worker, dataset, args, console: Console, triton_url: str, cpu: CpuBySession
+) -> dict:
     clicks_eps, users = await measure_clicks(settings, worker, dataset, args.clicks_per_user, console)
     with console.status("Triton alone: sequential requests, then 16 concurrent…"):
         alone = await served_alone(settings, args.data_root)
@@ -191,7 +208,7 @@ async def measure(settings, worker, dataset, args, console: Console, triton_url:
         degraded = 0
         for rate in (1.0, 5.0, 10.0):
             before = await model_stats(triton_url, MODEL)
-            step = await offered(settings, listener, users, texts, rate, args.duration)
+            step = await offered(settings, listener, users, texts, rate, args.duration, cpu=cpu)
             rates[f"{rate:g}"] = {
                 **step.summary(),
                 "triton": inside_triton(before, await model_stats(triton_url, MODEL)),
@@ -200,13 +217,13 @@ async def measure(settings, worker, dataset, args, console: Console, triton_url:
             degraded += step.degraded
             console.print(f"{rate:g} q/s: {rates[f'{rate:g}']}")
         quarter = round(alone["throughput_16"] / 4, 1)
-        step = await offered(settings, listener, users, texts, quarter, args.duration)
+        step = await offered(settings, listener, users, texts, quarter, args.duration, cpu=cpu)
         rates[f"{quarter:g}"] = quarter_step = step.summary()
         overhead += step.overheads
         degraded += step.degraded
         console.print(f"{quarter:g} q/s (a quarter of Triton alone): {quarter_step}")
         max_qps, within_slo = await find_max_rate(
-            settings, listener, users, texts, args.duration / 2, rates, alone["throughput_16"], console
+            settings, listener, users, texts, args.duration / 2, rates, alone["throughput_16"], console, cpu
         )
     finally:
         await listener.stop()
@@ -309,8 +326,11 @@ class Answers:
 
 
 class Step:
-    def __init__(self, rate: float, sent: dict[str, float], listener: Answers, duration: float) -> None:
+    def __init__(
+        self, rate: float, sent: dict[str, float], listener: Answers, duration: float, cpu_s: dict[str, float]
+    ) -> None:
         self.rate = rate
+        self.cpu_s = cpu_s  # CPU seconds per process from the first send to the last answer's wait
         self.latencies, self.overheads, self.degraded = [], [], 0
         self.stages: dict[str, list[float]] = {}
         self.reasons: dict[str, int] = {}
@@ -346,6 +366,14 @@ class Step:
             "overhead_p99_ms": _pct(self.overheads, 99),
             # where the worker's time went (its own clock): stage -> [p50, p99] ms
             "stages_ms": {stage: [_pct(v, 50), _pct(v, 99)] for stage, v in self.stages.items()},
+            # cores each process kept busy while the step's queries were sent and answered, and CPU ms per
+            # answered query: which process the machine's two cores went to
+            "cores": CpuBySession.cores(self.cpu_s) if self.cpu_s else {},
+            "cpu_ms_per_query": {
+                k: round(v * 1000 / max(1, len(self.latencies)), 1)
+                for k, v in self.cpu_s.items()
+                if k not in ("machine", "wall")
+            },
         }
 
 
@@ -357,6 +385,7 @@ async def offered(
     rate: float,
     duration: float,
     seed: int = 0,
+    cpu: CpuBySession | None = None,
 ) -> Step:
     """Send Poisson arrivals at `rate` for `duration` s; wait up to a second (more for slow answers) after."""
     from instructrec.events import QueryEvent
@@ -364,6 +393,7 @@ async def offered(
 
     rng = random.Random(f"{seed}:{rate}")
     sent: dict[str, float] = {}
+    before = cpu.read() if cpu is not None else None
     async with EventProducer(settings.kafka, linger_ms=0) as producer:
         start = time.perf_counter()
         next_at = start
@@ -377,7 +407,8 @@ async def offered(
     grace = time.perf_counter() + 1.0
     while time.perf_counter() < grace + 9.0 and not set(sent) <= set(listener.arrived):
         await asyncio.sleep(0.05)
-    return Step(rate, sent, listener, duration)
+    cpu_s = CpuBySession.seconds(before, cpu.read()) if cpu is not None else {}
+    return Step(rate, sent, listener, duration, cpu_s)
 
 
 # Shares of Triton's own throughput tried after the fixed steps, in order, until one does not keep up.
@@ -385,7 +416,15 @@ SHARES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0)
 
 
 async def find_max_rate(
-    settings, listener, users, texts, duration: float, done: dict, serving: float, console: Console
+    settings,
+    listener,
+    users,
+    texts,
+    duration: float,
+    done: dict,
+    serving: float,
+    console: Console,
+    cpu: CpuBySession,
 ) -> tuple[float, float]:
     max_qps = within = 0.0
     for key, summary in done.items():
@@ -396,7 +435,7 @@ async def find_max_rate(
     for rate in sorted({round(share * serving, 1) for share in SHARES} - {float(k) for k in done}):
         if rate <= max_qps:
             continue
-        step = await offered(settings, listener, users, texts, rate, duration)
+        step = await offered(settings, listener, users, texts, rate, duration, cpu=cpu)
         done[f"{rate:g}"] = step.summary()
         console.print(f"{rate:g} q/s: {done[f'{rate:g}']}")
         if not step.kept_up:
@@ -434,6 +473,8 @@ def report(result: dict) -> Table:
         "in Triton ms",
         "answered/sent",
         "degraded",
+        "CPU ms/query: worker · Triton · broker · load · other",
+        "cores busy",
     )
     for column in columns:
         table.add_column(column, justify="right")
@@ -448,6 +489,12 @@ def report(result: dict) -> Table:
             f"{inside['queue_ms']} + {inside['compute_ms']}" if inside else "—",
             f"{step['answered']}/{step['sent']}",
             str(step["degraded"]),
+            " · ".join(
+                f"{cpu.get(k, float('nan')):.0f}" for k in ("worker", "triton", "broker", "load", "other")
+            )
+            if (cpu := step.get("cpu_ms_per_query"))
+            else "—",
+            f"{step['cores']['machine']:.2f}" if step.get("cores") else "—",
         )
     ratios = result["ratios"]
     table.caption = (

@@ -20,6 +20,7 @@ import threading
 
 import faust
 import torch
+from threadpoolctl import threadpool_limits
 
 from instructrec.config import Settings
 from streams.app import create_app
@@ -84,8 +85,11 @@ def run_worker(
 ) -> int:
     """Blocks until the worker stops; returns its exit code."""
     # Process-wide, so set here at the process's entry: one intra-op thread for the worker's own models (a
-    # query is a handful of tokens), leaving the cores to the reranker on Triton.
+    # query is a handful of tokens), leaving the cores to the reranker on Triton. numpy's OpenBLAS too: its
+    # second thread spin-waits after every small product (catalogue scores, affinities, embedded Qdrant) and
+    # was the worker's busiest thread (benchmarks/stream.py, CPU ms per query by process).
     torch.set_num_threads(1)
+    threadpool_limits(1)
     created = asyncio.run(ensure_topics(settings.kafka))
     if created:
         log.info("created topics: %s", ", ".join(created))
