@@ -4,9 +4,10 @@ InstructRec instruction → the reranker on Triton → a `Recommendation` whose 
 
 Queries are micro-batched (`stream.take_events(batch_size, within=batch_window_s)`): a batch shares one
 embedding call and one hop to the Qdrant thread, and its Triton requests go out together; each query is
-answered as soon as its own scores are back. Within a batch each query is handled on its own: an invalid query becomes a dead letter, so does one over its user's rate (`streams.ratelimit`), a
-redelivered one (its request id is in the served log) is skipped, and every other query gets exactly one
-answer, published together with the served-log update (see `streams.served`). Nothing drops a query silently:
+answered as soon as its own scores are back. Within a batch each query is handled on its own: an invalid query
+becomes a dead letter, so does one over its user's rate (`streams.ratelimit`), a redelivered one (its request
+id is in the served log) is skipped, and every other query gets exactly one answer, published together with
+the served-log update (see `streams.served`). Nothing drops a query silently:
 - reranker down, slow or its circuit open → the candidates in the plan's order, `degraded` with the reason;
 - Qdrant down (after retries) → the plan without its text search (the collaborative retriever and the
   request's constraints still apply), else the collaborative neighbours of the user's recent items, else

@@ -46,16 +46,16 @@ the stream partitions, seeks them to their committed offsets (`perform_seek`), e
 the queues and count as read (`Consumer._read_offset`), records from the fetch before the seek keep arriving
 after it and move the read offset on again, the clear throws the queued ones away, and their second fetch,
 below the read offset, is dropped ("DROPPED MESSAGE" in Faust's DEVLOG); or a record far ahead of the reset
-read offset makes Faust mark the offsets between as a gap and commit them. Nothing fails: the records are
-just never handled. A broker restart under load leaves a backlog to fetch at exactly that moment: 9 to 35
+read offset makes Faust mark the offsets between as a gap and commit them. Nothing fails: the records are just
+never handled. A broker restart under load leaves a backlog to fetch at exactly that moment: 9 to 35
 acknowledged queries stored and never answered in 3 of 7 runs of tests/integration/test_faults.py (one run:
 the 9 records cleared right after the seek, at 7-9, 6-8 and 9-11 of three partitions, were the 9 lost). The
-patch stops the flow before the seek and leaves it stopped; it relies on perform_seek's callers: the
-recovery (`_resume_streams`, `on_recovery_completed`) resumes the flow right after the clear, and
-`Consumer.getmany` seeks only with the flow stopped already. Records handed out before the seek are fetched
-again from the committed offsets (with none committed, from the first: patch 9); any an agent had taken already are handled twice and absorbed as
-duplicates. A seek that fails puts the flow back as it was. The race is Faust's: a real Kafka hits it too
-whenever records are waiting as a rebalance ends.
+patch stops the flow before the seek and leaves it stopped; it relies on perform_seek's callers: the recovery
+(`_resume_streams`, `on_recovery_completed`) resumes the flow right after the clear, and `Consumer.getmany`
+seeks only with the flow stopped already. Records handed out before the seek are fetched again from the
+committed offsets (with none committed, from the first: patch 9); any an agent had taken already are handled
+twice and absorbed as duplicates. A seek that fails puts the flow back as it was. The race is Faust's: a real
+Kafka hits it too whenever records are waiting as a rebalance ends.
 
 8. `flush_the_whole_buffer` (patches Faust's ProducerBuffer.flush and ._send_pending): before it commits
 offsets Faust flushes its producer, and the first step, `ProducerBuffer.flush`, gives up as soon as no
@@ -73,15 +73,16 @@ relies on.
 9. `seek_uncommitted_to_the_start` (patches Faust's ThreadDelegateConsumer.seek_to_committed): the seek of
 patch 7 (Faust's `perform_seek`) puts a partition back only where a committed offset exists — aiokafka's
 `seek_to_committed` moves a partition only to a committed offset above 0 — so a partition nothing was ever
-committed on keeps its fetch position, past the records handed out before the seek and dropped with the
-flow. Seen in the crash test: the restarted worker never answered the first queries of the partitions the
-killed worker had not committed on (0@0, 1@0, 3@0 and 3@1; the partition with a commit lost nothing), yet
-it went on to commit past them. The recovery resumes the flow to read the changelogs, so the stream
-partitions are fetched too; at its closing seek, one of five runs found those three partitions at 1, 1 and
-2 with nothing committed (and with the patch answered all 24). With `consumer_auto_offset_reset` "earliest" (this project's setting) the
-patch seeks those partitions of the app's own topics to their first offset (a changelog's position is the
-table recovery's to set); the records handed out already come again and are absorbed as duplicates. Under
-"latest" it changes nothing: where that position was is not known any more. Against a real Kafka too.
+committed on keeps its fetch position, past the records handed out before the seek and dropped with the flow.
+Seen in the crash test: the restarted worker never answered the first queries of the partitions the killed
+worker had not committed on (0@0, 1@0, 3@0 and 3@1; the partition with a commit lost nothing), yet it went on
+to commit past them. The recovery resumes the flow to read the changelogs, so the stream partitions are
+fetched too; at its closing seek, one of five runs found those three partitions at 1, 1 and 2 with nothing
+committed (and with the patch answered all 24). With `consumer_auto_offset_reset` "earliest" (this project's
+setting) the patch seeks those partitions of the app's own topics to their first offset (a changelog's
+position is the table recovery's to set); the records handed out already come again and are absorbed as
+duplicates. Under "latest" it changes nothing: where that position was is not known any more. Against a real
+Kafka too.
 """
 
 from __future__ import annotations
