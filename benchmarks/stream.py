@@ -26,12 +26,13 @@ Measured:
 - ratios that hold on any machine, each of two figures from this run: max_qps / serving throughput at 16;
   quarter-rate p50 and p99 / served p50;
 - where the cores went at each step: CPU time of the worker, Triton (server and backend stubs), the broker,
-  this load generator and everything else, as cores kept busy and as CPU ms per answered query.
+  this load generator and everything else, as cores kept busy and as CPU ms per answered query; and the
+  worker's own CPU per query by thread (its /metrics), native threads (BLAS, gRPC, RocksDB) included.
 JSON keys: rates {"1","5","10": {p50_ms, p99_ms, ...}}, max_qps, max_qps_within_slo, overhead_p99_ms,
 serving_throughput_16, served_p50_ms, quarter_rate {qps, p50_ms, p99_ms}, ratios {max_over_serving,
-quarter_p50_over_served_p50, quarter_p99_over_served_p50}, steps {rate: {..., cores, cpu_ms_per_query}},
-clicks_eps, and details (load average, model,
-catalogue size, degraded answers).
+quarter_p50_over_served_p50, quarter_p99_over_served_p50}, steps {rate: {..., cores, cpu_ms_per_query,
+worker_threads_cpu_ms_per_query}}, clicks_eps, and details (load average, model, catalogue size, degraded
+answers).
 """
 
 from __future__ import annotations
@@ -160,8 +161,9 @@ def run(root: Path, args, console: Console) -> dict:
                 {"worker": worker.process.pid, "triton": state.triton.pid, "broker": state.kafka.pid}
                 | {"load": os.getpid()}
             )
+            meters = Meters(cpu, worker)
             result = asyncio.run(
-                measure(settings, worker, dataset, args, console, state.triton.http_url, cpu)
+                measure(settings, worker, dataset, args, console, state.triton.http_url, meters)
             )
         result["details"].update(
             {
@@ -191,9 +193,7 @@ def reranker_folder(args, root: Path) -> tuple[Path, str]:
 # ------------------------------------------------------------------------------------------------ measuring
 
 
-async def measure(
-    settings, worker, dataset, args, console: Console, triton_url: str, cpu: CpuBySession
-) -> dict:
+async def measure(settings, worker, dataset, args, console: Console, triton_url: str, meters: Meters) -> dict:
     clicks_eps, users = await measure_clicks(settings, worker, dataset, args.clicks_per_user, console)
     with console.status("Triton alone: sequential requests, then 16 concurrent…"):
         alone = await served_alone(settings, args.data_root)
@@ -208,7 +208,7 @@ async def measure(
         degraded = 0
         for rate in (1.0, 5.0, 10.0):
             before = await model_stats(triton_url, MODEL)
-            step = await offered(settings, listener, users, texts, rate, args.duration, cpu=cpu)
+            step = await offered(settings, listener, users, texts, rate, args.duration, meters=meters)
             rates[f"{rate:g}"] = {
                 **step.summary(),
                 "triton": inside_triton(before, await model_stats(triton_url, MODEL)),
@@ -217,13 +217,21 @@ async def measure(
             degraded += step.degraded
             console.print(f"{rate:g} q/s: {rates[f'{rate:g}']}")
         quarter = round(alone["throughput_16"] / 4, 1)
-        step = await offered(settings, listener, users, texts, quarter, args.duration, cpu=cpu)
+        step = await offered(settings, listener, users, texts, quarter, args.duration, meters=meters)
         rates[f"{quarter:g}"] = quarter_step = step.summary()
         overhead += step.overheads
         degraded += step.degraded
         console.print(f"{quarter:g} q/s (a quarter of Triton alone): {quarter_step}")
         max_qps, within_slo = await find_max_rate(
-            settings, listener, users, texts, args.duration / 2, rates, alone["throughput_16"], console, cpu
+            settings,
+            listener,
+            users,
+            texts,
+            args.duration / 2,
+            rates,
+            alone["throughput_16"],
+            console,
+            meters,
         )
     finally:
         await listener.stop()
@@ -288,6 +296,31 @@ async def served_alone(settings, data_root: Path, requests: int = 100, concurren
     return {"p50_ms": _pct(latencies, 50), "throughput_16": rate}
 
 
+class Meters:
+    """What a step measures besides latency: CPU per process (`CpuBySession`) and the worker's CPU per thread
+    (its /metrics `instructrec_thread_cpu_seconds_total`, which sees native threads a profiler does not)."""
+
+    def __init__(self, cpu: CpuBySession, worker) -> None:
+        self.cpu, self.worker = cpu, worker
+
+    def read(self) -> tuple[dict[str, float], dict[str, float]]:
+        return self.cpu.read(), worker_threads(self.worker)
+
+    def since(self, before: tuple[dict, dict]) -> tuple[dict[str, float], dict[str, float]]:
+        """(CPU seconds per process, the worker's CPU seconds per thread) since `before` (a `read`)."""
+        cpu, threads = self.read()
+        return CpuBySession.seconds(before[0], cpu), {
+            k: v - before[1].get(k, 0.0) for k, v in threads.items()
+        }
+
+
+def worker_threads(worker) -> dict[str, float]:
+    with urllib.request.urlopen(worker.url("/metrics"), timeout=5) as response:
+        text = response.read().decode()
+    found = re.findall(r'instructrec_thread_cpu_seconds_total\{thread="([^"]*)"\} ([0-9.e+]+)', text)
+    return {name: float(value) for name, value in found}
+
+
 def clicks_in(worker) -> float:
     with urllib.request.urlopen(worker.url("/metrics"), timeout=5) as response:
         text = response.read().decode()
@@ -327,10 +360,17 @@ class Answers:
 
 class Step:
     def __init__(
-        self, rate: float, sent: dict[str, float], listener: Answers, duration: float, cpu_s: dict[str, float]
+        self,
+        rate: float,
+        sent: dict[str, float],
+        listener: Answers,
+        duration: float,
+        cpu_s: dict[str, float],
+        threads_s: dict[str, float],
     ) -> None:
         self.rate = rate
         self.cpu_s = cpu_s  # CPU seconds per process from the first send to the last answer's wait
+        self.threads_s = threads_s  # the worker's CPU seconds per thread, over the same span
         self.latencies, self.overheads, self.degraded = [], [], 0
         self.stages: dict[str, list[float]] = {}
         self.reasons: dict[str, int] = {}
@@ -374,6 +414,11 @@ class Step:
                 for k, v in self.cpu_s.items()
                 if k not in ("machine", "wall")
             },
+            "worker_threads_cpu_ms_per_query": {
+                k: round(v * 1000 / max(1, len(self.latencies)), 1)
+                for k, v in sorted(self.threads_s.items(), key=lambda kv: -kv[1])
+                if v > 0
+            },
         }
 
 
@@ -385,7 +430,7 @@ async def offered(
     rate: float,
     duration: float,
     seed: int = 0,
-    cpu: CpuBySession | None = None,
+    meters: Meters | None = None,
 ) -> Step:
     """Send Poisson arrivals at `rate` for `duration` s; wait up to a second (more for slow answers) after."""
     from instructrec.events import QueryEvent
@@ -393,7 +438,7 @@ async def offered(
 
     rng = random.Random(f"{seed}:{rate}")
     sent: dict[str, float] = {}
-    before = cpu.read() if cpu is not None else None
+    before = meters.read() if meters is not None else None
     async with EventProducer(settings.kafka, linger_ms=0) as producer:
         start = time.perf_counter()
         next_at = start
@@ -407,8 +452,8 @@ async def offered(
     grace = time.perf_counter() + 1.0
     while time.perf_counter() < grace + 9.0 and not set(sent) <= set(listener.arrived):
         await asyncio.sleep(0.05)
-    cpu_s = CpuBySession.seconds(before, cpu.read()) if cpu is not None else {}
-    return Step(rate, sent, listener, duration, cpu_s)
+    cpu_s, threads_s = meters.since(before) if meters is not None else ({}, {})
+    return Step(rate, sent, listener, duration, cpu_s, threads_s)
 
 
 # Shares of Triton's own throughput tried after the fixed steps, in order, until one does not keep up.
@@ -424,7 +469,7 @@ async def find_max_rate(
     done: dict,
     serving: float,
     console: Console,
-    cpu: CpuBySession,
+    meters: Meters,
 ) -> tuple[float, float]:
     max_qps = within = 0.0
     for key, summary in done.items():
@@ -435,7 +480,7 @@ async def find_max_rate(
     for rate in sorted({round(share * serving, 1) for share in SHARES} - {float(k) for k in done}):
         if rate <= max_qps:
             continue
-        step = await offered(settings, listener, users, texts, rate, duration, cpu=cpu)
+        step = await offered(settings, listener, users, texts, rate, duration, meters=meters)
         done[f"{rate:g}"] = step.summary()
         console.print(f"{rate:g} q/s: {done[f'{rate:g}']}")
         if not step.kept_up:

@@ -1,6 +1,8 @@
 """Prometheus metrics of one stream app, on their own registry (no process-global state: two apps in one
 process, as in tests, do not collide). `GET /metrics` serves them.
 
+`ThreadCpu` adds the CPU time of every thread of the process, so where a worker's cores go is one scrape away.
+
 `LiveWindow` turns the cumulative counters and histograms into the figures of the last minute (events/s,
 latency quantiles) for `GET /live`: it keeps periodic snapshots and compares the newest with the oldest.
 """
@@ -8,11 +10,15 @@ latency quantiles) for `GET /live`: it keeps periodic snapshots and compares the
 from __future__ import annotations
 
 import math
-from collections import deque
-from collections.abc import Sequence
+import os
+import threading
+from collections import defaultdict, deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 # Latency buckets from 1 ms to 10 s: the query path is expected in the tens of milliseconds.
@@ -84,9 +90,43 @@ class Metrics:
         self.reranker_circuit_open = Gauge(
             "instructrec_reranker_circuit_open", "1 while the reranker circuit breaker is open", registry=r
         )
+        r.register(ThreadCpu())
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class ThreadCpu:
+    """A collector: CPU seconds (user + system) per thread of this process, Python threads by their name and
+    the others by their kernel name after "native:" (a BLAS or OpenMP pool, gRPC's, RocksDB's). A native pool
+    is invisible to a Python profiler: its spin-waiting was once the worker's busiest thread
+    (benchmarks/stream.py reads these per step). Linux only (/proc); elsewhere it reports nothing."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "instructrec_thread_cpu_seconds", "CPU time per thread of this process", labels=["thread"]
+        )
+        for name, seconds in sorted(thread_cpu_seconds().items()):
+            family.add_metric([name], seconds)
+        yield family
+
+
+def thread_cpu_seconds() -> dict[str, float]:
+    """CPU seconds per thread name (threads of one name summed) of this process, read from /proc."""
+    names = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
+    hz = os.sysconf("SC_CLK_TCK")
+    totals: dict[str, float] = defaultdict(float)
+    tasks = Path("/proc/self/task")
+    for task in tasks.iterdir() if tasks.is_dir() else ():
+        try:
+            stat = (task / "stat").read_text()
+            comm = (task / "comm").read_text().strip()
+        except OSError:  # the thread ended meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # from field 3 on: the name may hold spaces
+        name = names.get(int(task.name)) or f"native:{comm}"
+        totals[name] += (int(fields[11]) + int(fields[12])) / hz  # utime + stime
+    return dict(totals)
 
 
 # ------------------------------------------------------------------------------------------- live figures
