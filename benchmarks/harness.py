@@ -119,7 +119,8 @@ class ForeignCpu:
 class CpuBySession:
     """CPU time per named process session between two `read`s (every process of the session, every thread:
     Triton's server and its backend stubs, a worker and its threads), with the machine's busy time beside
-    them, so a step can say which process its cores went to. A name can also be this very process ("own")."""
+    them, so a step can say which process its cores went to. A name may also stand for this process alone
+    when it leads no session (a benchmark's own load generator)."""
 
     def __init__(self, sessions: dict[str, int]) -> None:
         self.sessions = sessions  # name -> the session leader's pid
