@@ -6,8 +6,9 @@ Starts its own tritonserver (the infra API, explicit model control) on a tempora
 the exported reranker (the offline default model, or `--reranker DIR`, e.g. artifacts/ml-latest-small/
 reranker/best) twice: `instructrec_reranker` with dynamic batching and `instructrec_reranker_unbatched`, the
 same weights and backend without it (every request its own forward pass). Requests are real instructions
-from ml-latest-small: a user's 10 most recent items before their last one, and 20 candidates (the last item
-and 19 random items they never rated), rendered by `request_instruction`.
+from ml-latest-small in the shape the stream sends (`harness.Workload`): explicit preferences from the
+user's interactions before their last one and 10 of those items shown, a request text on half of them, and
+20 candidates (the last item and 19 random items they never rated) described by title, categories and tags.
 
 Measured, in one run:
 - latency p50/p99 of one request of 20 candidates, sent one after another (gRPC aio client);

@@ -1,7 +1,7 @@
 """Streaming benchmark: end-to-end latency of the query path and throughput of the clicks path, on this machine.
 
     python benchmarks/stream.py [--json PATH] [--reranker DIR] [--items N] [--duration S] [--triton-timeout S]
-                                [--quick]
+                                [--placements SPEC [SPEC ...] [--repeats R]] [--quick]
 
 Starts its own broker (noida-db) and tritonserver (the infra API) under a temporary state folder, serves the
 trained reranker (`artifacts/<dataset>/reranker/best`, or `--reranker DIR`; else the offline default model,
@@ -19,7 +19,7 @@ Measured:
   transport and the client;
 - Triton alone, in the same run and on the same server before any query is sent (the worker idle): the
   served p50 of one 20-candidate request sent after another, and the throughput at 16 concurrent requests
-  (benchmarks/serving.py's workload and method);
+  (benchmarks/serving.py's workload and method: requests shaped as the stream sends them);
 - the query path at a quarter of that throughput, and the highest sustainable rate: rates go up, as shares
   of that throughput, until a step leaves a query unanswered (ten seconds after its end) or its p99 exceeds
   one second; `max_qps` is the last rate that kept up, `max_qps_within_slo` the last with p99 ≤ 250 ms.
@@ -28,6 +28,13 @@ Measured:
 - where the cores went at each step: CPU time of the worker, Triton (server and backend stubs), the broker,
   this load generator and everything else, as cores kept busy and as CPU ms per answered query; and the
   worker's own CPU per query by thread (its /metrics), native threads (BLAS, gRPC, RocksDB) included.
+
+`--placements triton=-5 worker=-5 triton@1,worker@0,broker@0` measures instead what separates the processes
+that share the cores: after Triton alone, the quarter rate is offered `--repeats` times under each placement
+(and under none: every process at nice 0 on every CPU), interleaved in a rotating order so that drift
+falls on all alike. A placement sets, for every thread of a process's session (worker, triton, broker), a
+nice value (`name=N`) or the CPUs it may run on (`name@0`, `name@0-1`). JSON: `placements` → {spec:
+{p50_ms, p99_ms, overhead_p99_ms: [per repeat], answered, sent, cores, cpu_ms_per_query}}.
 JSON keys: rates {"1","5","10": {p50_ms, p99_ms, ...}}, max_qps, max_qps_within_slo, overhead_p99_ms,
 serving_throughput_16, served_p50_ms, quarter_rate {qps, p50_ms, p99_ms}, ratios {max_over_serving,
 quarter_p50_over_served_p50, quarter_p99_over_served_p50}, steps {rate: {..., cores, cpu_ms_per_query,
@@ -45,6 +52,7 @@ import re
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +62,7 @@ from harness import (  # the benchmarks' shared library module
     build_catalog,
     finish,
     in_folder,
+    place_session,
 )
 from rich.console import Console
 from rich.table import Table
@@ -100,13 +109,24 @@ def main(argv: list[str] | None = None) -> int:
         help="the reranker call's timeout, s (default: the configured one, 2 s); a busy machine "
         "needs more for answers to be reranked rather than degraded",
     )
+    parser.add_argument(
+        "--placements",
+        nargs="+",
+        default=None,
+        metavar="SPEC",
+        help="compare placements at the quarter rate instead of the rate steps (docstring)",
+    )
+    parser.add_argument("--repeats", type=int, default=4, help="trials per placement (with --placements)")
     parser.add_argument("--quick", action="store_true", help="shorter steps, smaller catalogue")
     args = parser.parse_args(argv)
+    if args.placements:
+        args.placements = {spec: Placement.parse(spec) for spec in ("none", *args.placements)}
     if args.quick:
         args.duration, args.items, args.clicks_per_user = 10.0, args.items or 1000, 20
     console = Console()
     result = in_folder(None, "stream-bench-", lambda root: run(root, args, console))
-    return finish(console, report(result), result, args.json_path)
+    rendered = report_placements(result) if "placements" in result else report(result)
+    return finish(console, rendered, result, args.json_path)
 
 
 # ------------------------------------------------------------------------------------------------ set-up
@@ -157,14 +177,17 @@ def run(root: Path, args, console: Console) -> dict:
         with worker:
             with console.status("starting the worker…"):
                 worker.wait_healthy(300)
-            cpu = CpuBySession(
-                {"worker": worker.process.pid, "triton": state.triton.pid, "broker": state.kafka.pid}
-                | {"load": os.getpid()}
-            )
+            leaders = {"worker": worker.process.pid, "triton": state.triton.pid, "broker": state.kafka.pid}
+            cpu = CpuBySession(leaders | {"load": os.getpid()})
             meters = Meters(cpu, worker)
-            result = asyncio.run(
-                measure(settings, worker, dataset, args, console, state.triton.http_url, meters)
-            )
+            if args.placements:
+                result = asyncio.run(
+                    compare_placements(settings, worker, dataset, args, console, leaders, meters)
+                )
+            else:
+                result = asyncio.run(
+                    measure(settings, worker, dataset, args, console, state.triton.http_url, meters)
+                )
         result["details"].update(
             {
                 "reranker": model_name,
@@ -294,6 +317,91 @@ async def served_alone(settings, data_root: Path, requests: int = 100, concurren
             latencies.append((time.perf_counter() - started) * 1000)
         rate = await throughput(reranker, workload.requests, concurrent, 12 * concurrent)
     return {"p50_ms": _pct(latencies, 50), "throughput_16": rate}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Nice values and CPU sets per process session (`--placements`): `triton=-5`, `worker@0,broker@0-1`."""
+
+    nice: dict[str, int]
+    cpus: dict[str, set[int]]
+
+    NAMES = ("worker", "triton", "broker")
+
+    @classmethod
+    def parse(cls, spec: str) -> Placement:
+        nice: dict[str, int] = {}
+        cpus: dict[str, set[int]] = {}
+        for part in spec.split(",") if spec != "none" else ():
+            found = re.fullmatch(r"(\w+)([=@])(-?\d+(?:-\d+)?)", part)
+            name, sep, value = found.groups() if found else ("", "", "")
+            if name not in cls.NAMES:
+                raise SystemExit(
+                    f"placement {spec!r}: expected NAME=NICE or NAME@CPUS, NAME one of {cls.NAMES}"
+                )
+            if sep == "=":
+                nice[name] = int(value)
+            else:
+                low, _, high = value.partition("-")
+                cpus[name] = set(range(int(low), int(high or low) + 1))
+        return cls(nice, cpus)
+
+    def apply(self, leaders: dict[str, int]) -> None:
+        """This placement for the named sessions, the default (nice 0, every CPU) for the others."""
+        for name in self.NAMES:
+            place_session(leaders[name], self.nice.get(name, 0), self.cpus.get(name))
+
+
+async def compare_placements(
+    settings, worker, dataset, args, console: Console, leaders: dict, meters
+) -> dict:
+    """The quarter rate under each placement, `args.repeats` rounds, each round in a rotated order."""
+    _, users = await measure_clicks(settings, worker, dataset, args.clicks_per_user, console)
+    with console.status("Triton alone: sequential requests, then 16 concurrent…"):
+        alone = await served_alone(settings, args.data_root)
+    console.print(f"Triton alone: {alone}")
+    quarter = round(alone["throughput_16"] / 4, 1)
+    texts = intentions(dataset)
+    specs = list(args.placements)
+    trials: dict[str, list[dict]] = {spec: [] for spec in specs}
+    listener = Answers(settings)
+    await listener.start()
+    try:
+        await offered(settings, listener, users, texts, rate=2.0, duration=5.0)  # warm-up, not reported
+        for repeat in range(args.repeats):
+            for spec in specs[repeat % len(specs) :] + specs[: repeat % len(specs)]:
+                args.placements[spec].apply(leaders)
+                await asyncio.sleep(2.0)  # the previous trial's backlog drains under its own placement
+                step = await offered(
+                    settings, listener, users, texts, quarter, args.duration, seed=repeat, meters=meters
+                )
+                trials[spec].append(step.summary())
+                console.print(f"{spec}, round {repeat + 1}: {trials[spec][-1]}")
+    finally:
+        Placement.parse("none").apply(leaders)
+        await listener.stop()
+    return {
+        "serving_throughput_16": alone["throughput_16"],
+        "served_p50_ms": alone["p50_ms"],
+        "quarter_rate": quarter,
+        "placements": {spec: _trials(runs) for spec, runs in trials.items()},
+        "details": {"load_average": os.getloadavg(), "cores": os.cpu_count(), "repeats": args.repeats},
+    }
+
+
+def _trials(runs: list[dict]) -> dict:
+    cpu = [r.get("cpu_ms_per_query", {}) for r in runs]
+    return {
+        "p50_ms": [r["p50_ms"] for r in runs],
+        "p99_ms": [r["p99_ms"] for r in runs],
+        "overhead_p99_ms": [r["overhead_p99_ms"] for r in runs],
+        "answered": sum(r["answered"] for r in runs),
+        "sent": sum(r["sent"] for r in runs),
+        "cores": round(float(np.mean([r["cores"]["machine"] for r in runs if r.get("cores")])), 2),
+        "cpu_ms_per_query": {k: round(float(np.mean([c.get(k, 0.0) for c in cpu])), 1) for k in cpu[0]}
+        if cpu and cpu[0]
+        else {},
+    }
 
 
 class Meters:
@@ -505,6 +613,40 @@ def inside_triton(before: dict, after: dict) -> dict:
 
 def _pct(values: list[float], q: float) -> float:
     return round(float(np.percentile(values, q)), 1) if values else float("nan")
+
+
+def report_placements(result: dict) -> Table:
+    table = Table(
+        title=f"placements at {result['quarter_rate']:g} q/s, a quarter of Triton alone "
+        f"({result['details']['repeats']} trials each, mean ± standard deviation)"
+    )
+    for column in (
+        "placement",
+        "p50 ms",
+        "p99 ms",
+        "overhead p99 ms",
+        "answered/sent",
+        "cores busy",
+        "CPU ms/query: worker · Triton · broker · load",
+    ):
+        table.add_column(column, justify="right")
+
+    def spread(values: list[float]) -> str:
+        return f"{np.mean(values):.0f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.0f}"
+
+    for spec, trials in result["placements"].items():
+        cpu = trials["cpu_ms_per_query"]
+        table.add_row(
+            spec,
+            spread(trials["p50_ms"]),
+            spread(trials["p99_ms"]),
+            spread(trials["overhead_p99_ms"]),
+            f"{trials['answered']}/{trials['sent']}",
+            f"{trials['cores']:.2f}",
+            " · ".join(f"{cpu.get(k, float('nan')):.0f}" for k in ("worker", "triton", "broker", "load")),
+        )
+    table.caption = f"Triton alone: p50 {result['served_p50_ms']} ms, {result['serving_throughput_16']} req/s at 16 concurrent"
+    return table
 
 
 def report(result: dict) -> Table:
