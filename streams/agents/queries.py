@@ -4,10 +4,11 @@ InstructRec instruction → the reranker on Triton → a `Recommendation` whose 
 
 Queries are micro-batched (`stream.take_events(batch_size, within=batch_window_s)`): a batch shares one
 embedding call and one hop to the Qdrant thread, and its Triton requests go out together; each query is
-answered as soon as its own scores are back. Within a batch each query is handled on its own: an invalid query
-becomes a dead letter, so does one over its user's rate (`streams.ratelimit`), a redelivered one (its request
-id is in the served log) is skipped, and every other query gets exactly one answer, published together with
-the served-log update (see `streams.served`). Nothing drops a query silently:
+answered as soon as its own scores are back; up to `query_concurrency` batches are in flight (`install`).
+Within a batch each query is handled on its own: an invalid query becomes a dead letter, so does one over
+its user's rate (`streams.ratelimit`), a redelivered one (its request id is in the served log) is skipped,
+and every other query gets exactly one answer, published together with the served-log update (see
+`streams.served`). Nothing drops a query silently:
 - reranker down, slow or its circuit open → the candidates in the plan's order, `degraded` with the reason;
 - Qdrant down (after retries) → the plan without its text search (the collaborative retriever and the
   request's constraints still apply), else the collaborative neighbours of the user's recent items, else
@@ -26,7 +27,7 @@ import asyncio
 import logging
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -626,17 +627,60 @@ def _model_version(stream: StreamApp) -> str:
 
 
 def install(stream: StreamApp) -> None:
-    """`query_concurrency` actors share the topic: while one waits on Triton, the next batch is retrieved and
-    rendered (and, with several Triton instances, reranked). Offsets are still committed only up to the
-    oldest unfinished query, so a crash redelivers rather than loses."""
+    """One actor takes micro-batches off the topic and answers them, up to `query_concurrency` at once
+    (`answer_in_flight`)."""
     settings = stream.settings.stream
     size, window = settings.batch_size, settings.batch_window_s
-    # One limiter for the worker's actors. Queries are keyed by user id, so all of a user's queries come to
-    # the worker that owns the user's partition: this worker's limiter is exact per user, not per worker.
+    # One limiter for the worker. Queries are keyed by user id, so all of a user's queries come to the
+    # worker that owns the user's partition: this worker's limiter is exact per user, not per worker.
     limiter = UserRateLimiter.from_settings(settings)
 
     async def queries(events_stream):
-        async for events in events_stream.take_events(size, within=window):
-            await answer_batch(stream, events, limiter)
+        batches = events_stream.take_events(size, within=window)
+        await answer_in_flight(stream, batches, limiter, settings.query_concurrency)
 
-    stream.app.agent(stream.topics.queries, name="queries", concurrency=settings.query_concurrency)(queries)
+    stream.app.agent(stream.topics.queries, name="queries")(queries)
+
+
+async def answer_in_flight(
+    stream: StreamApp, batches: AsyncIterator[Sequence], limiter: UserRateLimiter | None, concurrency: int
+) -> None:
+    """Each batch answered by a task of its own, up to `concurrency` at once: while one waits on Triton, the
+    next is retrieved and rendered.
+
+    Not Faust's agent concurrency: each of its actors' streams pulls its next event while the actor's batch
+    is still being answered and holds it until that batch is done (`take_events` buffers nothing while its
+    batch is out), so a query could wait behind a batch not its own while another actor was idle. Here a
+    batch is taken when a slot is free, any slot, and holds every query that arrived meanwhile.
+
+    A batch's events stay unacknowledged until their answers are published (`Message.incref` now, `ack`
+    when done), so offsets are still committed only up to the oldest unanswered query and a crash
+    redelivers rather than loses; Faust also waits for them before a rebalance (`stream_wait_empty`)."""
+    slots = asyncio.Semaphore(concurrency)
+    running: set[asyncio.Task] = set()  # referenced until done: the loop keeps only weak references
+    await slots.acquire()
+    try:
+        async for events in batches:
+            held = list(events)
+            for event in held:
+                event.message.incref()  # take_events acknowledges as this loop goes on; the answer ends it
+            task = asyncio.create_task(_answer_then_ack(stream, held, limiter, slots))
+            running.add(task)
+            task.add_done_callback(running.discard)
+            # The next batch is taken once a slot is free: it then holds all that arrived meanwhile.
+            await slots.acquire()
+    finally:  # stopping: the batches in flight are answered first (a second cancel leaves them unacked)
+        await asyncio.gather(*running, return_exceptions=True)
+
+
+async def _answer_then_ack(
+    stream: StreamApp, events: list, limiter: UserRateLimiter | None, slot: asyncio.Semaphore
+) -> None:
+    try:
+        await answer_batch(stream, events, limiter)
+    except Exception:  # answer_batch answers every query it can; what escapes it is a bug, not a stop
+        log.exception("query batch failed")
+    finally:
+        slot.release()
+    for event in events:  # not reached when cancelled: unacknowledged, the queries are redelivered
+        event.ack()

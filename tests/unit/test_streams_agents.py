@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import orjson
 import pytest
+from faust.types.tuples import Message
 
 from instructrec.adapters.qdrant import IndexUnavailable
 from instructrec.candidates import CandidateFilter, Hit
@@ -314,6 +315,52 @@ async def test_a_query_is_answered_as_soon_as_its_own_scores_are_back_not_its_ba
     assert await batch == 2
     assert [a.request_id for a in answers(stream)] == ["r2", "r1"]
     assert not any(a.degraded for a in answers(stream))
+
+
+class DeliveredEvent:
+    """A query event as a Faust stream holds it: its message (Faust's own) counted once per holder."""
+
+    def __init__(self, query: QueryEvent, offset: int) -> None:
+        fake = event(query, offset=offset)
+        self.value, self.key = fake.value, fake.key
+        self.message = Message("queries", 1, offset, None, None, None, fake.key, fake.value, None)
+        self.message.incref()  # delivered to the agent's stream
+
+    def ack(self) -> bool:
+        return self.message.ack(None)
+
+
+async def test_a_batch_holds_its_offsets_until_answered_while_a_free_slot_answers_the_next() -> None:
+    gate = asyncio.Event()
+
+    class OneSlowRequest(FakeReranker):
+        async def score(self, requests):
+            if any(b"slow" in r for r in requests):
+                await gate.wait()
+            return await super().score(requests)
+
+    stream = make_stream(reranker=OneSlowRequest())
+    watch(stream, "u1", ["m1", "m2"])
+    watch(stream, "u2", ["m3", "m4"])
+    slow = DeliveredEvent(QueryEvent(request_id="r1", user_id="u1", text="something slow"), offset=0)
+    fast = DeliveredEvent(QueryEvent(request_id="r2", user_id="u2", text="something quick"), offset=1)
+
+    async def take_events():  # as Faust's: a batch is acknowledged when the loop asks for the next
+        for batch in ([slow], [fast]):
+            yield batch
+            for e in batch:
+                e.ack()
+
+    answering = asyncio.create_task(queries.answer_in_flight(stream, take_events(), None, concurrency=2))
+    async with asyncio.timeout(5):
+        while not answers(stream):
+            await asyncio.sleep(0.01)
+    assert [a.request_id for a in answers(stream)] == ["r2"]
+    assert fast.message.acked and not slow.message.acked  # the commit cannot pass the unanswered query
+    assert not answering.done()  # the batches run out, but one is still in flight
+    gate.set()
+    await asyncio.wait_for(answering, 5)
+    assert slow.message.acked and [a.request_id for a in answers(stream)] == ["r2", "r1"]
 
 
 async def test_reranker_failure_answers_in_the_plans_order_flagged_degraded() -> None:
