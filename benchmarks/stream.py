@@ -27,7 +27,8 @@ Measured:
   quarter-rate p50 and p99 / served p50;
 - where the cores went at each step: CPU time of the worker, Triton (server and backend stubs), the broker,
   this load generator and everything else, as cores kept busy and as CPU ms per answered query; and the
-  worker's own CPU per query by thread (its /metrics), native threads (BLAS, gRPC, RocksDB) included.
+  worker's own CPU per query by thread (its /metrics), native threads (BLAS, gRPC, RocksDB) included, and
+  its garbage-collection pauses per generation (count, mean, ms per query).
 
 `--placements triton=-5 worker=-5 triton@1,worker@0,broker@0` measures instead what separates the processes
 that share the cores: after Triton alone, the quarter rate is offered `--repeats` times under each placement
@@ -38,7 +39,7 @@ nice value (`name=N`) or the CPUs it may run on (`name@0`, `name@0-1`). JSON: `p
 JSON keys: rates {"1","5","10": {p50_ms, p99_ms, ...}}, max_qps, max_qps_within_slo, overhead_p99_ms,
 serving_throughput_16, served_p50_ms, quarter_rate {qps, p50_ms, p99_ms}, ratios {max_over_serving,
 quarter_p50_over_served_p50, quarter_p99_over_served_p50}, steps {rate: {..., cores, cpu_ms_per_query,
-worker_threads_cpu_ms_per_query}}, clicks_eps, and details (load average, model, catalogue size, degraded
+worker_threads_cpu_ms_per_query, gc}}, clicks_eps, and details (load average, model, catalogue size, degraded
 answers).
 """
 
@@ -423,10 +424,16 @@ class Meters:
 
 
 def worker_threads(worker) -> dict[str, float]:
+    """The worker's CPU seconds per thread so far, and its garbage-collection pauses per generation (seconds
+    as "gc_pause_s:N", counts as "gc_pauses:N"), from its /metrics."""
     with urllib.request.urlopen(worker.url("/metrics"), timeout=5) as response:
         text = response.read().decode()
     found = re.findall(r'instructrec_thread_cpu_seconds_total\{thread="([^"]*)"\} ([0-9.e+]+)', text)
-    return {name: float(value) for name, value in found}
+    gc = re.findall(r'instructrec_gc_pause_seconds_(sum|count)\{generation="(\d)"\} ([0-9.e+-]+)', text)
+    return {name: float(value) for name, value in found} | {
+        f"{'gc_pause_s' if kind == 'sum' else 'gc_pauses'}:{generation}": float(value)
+        for kind, generation, value in gc
+    }
 
 
 def clicks_in(worker) -> float:
@@ -525,7 +532,19 @@ class Step:
             "worker_threads_cpu_ms_per_query": {
                 k: round(v * 1000 / max(1, len(self.latencies)), 1)
                 for k, v in sorted(self.threads_s.items(), key=lambda kv: -kv[1])
-                if v > 0
+                if v > 0 and not k.startswith("gc_")
+            },
+            # the worker's garbage-collection pauses per generation: every thread waits through them
+            "gc": {
+                generation: {
+                    "pauses": int(self.threads_s.get(f"gc_pauses:{generation}", 0)),
+                    "ms_per_query": round(seconds * 1000 / max(1, len(self.latencies)), 2),
+                    "mean_ms": round(
+                        seconds * 1000 / max(1, self.threads_s.get(f"gc_pauses:{generation}", 0)), 2
+                    ),
+                }
+                for key, seconds in sorted(self.threads_s.items())
+                if key.startswith("gc_pause_s:") and (generation := key.split(":")[1])
             },
         }
 

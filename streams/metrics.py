@@ -1,7 +1,8 @@
 """Prometheus metrics of one stream app, on their own registry (no process-global state: two apps in one
 process, as in tests, do not collide). `GET /metrics` serves them.
 
-`ThreadCpu` adds the CPU time of every thread of the process, so where a worker's cores go is one scrape away.
+`ThreadCpu` adds the CPU time of every thread of the process, so where a worker's cores go is one scrape away;
+`gc_paused` times the garbage collector's pauses, which stop every thread.
 
 `LiveWindow` turns the cumulative counters and histograms into the figures of the last minute (events/s,
 latency quantiles) for `GET /live`: it keeps periodic snapshots and compares the newest with the oldest.
@@ -9,9 +10,12 @@ latency quantiles) for `GET /live`: it keeps periodic snapshots and compares the
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import os
 import threading
+import time
 from collections import defaultdict, deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -91,6 +95,13 @@ class Metrics:
             "instructrec_reranker_circuit_open", "1 while the reranker circuit breaker is open", registry=r
         )
         r.register(ThreadCpu())
+        self.gc_pause_seconds = Histogram(
+            "instructrec_gc_pause_seconds",
+            "garbage-collection pauses by generation: every thread of the process waits through them",
+            ["generation"],
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=r,
+        )
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
@@ -109,6 +120,33 @@ class ThreadCpu:
         for name, seconds in sorted(thread_cpu_seconds().items()):
             family.add_metric([name], seconds)
         yield family
+
+
+class GcPauses:
+    """A `gc.callbacks` hook timing each collection into `Metrics.gc_pause_seconds`. The interpreter holds
+    every thread while it collects, so a long pause is a stall of the whole worker (`gc_paused` installs it
+    for the worker's lifetime)."""
+
+    def __init__(self, histogram: Histogram) -> None:
+        self.histogram = histogram
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.histogram.labels(str(info["generation"])).observe(time.perf_counter() - self._started)
+
+
+@contextlib.contextmanager
+def gc_paused(metrics: Metrics) -> Iterator[None]:
+    """Time garbage collections into `metrics` while the block runs (gc's callbacks are the process's)."""
+    hook = GcPauses(metrics.gc_pause_seconds)
+    gc.callbacks.append(hook)
+    try:
+        yield
+    finally:
+        gc.callbacks.remove(hook)
 
 
 def thread_cpu_seconds() -> dict[str, float]:
