@@ -4,7 +4,6 @@
 Every version folder holds this file beside `reranker/`, the saved model that `instructrec export` wrote.
 """
 
-import gc
 import json
 from pathlib import Path
 
@@ -31,11 +30,6 @@ class TritonPythonModel:
         self.scorer = scorer.load_scorer(version_dir / VERSION_WEIGHTS_DIR, options)  # once, warmed up
         self.version = args["model_version"].encode()
         self.trim_heap = HeapTrimmer(options.trim_heap_s)
-        # The model and its tokenizer live as long as this stub process: out of the collector's reach, a full
-        # collection no longer walks them. It took a third of a second, a stall of the request in hand (the
-        # stream worker freezes its start-up objects for the same reason: streams/runner.py).
-        gc.collect()
-        gc.freeze()
 
     def execute(self, requests):
         # All requests the dynamic batcher gathered are scored together: one forward pass.
