@@ -99,7 +99,8 @@ def run_worker(
     stream = create_app(settings, services, web_port=web_port)
     # What start-up loaded (models, the catalogue, embedded Qdrant's points) lives as long as the worker. Out
     # of the collector's reach, a full collection no longer walks it: it stopped every thread for a third of
-    # a second a few times a minute, the stream's p99 (benchmarks/stream.py, gc pauses per step).
+    # a second a few times a minute, the stream's p99 (benchmarks/stream.py, gc pauses per step). Frozen
+    # objects are still freed by reference counting; only a cycle among them would outlive its use.
     gc.collect()
     gc.freeze()
     deadline = ShutdownDeadline(shutdown_timeout_s, "the stream worker's graceful stop")
