@@ -217,7 +217,11 @@ def reranker_folder(args, root: Path) -> tuple[Path, str]:
 # ------------------------------------------------------------------------------------------------ measuring
 
 
-async def measure(settings, worker, dataset, args, console: Console, triton_url: str, meters: Meters) -> dict:
+@contextlib.asynccontextmanager
+async def prepared(settings, worker, dataset, args, console: Console):
+    """What every measurement starts from: the clicks replayed (users with histories; their rate), Triton
+    alone measured, request texts, and a listener on the answers, warmed up. Yields (clicks/s, users, texts,
+    Triton alone, listener)."""
     clicks_eps, users = await measure_clicks(settings, worker, dataset, args.clicks_per_user, console)
     with console.status("Triton alone: sequential requests, then 16 concurrent…"):
         alone = await served_alone(settings, args.data_root)
@@ -227,6 +231,19 @@ async def measure(settings, worker, dataset, args, console: Console, triton_url:
     await listener.start()
     try:
         await offered(settings, listener, users, texts, rate=2.0, duration=5.0)  # warm-up, not reported
+        yield clicks_eps, users, texts, alone, listener
+    finally:
+        await listener.stop()
+
+
+async def measure(settings, worker, dataset, args, console: Console, triton_url: str, meters: Meters) -> dict:
+    async with prepared(settings, worker, dataset, args, console) as (
+        clicks_eps,
+        users,
+        texts,
+        alone,
+        listener,
+    ):
         rates: dict[str, dict] = {}
         overhead: list[float] = []
         degraded = 0
@@ -257,8 +274,6 @@ async def measure(settings, worker, dataset, args, console: Console, triton_url:
             console,
             meters,
         )
-    finally:
-        await listener.stop()
     served_p50 = alone["p50_ms"]
     return {
         "rates": {key: rates[key] for key in ("1", "5", "10")},
@@ -357,30 +372,22 @@ async def compare_placements(
     settings, worker, dataset, args, console: Console, leaders: dict, meters
 ) -> dict:
     """The quarter rate under each placement, `args.repeats` rounds, each round in a rotated order."""
-    _, users = await measure_clicks(settings, worker, dataset, args.clicks_per_user, console)
-    with console.status("Triton alone: sequential requests, then 16 concurrent…"):
-        alone = await served_alone(settings, args.data_root)
-    console.print(f"Triton alone: {alone}")
-    quarter = round(alone["throughput_16"] / 4, 1)
-    texts = intentions(dataset)
     specs = list(args.placements)
     trials: dict[str, list[dict]] = {spec: [] for spec in specs}
-    listener = Answers(settings)
-    await listener.start()
-    try:
-        await offered(settings, listener, users, texts, rate=2.0, duration=5.0)  # warm-up, not reported
-        for repeat in range(args.repeats):
-            for spec in specs[repeat % len(specs) :] + specs[: repeat % len(specs)]:
-                args.placements[spec].apply(leaders)
-                await asyncio.sleep(2.0)  # the previous trial's backlog drains under its own placement
-                step = await offered(
-                    settings, listener, users, texts, quarter, args.duration, seed=repeat, meters=meters
-                )
-                trials[spec].append(step.summary())
-                console.print(f"{spec}, round {repeat + 1}: {trials[spec][-1]}")
-    finally:
-        Placement.parse("none").apply(leaders)
-        await listener.stop()
+    async with prepared(settings, worker, dataset, args, console) as (_, users, texts, alone, listener):
+        quarter = round(alone["throughput_16"] / 4, 1)
+        try:
+            for repeat in range(args.repeats):
+                for spec in specs[repeat % len(specs) :] + specs[: repeat % len(specs)]:
+                    args.placements[spec].apply(leaders)
+                    await asyncio.sleep(2.0)  # the previous trial's backlog drains under its own placement
+                    step = await offered(
+                        settings, listener, users, texts, quarter, args.duration, seed=repeat, meters=meters
+                    )
+                    trials[spec].append(step.summary())
+                    console.print(f"{spec}, round {repeat + 1}: {trials[spec][-1]}")
+        finally:
+            Placement.parse("none").apply(leaders)
     return {
         "serving_throughput_16": alone["throughput_16"],
         "served_p50_ms": alone["p50_ms"],
@@ -406,34 +413,37 @@ def _trials(runs: list[dict]) -> dict:
 
 
 class Meters:
-    """What a step measures besides latency: CPU per process (`CpuBySession`) and the worker's CPU per thread
-    (its /metrics `instructrec_thread_cpu_seconds_total`, which sees native threads a profiler does not)."""
+    """What a step measures besides latency: CPU per process (`CpuBySession`), and from the worker's /metrics
+    its CPU per thread (`instructrec_thread_cpu_seconds_total`, which sees native threads a profiler does
+    not) and its garbage-collection pauses (`instructrec_gc_pause_seconds`)."""
 
     def __init__(self, cpu: CpuBySession, worker) -> None:
         self.cpu, self.worker = cpu, worker
 
-    def read(self) -> tuple[dict[str, float], dict[str, float]]:
-        return self.cpu.read(), worker_threads(self.worker)
+    def read(self) -> tuple[dict[str, float], dict[str, float], dict[str, list[float]]]:
+        """(CPU seconds per process, the worker's CPU seconds per thread, its GC [seconds, pauses] per
+        generation), so far."""
+        with urllib.request.urlopen(self.worker.url("/metrics"), timeout=5) as response:
+            text = response.read().decode()
+        threads = re.findall(r'instructrec_thread_cpu_seconds_total\{thread="([^"]*)"\} ([0-9.e+]+)', text)
+        gc: dict[str, list[float]] = {}
+        for kind, generation, value in re.findall(
+            r'instructrec_gc_pause_seconds_(sum|count)\{generation="(\d)"\} ([0-9.e+-]+)', text
+        ):
+            gc.setdefault(generation, [0.0, 0.0])[kind == "count"] = float(value)
+        return self.cpu.read(), {name: float(value) for name, value in threads}, gc
 
-    def since(self, before: tuple[dict, dict]) -> tuple[dict[str, float], dict[str, float]]:
-        """(CPU seconds per process, the worker's CPU seconds per thread) since `before` (a `read`)."""
-        cpu, threads = self.read()
-        return CpuBySession.seconds(before[0], cpu), {
-            k: v - before[1].get(k, 0.0) for k, v in threads.items()
-        }
-
-
-def worker_threads(worker) -> dict[str, float]:
-    """The worker's CPU seconds per thread so far, and its garbage-collection pauses per generation (seconds
-    as "gc_pause_s:N", counts as "gc_pauses:N"), from its /metrics."""
-    with urllib.request.urlopen(worker.url("/metrics"), timeout=5) as response:
-        text = response.read().decode()
-    found = re.findall(r'instructrec_thread_cpu_seconds_total\{thread="([^"]*)"\} ([0-9.e+]+)', text)
-    gc = re.findall(r'instructrec_gc_pause_seconds_(sum|count)\{generation="(\d)"\} ([0-9.e+-]+)', text)
-    return {name: float(value) for name, value in found} | {
-        f"{'gc_pause_s' if kind == 'sum' else 'gc_pauses'}:{generation}": float(value)
-        for kind, generation, value in gc
-    }
+    def since(self, before: tuple) -> tuple[dict[str, float], dict[str, float], dict[str, list[float]]]:
+        """The same, between `before` (a `read`) and now."""
+        cpu, threads, gc = self.read()
+        return (
+            CpuBySession.seconds(before[0], cpu),
+            {k: v - before[1].get(k, 0.0) for k, v in threads.items()},
+            {
+                g: [now - then for now, then in zip(v, before[2].get(g, (0.0, 0.0)), strict=True)]
+                for g, v in gc.items()
+            },
+        )
 
 
 def clicks_in(worker) -> float:
@@ -482,10 +492,12 @@ class Step:
         duration: float,
         cpu_s: dict[str, float],
         threads_s: dict[str, float],
+        gc_s: dict[str, list[float]],
     ) -> None:
         self.rate = rate
         self.cpu_s = cpu_s  # CPU seconds per process from the first send to the last answer's wait
         self.threads_s = threads_s  # the worker's CPU seconds per thread, over the same span
+        self.gc_s = gc_s  # the worker's garbage collections: generation -> [seconds, pauses], the same span
         self.latencies, self.overheads, self.degraded = [], [], 0
         self.stages: dict[str, list[float]] = {}
         self.reasons: dict[str, int] = {}
@@ -532,19 +544,16 @@ class Step:
             "worker_threads_cpu_ms_per_query": {
                 k: round(v * 1000 / max(1, len(self.latencies)), 1)
                 for k, v in sorted(self.threads_s.items(), key=lambda kv: -kv[1])
-                if v > 0 and not k.startswith("gc_")
+                if v > 0
             },
             # the worker's garbage-collection pauses per generation: every thread waits through them
             "gc": {
                 generation: {
-                    "pauses": int(self.threads_s.get(f"gc_pauses:{generation}", 0)),
+                    "pauses": int(pauses),
                     "ms_per_query": round(seconds * 1000 / max(1, len(self.latencies)), 2),
-                    "mean_ms": round(
-                        seconds * 1000 / max(1, self.threads_s.get(f"gc_pauses:{generation}", 0)), 2
-                    ),
+                    "mean_ms": round(seconds * 1000 / max(1, pauses), 2),
                 }
-                for key, seconds in sorted(self.threads_s.items())
-                if key.startswith("gc_pause_s:") and (generation := key.split(":")[1])
+                for generation, (seconds, pauses) in sorted(self.gc_s.items())
             },
         }
 
@@ -579,8 +588,8 @@ async def offered(
     grace = time.perf_counter() + 1.0
     while time.perf_counter() < grace + 9.0 and not set(sent) <= set(listener.arrived):
         await asyncio.sleep(0.05)
-    cpu_s, threads_s = meters.since(before) if meters is not None else ({}, {})
-    return Step(rate, sent, listener, duration, cpu_s, threads_s)
+    cpu_s, threads_s, gc_s = meters.since(before) if meters is not None else ({}, {}, {})
+    return Step(rate, sent, listener, duration, cpu_s, threads_s, gc_s)
 
 
 # Shares of Triton's own throughput tried after the fixed steps, in order, until one does not keep up.
