@@ -239,6 +239,7 @@ def finished_cycles(settings, wait_s: float) -> list[dict]:
                 "examples": v.get("examples"),
                 "examples_per_s": round(v.get("examples_per_s") or 0.0, 2),
                 "live_after": v.get("live_after"),
+                "carried": v.get("carried", 1),  # cycles of examples the candidate trained on
                 "metrics": v.get("metrics", {}),
             }
         )
@@ -416,6 +417,7 @@ def report(result: dict) -> Group:
         "NDCG@10 before → after",
         "HR@10 before → after",
         "judged",
+        "cycles trained",
         "cycle s",
     ):
         versions.add_column(column, justify="right")
@@ -428,6 +430,7 @@ def report(result: dict) -> Group:
             _arrow(v.get("ndcg10_before"), v.get("ndcg10_after")),
             _arrow(v.get("hr10_before"), v.get("hr10_after")),
             str(v.get("window", "")),
+            str(c.get("carried", "")),
             str(c.get("seconds", "")),
         )
     online = Table(

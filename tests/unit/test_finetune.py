@@ -16,8 +16,8 @@ import torch
 from instructrec.adapters.triton import repository as repo
 from instructrec.config import FinetuneSettings
 from instructrec.events import ClickEvent, FeedbackEvent, encode
-from workers.finetune.cycle import resolve_method, split_examples
-from workers.finetune.gate import judge, ranks
+from workers.finetune.cycle import carries_on, challenger, resolve_method, split_examples, sweep
+from workers.finetune.gate import Verdict, judge, ranks
 from workers.finetune.ingest import ingest
 from workers.finetune.store import Batch, Example, ExampleStore, peek
 
@@ -154,6 +154,40 @@ def test_the_gate_accepts_a_real_gain_and_rejects_noise_and_losses() -> None:
     assert not judge(np.array([]), np.array([]), min_margin=0, confidence=0.5).accepted
 
 
+def test_a_rejected_candidate_carries_on_unless_clearly_worse_or_carried_long_enough() -> None:
+    config = FinetuneSettings(carry_cycles=3, confidence=0.9)
+    unsure = Verdict(False, "below the margin", {"p_better": 0.8})
+    assert carries_on(unsure, 1, config) and carries_on(unsure, 2, config)
+    assert not carries_on(unsure, 3, config)  # three cycles in: the next starts from the served version
+    assert not carries_on(Verdict(False, "a loss", {"p_better": 0.05}), 1, config)
+    assert not carries_on(Verdict(False, "nothing judged", {}), 1, config)
+    assert not carries_on(Verdict(True, "better", {"p_better": 0.99}), 1, config)  # it serves now
+    assert not carries_on(unsure, 1, FinetuneSettings(carry_cycles=1))
+
+
+def test_the_challenger_is_what_the_last_finished_cycle_kept_for_the_version_served_now(
+    tmp_path: Path,
+) -> None:
+    store = ExampleStore(tmp_path / "examples.db")
+    work = tmp_path / "candidates"
+    for name in ("cycle-1", "cycle-2"):
+        (work / name).mkdir(parents=True)
+    assert challenger(store.last_cycle(), "1", work) == (None, 0)
+    first = store.begin_cycle(0.0, 10)
+    store.end_cycle(first, 1.0, {"incumbent": "1", "challenger": "cycle-1", "carried": 2})
+    store.begin_cycle(2.0, 20)  # killed mid-training: never finished, so it names nothing
+    assert challenger(store.last_cycle(), "1", work) == (work / "cycle-1", 2)
+    assert challenger(store.last_cycle(), "2", work) == (None, 0)  # a swap or a rollback since: stale
+    sweep(work, store.last_cycle())
+    assert sorted(p.name for p in work.iterdir()) == ["cycle-1"]  # the killed cycle's folder is gone
+    third = store.begin_cycle(3.0, 30)
+    store.end_cycle(third, 4.0, {"incumbent": "1", "challenger": None, "carried": 3})
+    assert challenger(store.last_cycle(), "1", work) == (None, 0)
+    sweep(work, store.last_cycle())
+    assert list(work.iterdir()) == []
+    store.close()
+
+
 def test_auto_trains_lora_only_above_the_size_bound() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(1000, 1000, bias=False), torch.nn.Linear(10, 1))  # 1,000,011
     assert resolve_method(FinetuneSettings(lora_above=1_000_000), model) == "lora"
@@ -180,18 +214,18 @@ def test_exports_stage_beside_the_repository_and_retire_the_same_way(tmp_path: P
     repository = tmp_path / "repository"
     saved = saved_reranker(tmp_path / "saved")
     seen: list[list[str]] = []
-    original = repo._fsync_tree
+    original = repo.fsync_tree
 
     def watch(root: Path) -> None:  # mid-export: the model's folder holds nothing new yet
         seen.append(sorted(p.name for p in (repository / repo.MODEL_NAME).iterdir()))
         original(root)
 
-    repo._fsync_tree = watch
+    repo.fsync_tree = watch
     try:
         for _ in range(4):
             repo.export_version(saved, repository)
     finally:
-        repo._fsync_tree = original
+        repo.fsync_tree = original
     model_dir = repository / repo.MODEL_NAME
     assert all(all(n.isdigit() or n in ("config.pbtxt", "configs") for n in names) for names in seen)
     assert repo.versions(repository) == [1, 2, 3, 4]

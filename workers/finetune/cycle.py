@@ -3,7 +3,10 @@ served model, judged against it on the newest examples, which it never saw.
 
     result = run_cycle(store, planner, incumbent_dir, out_dir, config=settings.finetune, weights=fusion)
 
-Training starts from the version Triton serves. `method="lora"` trains LoRA adapters (peft) on the attention
+Training starts from the version Triton serves, or from the challenger: the last cycle's rejected candidate
+when it was trained from the same served version and was not clearly worse (`FinetuneSettings.carry_cycles`
+bounds how many cycles it carries on), so that cycles too small to move the model past the gate add up
+while the gate still judges every candidate against what is served. `method="lora"` trains LoRA adapters (peft) on the attention
 projections — query and value, which in the MiniLM encoder-decoder include the decoder's cross-attention: it
 started random in the offline default but the served version has trained it, so adapters on it are
 meaningful — and merges them into the weights before the candidate is saved, so every version is
@@ -19,6 +22,7 @@ from __future__ import annotations
 import copy
 import logging
 import random
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -27,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from instructrec.adapters.triton.repository import fsync_tree
 from instructrec.catalogue import Catalogue
 from instructrec.config import FinetuneSettings
 from instructrec.data.dataset import Interaction
@@ -196,7 +201,9 @@ def train_candidate(
 ) -> Trained:
     """Fine-tune `reranker` in place on the prepared examples (LoRA merged afterwards, or every weight)."""
     lookups = catalogue_lookups(reranker, catalogue)
-    train_config = TrainConfig(batch_size=16, lr=config.lr, fresh_lr=config.lr, warmup=0.1, candidates=20)
+    train_config = TrainConfig(
+        batch_size=16, lr=config.lr, fresh_lr=config.fresh_lr, warmup=0.1, candidates=20
+    )
     method = resolve_method(config, reranker)
     if method == "lora":
         reranker.add_lora("served", r=config.lora_r, alpha=2 * config.lora_r, targets=["query", "value"])
@@ -237,6 +244,32 @@ def train_candidate(
         float(np.mean(losses[:ends])) if losses else float("nan"),
         float(np.mean(losses[-ends:])) if losses else float("nan"),
     )
+
+
+def challenger(last_cycle: dict | None, incumbent: str, work: Path) -> tuple[Path | None, int]:
+    """The candidate the last finished cycle kept to carry on, if it challenges the version served now (a swap
+    or a rollback since makes it stale), and how many cycles of examples it has trained on (0: none)."""
+    verdict = (last_cycle or {}).get("verdict") or {}
+    name = verdict.get("challenger")
+    if not name or verdict.get("incumbent") != incumbent or not (work / name).is_dir():
+        return None, 0
+    return work / name, int(verdict.get("carried", 1))
+
+
+def carries_on(verdict: Verdict, carried: int, config: FinetuneSettings) -> bool:
+    """A rejected candidate carries on unless it is clearly worse (P(gain > 0) under the mirror of the gate's
+    confidence) or has trained on `carry_cycles` cycles already: then the next starts from the served one."""
+    worse = verdict.metrics.get("p_better", 0.0) < 1 - config.confidence
+    return not verdict.accepted and not worse and carried < config.carry_cycles
+
+
+def sweep(work: Path, last_cycle: dict | None) -> None:
+    """Every candidate folder under `work` but the challenger the last finished cycle names."""
+    kept = ((last_cycle or {}).get("verdict") or {}).get("challenger")
+    if work.is_dir():
+        for folder in work.iterdir():
+            if folder.name != kept:
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -314,6 +347,8 @@ def catalogue_lookups(reranker: Reranker, catalogue: Catalogue):
 
 
 def save_candidate(reranker: Reranker, out: Path) -> Path:
+    """Saved and fsynced: a challenger outlives the cycle, and the store records it only once it is whole."""
     out.mkdir(parents=True, exist_ok=True)
     reranker.save_pretrained(out)
+    fsync_tree(out)
     return out

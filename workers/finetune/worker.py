@@ -10,14 +10,16 @@ The loop (one asyncio task, training on a thread of its own):
   fsynced transaction, then commit the Kafka offsets: a restart resumes from the store's positions and
   neither loses nor repeats an example;
 - a cycle starts every `every_examples` new examples, or `every_minutes` after the last one with at least
-  `min_examples`: it trains a candidate from the served version on the new examples and a replay sample,
+  `min_examples`: it trains a candidate on the new examples and a replay sample — from the served version,
+  or from the challenger (the last rejected candidate, not clearly worse, of the same served version) —
   judges it against the served version on the newest examples it never saw (`gate`), and publishes an
   accepted one (`publish`); every verdict goes to `model-updates`;
 - consumption goes on while a cycle trains. Training takes `threads` torch threads at `nice` priority, so
   the cores Triton and the stream need stay theirs (`benchmarks/loop.py` measures serving during a cycle).
 
 A SIGKILL mid-training loses the cycle and nothing else (the store is intact; the next start trains again
-from the same point); mid-publish, the repository holds either no new folder or a whole one, and the next
+from the same point, and from the same challenger: the store's last finished cycle names it, and a folder
+under `candidates/` that no finished cycle names is swept at start); mid-publish, the repository holds either no new folder or a whole one, and the next
 start finishes or undoes the swap (`publish.reconcile`).
 """
 
@@ -85,6 +87,8 @@ class Outcome:
     # The store's newest example id when this version went live: the examples after it were served by it
     # (until the next swap), and neither it nor its incumbent trained on them. benchmarks/loop.py judges there.
     live_after: int | None = None
+    carried: int = 1  # cycles whose examples this candidate trained on (> 1: it carried on a challenger)
+    challenger: str | None = None  # the folder under `candidates/` the next cycle carries on, if any
 
 
 class FinetuneWorker:
@@ -119,6 +123,7 @@ class FinetuneWorker:
         kafka = self.settings.kafka
         pause_after_empty_fetch(kafka.empty_fetch_pause_s)
         close_fetcher_quietly()
+        self._sweep_candidates()
         async with TritonReranker(self.settings.triton) as triton, EventProducer(kafka) as producer:
             await self._reconcile(triton, producer)
             consumer = await self._consumer()
@@ -213,14 +218,16 @@ class FinetuneWorker:
             log.exception("the fine-tune cycle failed")
             return None
         if outcome.accepted:
+            outcome.challenger = None  # it serves now: the next cycle starts from it
             try:
                 published = await self._publish(candidate_dir, triton, outcome)
                 outcome.version = str(published.version)
                 outcome.live_after = self.store.last_id()
             except Exception as error:  # PublishError, or Triton unreachable: the old version serves on
                 outcome.accepted, outcome.reason = False, f"not published: {error}"
-        shutil.rmtree(candidate_dir, ignore_errors=True)
+        # The record first, then the folders it no longer names: a kill in between leaves a stray, swept at start.
         self.store.end_cycle(outcome.cycle, time.time(), asdict(outcome))
+        self._sweep_candidates()
         self._unannounced.append(outcome)
         self.outcomes.append(outcome)
         return outcome
@@ -255,7 +262,8 @@ class FinetuneWorker:
         )
         weights = self._served_weights(incumbent)
         device = cycles.training_device(self.config.device)
-        candidate = Reranker.from_pretrained(weights).to(device)
+        challenger, carried = cycles.challenger(self.store.last_cycle(), incumbent, self.work)
+        candidate = Reranker.from_pretrained(challenger or weights).to(device)
         budget = self.config.budget_minutes * 60 - (time.perf_counter() - started)
         trained = cycles.train_candidate(candidate, prepared, self.planner.catalogue, self.config, budget)
         # Both judged as Triton serves them: in the served version's calibrated precision, if it has one.
@@ -270,6 +278,7 @@ class FinetuneWorker:
         )
         out = cycles.save_candidate(candidate.cpu(), self.work / f"cycle-{cycle_id}")
         verdict = judged.verdict
+        carried += 1
         metrics = {
             **verdict.metrics,
             "examples": float(len(prepared.instances)),
@@ -281,6 +290,7 @@ class FinetuneWorker:
             "loss_last": trained.loss_last,
             "corrupted": float(corrupt),
             "lora": float(trained.method == "lora"),  # else a full fine-tune (`FinetuneSettings.method`)
+            "carried": float(carried),
         }
         outcome = Outcome(
             cycle_id,
@@ -292,8 +302,13 @@ class FinetuneWorker:
             trained.examples,
             time.perf_counter() - started,
             trained.examples_per_s,
+            carried=carried,
+            challenger=out.name if cycles.carries_on(verdict, carried, self.config) else None,
         )
         return outcome, out
+
+    def _sweep_candidates(self) -> None:
+        cycles.sweep(self.work, self.store.last_cycle())
 
     def _served_weights(self, incumbent: str) -> Path:
         found = versions(self.repository)

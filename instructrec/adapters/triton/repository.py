@@ -111,7 +111,7 @@ def export_version(
         (partial / VERSION_FILE).write_text(
             json.dumps({"version": version, "source": str(source), "exported_at": time.time()}, indent=2)
         )
-        _fsync_tree(partial)
+        fsync_tree(partial)
         _move_into_place(partial, target, stage)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
@@ -242,8 +242,8 @@ def _stage(stage: Path, model_dir: Path) -> Path:
     return stage
 
 
-def _fsync_tree(root: Path) -> None:
-    """Every file and folder under `root` on disk before it is renamed into the repository."""
+def fsync_tree(root: Path) -> None:
+    """Every file and folder under `root` on disk: before a rename makes it visible, or a record points at it."""
     for folder, _, files in os.walk(root):
         for name in files:
             with open(Path(folder) / name, "rb") as handle:
