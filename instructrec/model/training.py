@@ -229,11 +229,15 @@ def fit_examples(
     return losses
 
 
-def optimizer_for(reranker: Reranker, config: TrainConfig, total_steps: int):
-    """AdamW over the trainable parameters (fresh parts at `fresh_lr`) and a warm-up-then-linear schedule."""
+def optimizer_for(
+    reranker: Reranker, config: TrainConfig, total_steps: int, spent: Callable[[], float] | None = None
+):
+    """AdamW over the trainable parameters (fresh parts at `fresh_lr`) and a warm-up-then-linear schedule.
+    `spent` (the share of a time budget used, 0 to 1) makes the decay reach zero by whichever ends first, the
+    steps or the budget: a run the budget cuts short would otherwise stop at its peak rate."""
     optimizer = _optimizer(reranker, config)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _warmup_linear(int(total_steps * config.warmup), max(1, total_steps))
+        optimizer, warmup_linear(int(total_steps * config.warmup), max(1, total_steps), spent)
     )
     return optimizer, schedule
 
@@ -470,11 +474,19 @@ def _optimizer(reranker: Reranker, config: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.weight_decay)
 
 
-def _warmup_linear(warmup: int, total: int):
+def warmup_linear(
+    warmup: int, total: int, spent: Callable[[], float] | None = None
+) -> Callable[[int], float]:
+    """The learning-rate factor at a step: up linearly over `warmup` steps, then down linearly to zero at
+    `total` steps — or sooner, as `spent()` (a share of a time budget) says."""
+
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / max(1, warmup)
-        return max(0.0, (total - step) / max(1, total - warmup))
+        done = (step - warmup) / max(1, total - warmup)
+        if spent is not None:
+            done = max(done, spent())
+        return max(0.0, 1.0 - done)
 
     return factor
 

@@ -16,6 +16,7 @@ import torch
 from instructrec.adapters.triton import repository as repo
 from instructrec.config import FinetuneSettings
 from instructrec.events import ClickEvent, FeedbackEvent, encode
+from instructrec.model.training import warmup_linear
 from workers.finetune.cycle import carries_on, challenger, resolve_method, split_examples, sweep
 from workers.finetune.gate import Verdict, judge, ranks
 from workers.finetune.ingest import ingest
@@ -186,6 +187,18 @@ def test_the_challenger_is_what_the_last_finished_cycle_kept_for_the_version_ser
     sweep(work, store.last_cycle())
     assert list(work.iterdir()) == []
     store.close()
+
+
+def test_the_learning_rate_reaches_zero_by_the_budget_when_the_budget_ends_before_the_steps() -> None:
+    spent = [0.0]
+    factor = warmup_linear(10, 110, spent=lambda: spent[0])
+    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
+    assert factor(60) == pytest.approx(0.5)  # half the steps, the budget barely touched
+    spent[0] = 0.9
+    assert factor(60) == pytest.approx(0.1)  # nine tenths of the budget gone: the budget's decay rules
+    spent[0] = 1.0
+    assert factor(20) == 0.0
+    assert warmup_linear(10, 110)(110) == 0.0 and warmup_linear(10, 110)(60) == pytest.approx(0.5)
 
 
 def test_auto_trains_lora_only_above_the_size_bound() -> None:

@@ -209,9 +209,11 @@ def train_candidate(
         reranker.add_lora("served", r=config.lora_r, alpha=2 * config.lora_r, targets=["query", "value"])
         train_config = replace(train_config, lr=config.lora_lr, fresh_lr=config.lora_lr)
     steps = max(1, -(-len(prepared.instances) // train_config.batch_size)) * config.epochs
-    optimizer, schedule = optimizer_for(reranker, train_config, steps)
     started = time.perf_counter()
     deadline = started + budget_s
+    optimizer, schedule = optimizer_for(
+        reranker, train_config, steps, spent=lambda: (time.perf_counter() - started) / max(budget_s, 1e-9)
+    )
     losses: list[float] = []
     seen = 0
     for epoch in range(config.epochs):
