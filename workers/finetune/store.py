@@ -218,7 +218,6 @@ class ExampleStore:
             )
 
     @_locked
-    @_locked
     def record_published(self, cycle: int, version: int) -> None:
         """The version an accepted cycle's candidate went out as (what a restart reconciles against)."""
         row = self._db.execute("SELECT verdict FROM cycles WHERE id = ?", (cycle,)).fetchone()
