@@ -201,9 +201,7 @@ def train_candidate(
 ) -> Trained:
     """Fine-tune `reranker` in place on the prepared examples (LoRA merged afterwards, or every weight)."""
     lookups = catalogue_lookups(reranker, catalogue)
-    train_config = TrainConfig(
-        batch_size=16, lr=config.lr, fresh_lr=config.fresh_lr, warmup=0.1, candidates=20
-    )
+    train_config = TrainConfig(batch_size=16, lr=config.lr, fresh_lr=config.lr, warmup=0.1, candidates=20)
     method = resolve_method(config, reranker)
     if method == "lora":
         reranker.add_lora("served", r=config.lora_r, alpha=2 * config.lora_r, targets=["query", "value"])
