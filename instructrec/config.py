@@ -293,8 +293,8 @@ class FinetuneSettings(BaseModel):
     budget_minutes: float = Field(8.0, gt=0, description="wall-clock budget of one cycle's training")
     epochs: int = Field(2, ge=1)
     # Every weight at one rate, low: the offline run's two rates (1e-4, and 1e-3 for the parts it starts from
-    # scratch) gained most on stored examples judged offline but lost 0.008–0.010 NDCG@10 in the loop
-    # benchmark's cycles, and 3e-4 lost 0.030 (README, "Feedback loop").
+    # scratch) gained most on stored examples judged offline but lost 0.008 and 0.010 NDCG@10 in the loop
+    # benchmark's first two cycles, and 3e-4 lost 0.030 (README, "Feedback loop").
     lr: float = Field(5e-5, gt=0, description="learning rate of a full fine-tune")
     # benchmarks/loop.py (`side_studies`) measures both methods on the same examples and budget; on this CPU
     # neither has reliably beaten the served version within a cycle yet (README, "Feedback loop").

@@ -234,7 +234,7 @@ def optimizer_for(
 ):
     """AdamW over the trainable parameters (fresh parts at `fresh_lr`) and a warm-up-then-linear schedule.
     `spent` (the share of a time budget used, 0 to 1) makes the decay reach zero by whichever ends first, the
-    steps or the budget: a run the budget cuts short would otherwise stop at its peak rate."""
+    steps or the budget: a run the budget cuts short would otherwise stop partway down, never annealed."""
     optimizer = _optimizer(reranker, config)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_linear(int(total_steps * config.warmup), max(1, total_steps), spent)

@@ -1,15 +1,19 @@
 """One fine-tune cycle: the examples since the last cycle (plus a replay sample of older ones), trained into the
 served model, judged against it on the newest examples, which it never saw.
 
-    result = run_cycle(store, planner, incumbent_dir, out_dir, config=settings.finetune, weights=fusion)
+    split = split_examples(store, since, config, seed)
+    prepared = prepare(split.train, planner, k)
+    trained = train_candidate(candidate, prepared, planner.catalogue, config, budget_s)
+    judged = gate(candidate, incumbent, split.holdout, planner, weight_for, config)
 
 Training starts from the version Triton serves, or from the challenger: the last cycle's rejected candidate
 when it was trained from the same served version and was not clearly worse (`FinetuneSettings.carry_cycles`
 bounds how many cycles it carries on), so that cycles too small to move the model past the gate add up
-while the gate still judges every candidate against what is served. `method="lora"` trains LoRA adapters (peft) on the attention
-projections — query and value, which in the MiniLM encoder-decoder include the decoder's cross-attention: it
-started random in the offline default but the served version has trained it, so adapters on it are
-meaningful — and merges them into the weights before the candidate is saved, so every version is
+while the gate still judges every candidate against what is served.
+
+`method="lora"` trains LoRA adapters (peft) on the attention projections — query and value, which in the
+MiniLM encoder-decoder include the decoder's cross-attention: it started random in the offline default but
+the served version has trained it, so adapters on it are meaningful — and merges them into the weights before the candidate is saved, so every version is
 self-contained (no base checkpoint to keep). `method="full"` trains every weight. `method="auto"` (the
 default) takes LoRA for a model over `lora_above` parameters (a Flan-T5: memory and forgetting) and a full
 fine-tune below it: on the small default, a cycle's few hundred examples through rank-8 adapters leave the
