@@ -30,6 +30,7 @@ cycle_s_max, corrupted_rejected, serving_p99_ms_during_cycle, serving_p99_ms_idl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sqlite3
@@ -215,10 +216,23 @@ def cycle_running(settings) -> bool:
     return bool(peek(_store(settings))["running"])
 
 
+def _publishing(settings) -> bool:
+    """Whether an accepted cycle's version has yet to go out (its final record names the example after
+    which it served: `live_after`)."""
+    with contextlib.closing(sqlite3.connect(f"file:{_store(settings)}?mode=ro", uri=True, timeout=5)) as db:
+        waiting = db.execute(
+            "SELECT COUNT(*) FROM cycles WHERE finished IS NOT NULL AND json_extract(verdict, '$.accepted')"
+            " AND json_extract(verdict, '$.live_after') IS NULL"
+        ).fetchone()[0]
+    return bool(waiting)
+
+
 def finished_cycles(settings, wait_s: float) -> list[dict]:
-    """Every cycle's verdict, once none is running (or `wait_s` has passed)."""
+    """Every cycle's verdict, once none is running or publishing (or `wait_s` has passed). A cycle records
+    its verdict before its version goes out: stopping the worker in between would report an accepted
+    candidate under its candidate name, with no version and no window to judge it on."""
     deadline = time.monotonic() + wait_s
-    while cycle_running(settings) and time.monotonic() < deadline:
+    while (cycle_running(settings) or _publishing(settings)) and time.monotonic() < deadline:
         time.sleep(2)
     with sqlite3.connect(_store(settings), timeout=5) as db:
         rows = db.execute("SELECT id, started, finished, verdict FROM cycles ORDER BY id").fetchall()
@@ -426,7 +440,7 @@ def report(result: dict) -> Group:
         c = by_version.get(v["version"], {})
         versions.add_row(
             v["version"],
-            "accepted" if v["accepted"] else f"rejected: {v.get('reason', '')[:60]}",
+            _verdict(v),
             _arrow(v.get("ndcg10_before"), v.get("ndcg10_after")),
             _arrow(v.get("hr10_before"), v.get("hr10_after")),
             str(v.get("window", "")),
@@ -479,6 +493,12 @@ def _pair(result: dict, which: str) -> str:
 
 def _signed(value) -> str:
     return "" if value is None else f"{value:+.4f}"
+
+
+def _verdict(v: dict) -> str:
+    if not v["accepted"]:
+        return f"rejected: {v.get('reason', '')[:60]}"
+    return "accepted" if v.get("window") else "accepted (swapped in after the last example)"
 
 
 def _arrow(before, after) -> str:
