@@ -1,7 +1,7 @@
 """Time and peak memory as the catalogue grows: synthetic catalogues of 10k users × 5k items and 100k × 50k
 (with --max also 1M × 200k), so that growth with users, items and interactions is visible.
 
-    python benchmarks/scale.py [--json PATH] [--sizes 10k,100k] [--max] [--epochs N]
+    python benchmarks/scale.py [--json PATH] [--sizes 10k,100k] [--max] [--epochs N] [--negatives N]
 
 Catalogue: item popularity follows a power law (the item of popularity rank r drawn ∝ 1/r), history lengths
 are log-normal (median 12, σ 1.1: most users short, a long tail cut at 2,000), and 60% of a history walks
@@ -12,9 +12,11 @@ that process's peak RSS (VmHWM), so no stage's peak hides another's:
 - data: importing the pipeline and building the catalogue's `Dataset` and split, which every other stage
   also does (its floor);
 - fit: `experiment.fit_retrievers` without the text retriever: popularity, co-occurrence, item-kNN, SASRec
-  and the blend's weight tuning, the item-item retrievers capped at `NEIGHBOURS` per item. SASRec runs `--epochs` epochs (1 by default) of its full-softmax loss over
-  windows of at most 50 items, one validation pass per epoch: a time bound, not a tuned model. The text
-  retriever (MiniLM embeddings of item texts) is left out: it grows with items only, at ~272 texts/s;
+  and the blend's weight tuning, the item-item retrievers capped at `NEIGHBOURS` per item. SASRec runs
+  `--epochs` epochs (1 by default) of its full-softmax loss (with `--negatives N`, a sampled softmax over N
+  negatives per batch) over windows of at most 50 items, one validation pass per epoch: a time bound, not
+  a tuned model. The text retriever (MiniLM embeddings of item texts) is left out: it grows with items
+  only, at ~272 texts/s;
 - evaluate: `experiment.evaluate_retrievers` of every fitted retriever and the blend (full ranking with and
   without the history masked, and the sampled protocol) over all test users;
 - catalogue: `Catalogue.from_dataset` and its save, the pure-python indexing step (the Qdrant index of item
@@ -23,7 +25,8 @@ that process's peak RSS (VmHWM), so no stage's peak hides another's:
   its top 20 with the history masked (median over 50 users).
 Threads are 1 everywhere (a shared CPU). JSON: {"sizes": [{"size", "users", "items", "interactions",
 "median_length", "<stage>_s", "<stage>_peak_rss_gb" for data, fit, evaluate, catalogue, "request_ms",
-"request_load_s", "request_peak_rss_gb", "fit_seconds": {retriever: s}}]}.
+"request_load_s", "request_peak_rss_gb", "fit_seconds": {retriever: s}, "test_ndcg10": {retriever: NDCG@10},
+"sasrec_epochs", "sasrec_negatives", "sasrec_log": {epochs_run, best_epoch, curve}}]}.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from harness import arguments, finish  # the benchmarks' shared library module
@@ -53,17 +57,30 @@ REQUESTS = 50
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 
+class Training(NamedTuple):
+    """SASRec's budget in the fit: epochs, and negatives per batch (0: the full softmax)."""
+
+    epochs: int
+    negatives: int
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = arguments(__doc__)
     parser.add_argument("--sizes", default=DEFAULT_SIZES, help=f"comma-separated, of {', '.join(SIZES)}")
     parser.add_argument("--max", action="store_true", help="add 1M users × 200k items")
     parser.add_argument("--epochs", type=int, default=1, help="SASRec epochs in the fit")
+    parser.add_argument(
+        "--negatives",
+        type=int,
+        default=0,
+        help="SASRec's sampled softmax: negatives per batch (0: every item)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # one stage (child process)
     parser.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.stage:
-        print(json.dumps(run_stage(args.stage, args.work, args.epochs)))
+        print(json.dumps(run_stage(args.stage, args.work, Training(args.epochs, args.negatives))))
         return 0
     names = [s.strip().lower() for s in args.sizes.split(",") if s.strip()]
     if args.max and "1m" not in names:
@@ -91,16 +108,19 @@ def measure(name: str, args, console: Console) -> dict:
             "items": items,
             "interactions": int(lengths.sum()),
             "median_length": float(np.median(lengths)),
+            "sasrec_epochs": args.epochs,
+            "sasrec_negatives": args.negatives,
         }
         del lengths, history  # the parent stays small: children measure themselves
         for stage in STAGES:
             console.print(f"{name}: {stage} …")
-            row.update(child(stage, work, args.epochs))
+            row.update(child(stage, work, Training(args.epochs, args.negatives)))
     return row
 
 
-def child(stage: str, work: Path, epochs: int) -> dict:
-    command = [sys.executable, __file__, "--stage", stage, "--work", str(work), "--epochs", str(epochs)]
+def child(stage: str, work: Path, training: Training) -> dict:
+    command = [sys.executable, __file__, "--stage", stage, "--work", str(work)]
+    command += ["--epochs", str(training.epochs), "--negatives", str(training.negatives)]
     done = subprocess.run(command, env={**os.environ, **ONE_THREAD}, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"stage {stage} failed ({done.returncode}):\n{done.stderr[-4000:]}")
@@ -133,6 +153,8 @@ def report(rows: list[dict]) -> Table:
         table.add_column(f"{stage} GB", justify="right")
     table.add_column("request ms", justify="right")
     table.add_column("request GB", justify="right")
+    table.add_column("SASRec epochs run · negatives", justify="right")
+    table.add_column("test NDCG@10 SASRec · blend", justify="right")
     for r in rows:
         stages = [
             f"{r[f'{s}_{key}']:{form}}"
@@ -148,6 +170,8 @@ def report(rows: list[dict]) -> Table:
             *stages,
             f"{r['request_ms']:.1f}",
             f"{r['request_peak_rss_gb']:.2f}",
+            f"{r['sasrec_log']['epochs_run']} of {r['sasrec_epochs']} · {r['sasrec_negatives'] or 'all'}",
+            f"{r['test_ndcg10']['sasrec']:.4f} · {r['test_ndcg10']['blend']:.4f}",
         )
     return table
 
@@ -155,7 +179,7 @@ def report(rows: list[dict]) -> Table:
 # -- a child: one stage ----------------------------------------------------------------------------------
 
 
-def run_stage(stage: str, work: Path, epochs: int) -> dict:
+def run_stage(stage: str, work: Path, training: Training) -> dict:
     import torch
 
     from instructrec import experiment  # noqa: F401  (every stage imports the pipeline: part of the floor)
@@ -164,7 +188,7 @@ def run_stage(stage: str, work: Path, epochs: int) -> dict:
     started = time.perf_counter()
     dataset = load_dataset(work / "catalogue.npz")
     loaded = time.perf_counter()
-    result = STAGE_RUNNERS[stage](dataset, work, epochs)
+    result = STAGE_RUNNERS[stage](dataset, work, training)
     seconds = loaded - started if stage == "data" else time.perf_counter() - loaded
     return {
         **result,
@@ -186,27 +210,40 @@ def load_dataset(path: Path):
     return Dataset("scale", items, [str(u) for u in range(len(histories))], histories)
 
 
-def stage_data(dataset, work: Path, epochs: int) -> dict:
+def stage_data(dataset, work: Path, training: Training) -> dict:
     """Nothing past what every stage does (the pipeline imported, the `Dataset` built): the floor."""
     return {}
 
 
-def stage_fit(dataset, work: Path, epochs: int) -> dict:
+def stage_fit(dataset, work: Path, training: Training) -> dict:
     from instructrec import experiment
     from instructrec.artifacts import Artifacts
     from instructrec.data.split import LeaveOneOut
+    from instructrec.retrieval.base import read_config
     from instructrec.retrieval.cooccurrence import NEIGHBOURS
     from instructrec.retrieval.sasrec import SASRecConfig
 
-    sasrec = SASRecConfig(epochs=epochs, eval_every=1, patience=1, max_len=50, warmup_epochs=0)
-    names = ("popularity", "cooccurrence", "itemknn", "sasrec")
-    seconds = experiment.fit_retrievers(
-        LeaveOneOut(dataset), Artifacts(work / "artifacts"), sasrec, False, names, neighbours=NEIGHBOURS
+    sasrec = SASRecConfig(
+        epochs=training.epochs,
+        eval_every=1,
+        patience=1,
+        max_len=50,
+        warmup_epochs=0,
+        negatives=training.negatives,
     )
-    return {"fit_seconds": {name: round(s, 2) for name, s in seconds.items()}}
+    names = ("popularity", "cooccurrence", "itemknn", "sasrec")
+    layout = Artifacts(work / "artifacts")
+    seconds = experiment.fit_retrievers(
+        LeaveOneOut(dataset), layout, sasrec, False, names, neighbours=NEIGHBOURS
+    )
+    log = read_config(layout.retriever("sasrec"))["log"]  # epochs run, the best one, the validation curve
+    return {
+        "fit_seconds": {name: round(s, 2) for name, s in seconds.items()},
+        "sasrec_log": {key: log[key] for key in ("epochs_run", "best_epoch", "curve")},
+    }
 
 
-def stage_evaluate(dataset, work: Path, epochs: int) -> dict:
+def stage_evaluate(dataset, work: Path, training: Training) -> dict:
     from instructrec import experiment
     from instructrec.artifacts import Artifacts
 
@@ -215,14 +252,14 @@ def stage_evaluate(dataset, work: Path, epochs: int) -> dict:
     return {"test_ndcg10": {name: round(m["NDCG@10"], 4) for name, m in results["full"].items()}}
 
 
-def stage_catalogue(dataset, work: Path, epochs: int) -> dict:
+def stage_catalogue(dataset, work: Path, training: Training) -> dict:
     from instructrec.catalogue import Catalogue
 
     Catalogue.from_dataset(dataset).save(work / "catalogue.json")
     return {}
 
 
-def stage_request(dataset, work: Path, epochs: int) -> dict:
+def stage_request(dataset, work: Path, training: Training) -> dict:
     from instructrec.artifacts import Artifacts
     from instructrec.data.split import LeaveOneOut
     from instructrec.evaluation.protocols import top_k

@@ -1,4 +1,5 @@
-"""SASRec (Kang & McAuley 2018) trained with full-softmax cross-entropy.
+"""SASRec (Kang & McAuley 2018) trained with full-softmax cross-entropy (or, for large catalogues, a
+sampled softmax corrected by log Q: `negatives`).
 
 A causal Transformer reads a user's item sequence and, at every position, predicts the next item. Two choices
 matter more than the architecture:
@@ -65,6 +66,10 @@ class SASRecConfig:
     patience: int = 4  # evaluations without improvement before stopping
     all_windows: bool = True  # train on every max_len window of long sequences, not just the last one
     valid_users: int | None = 10_000  # early stopping's validation users: a seeded sample when more
+    # 0: cross-entropy over every item. N: a sampled softmax over N negatives shared by a batch, drawn by
+    # item frequency and corrected by log Q (Yi et al. 2019), for catalogues whose full softmax costs more
+    # than the budget (benchmarks/scale.py --negatives measures what it costs in NDCG@10)
+    negatives: int = 0
     seed: int = 0
 
 
@@ -184,6 +189,14 @@ def _batches(windows: list[list[int]], batch_size: int, rng: np.random.Generator
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+def _log_proposal(windows: list[list[int]], n_items: int) -> torch.Tensor:
+    """log Q: how often each item is a label in the training windows, plus one so that every item can be
+    drawn as a negative."""
+    labels = np.fromiter((item for w in windows for item in w[1:]), dtype=np.int64)
+    counts = np.bincount(labels, minlength=n_items).astype(np.float64) + 1.0
+    return torch.from_numpy(np.log(counts / counts.sum()).astype(np.float32))
+
+
 def _lr_lambda(c: SASRecConfig, steps_per_epoch: int):
     """Learning-rate multiplier per step: linear warm-up, then cosine decay to 0 at `epochs` (or constant).
 
@@ -243,6 +256,7 @@ class SASRec:
             self.net.parameters(), lr=c.lr, weight_decay=c.weight_decay, betas=(0.9, 0.98)
         )
         windows = _training_windows(sequences, c.max_len, c.all_windows)
+        log_q = _log_proposal(windows, n_items) if 0 < c.negatives < n_items else None
         steps_per_epoch = len(_batches(windows, c.batch_size, np.random.default_rng(0)))
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(c, steps_per_epoch))
         best, best_state, best_epoch, stale, curve = -1.0, None, 0, 0, []
@@ -256,7 +270,7 @@ class SASRec:
         with Progress(*columns, disable=not verbose, transient=False) as progress:
             task = progress.add_task("", total=c.epochs)
             for epoch in range(1, c.epochs + 1):
-                loss = self._epoch(windows, optimizer, schedule, rng)
+                loss = self._epoch(windows, optimizer, schedule, rng, log_q)
                 entry = {"epoch": epoch, "loss": round(loss, 4)}
                 if valid_targets is not None and (epoch % c.eval_every == 0 or epoch == c.epochs):
                     scores = retriever_rows(self, valid_histories)  # a chunk of users at a time
@@ -289,7 +303,14 @@ class SASRec:
         self.net.eval()
         return self
 
-    def _epoch(self, windows: list[list[int]], optimizer, schedule, rng: np.random.Generator) -> float:
+    def _epoch(
+        self,
+        windows: list[list[int]],
+        optimizer,
+        schedule,
+        rng: np.random.Generator,
+        log_q: torch.Tensor | None,
+    ) -> float:
         self.net.train()
         total, count = 0.0, 0
         for batch in _batches(windows, self.config.batch_size, rng):
@@ -298,7 +319,10 @@ class SASRec:
             hidden = self.net(inputs)
             real = labels > 0
             # logits only where there is a next item: padding would waste most of the [T × n_items] product
-            loss = F.cross_entropy(self.net.logits(hidden[real]), labels[real] - 1)
+            if log_q is None:
+                loss = F.cross_entropy(self.net.logits(hidden[real]), labels[real] - 1)
+            else:
+                loss = self._sampled_loss(hidden[real], labels[real] - 1, log_q)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -306,6 +330,18 @@ class SASRec:
             total += loss.item() * int(real.sum())
             count += int(real.sum())
         return total / max(count, 1)
+
+    def _sampled_loss(self, hidden: torch.Tensor, targets: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of each target against `negatives` items drawn from the proposal Q for the whole
+        batch, every logit less log Q of its item, so that the expected gradient approaches the full
+        softmax's. A negative that is the row's own target is masked out."""
+        negatives = torch.multinomial(log_q.exp(), self.config.negatives, replacement=True)
+        weight = self.net.item.weight[1:]
+        positive = (hidden * weight[targets]).sum(-1, keepdim=True) - log_q[targets].unsqueeze(1)
+        negative = hidden @ weight[negatives].T - log_q[negatives]
+        negative = negative.masked_fill(negatives.unsqueeze(0) == targets.unsqueeze(1), float("-inf"))
+        logits = torch.cat([positive, negative], dim=1)
+        return F.cross_entropy(logits, torch.zeros(len(targets), dtype=torch.long))
 
     # -- inference ------------------------------------------------------------------------------------------
 

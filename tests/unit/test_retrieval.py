@@ -243,6 +243,25 @@ def test_sasrec_learns_a_deterministic_next_item(cycle_sasrec):
     assert predicted.tolist() == expected
 
 
+def test_sasrec_with_a_sampled_softmax_learns_the_next_item_from_a_few_negatives():
+    config = SASRecConfig(
+        d=32, blocks=1, heads=2, dropout=0.1, max_len=20, lr=5e-3, batch_size=16, epochs=25, negatives=4
+    )
+    model = SASRec(config).fit_sequences(cycle_sequences(), N_CYCLE)
+    histories = [[(start + t) % N_CYCLE for t in range(5)] for start in range(N_CYCLE)]
+    predicted = model.score(histories).argmax(axis=1)
+    assert predicted.tolist() == [(h[-1] + 1) % N_CYCLE for h in histories]
+
+
+def test_sasrec_samples_only_when_the_negatives_are_fewer_than_the_items():
+    config = dict(d=16, blocks=1, heads=1, max_len=20, batch_size=16, epochs=2)
+    full = SASRec(SASRecConfig(**config)).fit_sequences(cycle_sequences(), N_CYCLE)
+    too_many = SASRec(SASRecConfig(**config, negatives=N_CYCLE)).fit_sequences(cycle_sequences(), N_CYCLE)
+    sampled = SASRec(SASRecConfig(**config, negatives=4)).fit_sequences(cycle_sequences(), N_CYCLE)
+    losses = [[e["loss"] for e in m.log["curve"]] for m in (full, too_many, sampled)]
+    assert losses[0] == losses[1] and losses[2] != losses[0]
+
+
 def test_sasrec_vectors_give_the_scores(cycle_sasrec):
     histories = [[0, 1, 2], [5], [], list(range(12)) * 3]  # also empty and longer than max_len
     queries, items = cycle_sasrec.query_vectors(histories), cycle_sasrec.item_vectors()
