@@ -14,11 +14,12 @@ while the gate still judges every candidate against what is served.
 `method="lora"` trains LoRA adapters (peft) on the attention projections — query and value, which in the
 MiniLM encoder-decoder include the decoder's cross-attention: it started random in the offline default but
 the served version has trained it, so adapters on it are meaningful — and merges them into the weights
-before the candidate is saved, so every version is self-contained (no base checkpoint to keep). `method="full"` trains every weight. `method="auto"` (the
-default) takes LoRA for a model over `lora_above` parameters (a Flan-T5: memory and forgetting) and a full
-fine-tune below it: on the small default, a cycle's few hundred examples through rank-8 adapters leave the
-ranking where it was while a full fine-tune moves it (`benchmarks/loop.py`, its method study, measures
-both on the same examples: gain and examples per second).
+before the candidate is saved, so every version is self-contained (no base checkpoint to keep).
+`method="full"` trains every weight. `method="auto"` (the default) takes LoRA for a model over `lora_above`
+parameters (a Flan-T5: memory and forgetting) and a full fine-tune below it: on the small default, a
+cycle's few hundred examples through rank-8 adapters leave the ranking where it was while a full fine-tune
+moves it (`benchmarks/loop.py`, its method study, measures both on the same examples: gain and examples
+per second).
 """
 
 from __future__ import annotations
