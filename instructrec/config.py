@@ -277,7 +277,12 @@ class FinetuneSettings(BaseModel):
     min_examples: int = Field(200, ge=1, description="fewer new examples than this: no cycle")
     # Only examples whose chosen item the plan retrieves are judged (a fifth to a third of clicks examples,
     # benchmarks/loop.py): a few hundred judged ones take a thousand or more.
-    holdout: int = Field(1000, ge=20, description="the newest examples the gate judges on (never trained on)")
+    holdout: int = Field(
+        1000,
+        ge=20,
+        description="the newest examples the gate judges on (never trained on), with up to as many "
+        "that arrive while the cycle trains",
+    )
     replay: float = Field(0.5, ge=0, le=1, description="share of a cycle's batch drawn from older examples")
     # A cycle that started late (examples pile up while the previous one trains) would otherwise prepare
     # thousands of examples its budget can never train: benchmarks/loop.py saw one run past 13 minutes.

@@ -17,7 +17,14 @@ from instructrec.adapters.triton import repository as repo
 from instructrec.config import FinetuneSettings
 from instructrec.events import ClickEvent, FeedbackEvent, encode
 from instructrec.model.training import warmup_linear
-from workers.finetune.cycle import carries_on, challenger, resolve_method, split_examples, sweep
+from workers.finetune.cycle import (
+    carries_on,
+    challenger,
+    judged_examples,
+    resolve_method,
+    split_examples,
+    sweep,
+)
 from workers.finetune.gate import Verdict, judge, ranks
 from workers.finetune.ingest import ingest
 from workers.finetune.store import Batch, Example, ExampleStore, peek
@@ -92,6 +99,19 @@ def test_a_cycle_trains_on_new_examples_and_judges_on_the_newest(tmp_path: Path)
     assert new == {f"t{n}" for n in range(80, 120)}  # everything after the last cycle but the new holdout
     assert len(second.train) == 80 and all(int(e.target[1:]) < 120 for e in second.train)  # + 40 replayed
     assert max(int(e.target[1:]) for e in second.train) < min(int(e.target[1:]) for e in second.holdout)
+
+
+def test_the_gate_also_judges_what_arrived_while_the_candidate_trained_up_to_one_more_holdout(
+    tmp_path: Path,
+) -> None:
+    store = ExampleStore(tmp_path / "s.db")
+    store.commit(Batch([example(n) for n in range(100)], {}, {}))
+    config = FinetuneSettings(holdout=20)
+    split = split_examples(store, 0, config, seed=1)
+    assert [e.target for e in judged_examples(store, split, config)] == [f"t{n}" for n in range(80, 100)]
+    store.commit(Batch([example(n) for n in range(100, 130)], {}, {}))  # while it trained
+    judged = [int(e.target[1:]) for e in judged_examples(store, split, config)]
+    assert judged == list(range(80, 120)) and min(judged) > max(int(e.target[1:]) for e in split.train)
 
 
 def test_a_late_cycle_takes_the_newest_it_can_train_and_replays_the_rest(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ served model, judged against it on the newest examples, which it never saw.
     split = split_examples(store, since, config, seed)
     prepared = prepare(split.train, planner, k)
     trained = train_candidate(candidate, prepared, planner.catalogue, config, budget_s)
-    judged = gate(candidate, incumbent, split.holdout, planner, weight_for, config)
+    judged = gate(candidate, incumbent, judged_examples(store, split, config), planner, weight_for, config)
 
 Training starts from the version Triton serves, or from the challenger: the last cycle's rejected candidate
 when it was trained from the same served version and was not clearly worse (`FinetuneSettings.carry_cycles`
@@ -79,6 +79,7 @@ class Split:
     holdout: list[Example]
     trained_to: int  # the newest example id trained on (the next cycle starts after it)
     new: int  # how many of `train` are new since the last cycle
+    holdout_to: int = 0  # the newest example id when the cycle split (the holdout's end)
 
 
 def split_examples(store: ExampleStore, since: int, config: FinetuneSettings, seed: int) -> Split:
@@ -94,7 +95,16 @@ def split_examples(store: ExampleStore, since: int, config: FinetuneSettings, se
     share = config.replay / max(1e-9, 1 - config.replay) if config.replay < 1 else 1.0
     wanted = min(int(len(fresh) * share), config.cycle_examples - len(fresh))
     old = store.sample(wanted, upto=start, seed=seed) if start else []
-    return Split(fresh + old, holdout, cut, len(fresh))
+    return Split(fresh + old, holdout, cut, len(fresh), last)
+
+
+def judged_examples(store: ExampleStore, split: Split, config: FinetuneSettings) -> list[Example]:
+    """The holdout the cycle split off plus the examples that arrived while it trained (at most `holdout`
+    more): all newer than anything the candidate trained on, so the gate judges on every example it can
+    without looking at the candidate's own data. Only examples whose chosen item is among the candidates
+    count, a few hundred per holdout in `benchmarks/loop.py`: too few to tell a cycle's gain from noise."""
+    arrived = store.examples(after=split.holdout_to, upto=split.holdout_to + config.holdout)
+    return split.holdout + [e for _, e in arrived]
 
 
 @dataclass

@@ -271,7 +271,7 @@ class FinetuneWorker:
         judged = cycles.gate(
             cycles.as_served(candidate, served),
             cycles.as_served(Reranker.from_pretrained(weights).to(device), served),
-            split.holdout,
+            cycles.judged_examples(self.store, split, self.config),
             self.planner,
             self.pipeline.weight_for,
             self.config,
