@@ -42,6 +42,7 @@ from instructrec.config import FinetuneSettings
 from instructrec.data.dataset import Interaction
 from instructrec.instructions import Example as Instance
 from instructrec.instructions import (
+    Instruction,
     Intention,
     Preference,
     Request,
@@ -294,21 +295,37 @@ class Judged:
     incumbent_ranks: np.ndarray
 
 
-def gate(
-    candidate: Reranker,
-    incumbent: Reranker,
-    holdout: Sequence[Example],
+@dataclass(frozen=True)
+class Judgeable:
+    """Held-out examples rendered as served: each request over its candidates, the chosen one's position, the
+    retriever's scores to fuse with (and the request's text, which sets the fusion weight)."""
+
+    instructions: list[Instruction]
+    targets: list[int]
+    priors: list[np.ndarray]
+    texts: list[str | None]
+    examples: list[int]  # which of the examples given each one renders
+
+    def ranks(self, model: Reranker, catalogue: Catalogue, weight_for: Callable[[str | None], float]):
+        """Each chosen item's 0-based rank under `model`, fused with the prior at the served weight."""
+        title_of, row_of, text_of = catalogue_lookups(model, catalogue)
+        raw = score(model, self.instructions, title_of, row_of, text_of=text_of)
+        fused = [fuse(r, p, weight_for(t)) for r, p, t in zip(raw, self.priors, self.texts, strict=True)]
+        return ranks(fused, self.targets)
+
+
+def judgeable(
+    examples: Sequence[Example],
     planner: OfflinePlanner,
-    weight_for: Callable[[str | None], float],
-    config: FinetuneSettings,
     k: int = 20,
     seed: int = 0,
-) -> Judged:
-    """Both models on the held-out examples, as served: the request rendered over its candidates (served ones
-    for feedback, the plan's for clicks), fused with the prior at the served weight."""
+    max_history: int = 10,
+) -> Judgeable:
+    """The examples a reranker can be judged on — those whose chosen item is among the candidates (served
+    ones for feedback, the plan's for clicks) — rendered as the stream renders a request."""
     catalogue = planner.catalogue
-    instructions, targets, priors, texts = [], [], [], []
-    for n, example in enumerate(holdout):
+    out = Judgeable([], [], [], [], [])
+    for n, example in enumerate(examples):
         rows = [catalogue.rows[i] for i in example.history if i in catalogue.rows]
         target = catalogue.rows.get(example.target)
         if target is None or not (rows or example.text):
@@ -323,20 +340,36 @@ def gate(
             continue  # the gate judges the reranker: only lists that hold the chosen item
         history = [Interaction(r, 0) for r in rows]
         ins = request_instruction(
-            history, cands[:k], intention=example.text, seed=seed + n, nouns=catalogue.nouns
+            history,
+            cands[:k],
+            intention=example.text,
+            seed=seed + n,
+            max_history=max_history,
+            nouns=catalogue.nouns,
         )
-        instructions.append(ins)
-        targets.append(ins.candidates.index(target))
-        priors.append(prior_of(ins.candidates, scores))
-        texts.append(example.text)
+        out.instructions.append(ins)
+        out.targets.append(ins.candidates.index(target))
+        out.priors.append(prior_of(ins.candidates, scores))
+        out.texts.append(example.text)
+        out.examples.append(n)
+    return out
 
-    def ranked(model: Reranker) -> np.ndarray:
-        title_of, row_of, text_of = catalogue_lookups(model, catalogue)
-        raw = score(model, instructions, title_of, row_of, text_of=text_of)
-        fused = [fuse(r, p, weight_for(t)) for r, p, t in zip(raw, priors, texts, strict=True)]
-        return ranks(fused, targets)
 
-    cand, inc = ranked(candidate), ranked(incumbent)
+def gate(
+    candidate: Reranker,
+    incumbent: Reranker,
+    holdout: Sequence[Example],
+    planner: OfflinePlanner,
+    weight_for: Callable[[str | None], float],
+    config: FinetuneSettings,
+    k: int = 20,
+    seed: int = 0,
+) -> Judged:
+    """Both models on the held-out examples, as served: the request rendered over its candidates (served ones
+    for feedback, the plan's for clicks), fused with the prior at the served weight."""
+    held = judgeable(holdout, planner, k, seed)
+    cand = held.ranks(candidate, planner.catalogue, weight_for)
+    inc = held.ranks(incumbent, planner.catalogue, weight_for)
     verdict = judge(cand, inc, min_margin=config.min_margin, confidence=config.confidence, seed=seed)
     return Judged(verdict, cand, inc)
 
