@@ -10,7 +10,8 @@ length, on the same examples:
 - the in-process forward of one request, ms (median, this process's threads);
 - NDCG@10 and HR@10 of the chosen item, the reranker fused with the retriever at the served weight (the
   gate's computation, `workers.finetune.cycle.judgeable`), and the paired NDCG@10 difference against the
-  served length with its bootstrap P(gain > 0).
+  served length with its bootstrap P(gain > 0); and NDCG@10 of the reranker alone (fusion weight 0), where
+  what the history adds is not diluted by the retriever's scores, which do not depend on the rendering.
 
 The examples are a finished `benchmarks/loop.py --root ROOT` run's: the replay's real next-item examples
 (clicks, and feedback on served lists, half of the queries with a request text) from its example store,
@@ -19,12 +20,13 @@ those whose chosen item was among the candidates, spread evenly over the replay.
 Triton serves it (its calibrated precision). Nothing else may run meanwhile: the timings share the cores.
 
 JSON keys: served_history, examples, lengths → list of {max_history, encoder_tokens, gflops_per_request,
-forward_ms, ndcg10, hr10, gain_vs_served, p_better}.
+forward_ms, ndcg10, hr10, gain_vs_served, p_better (null for the served length), ndcg10_reranker_alone}.
 """
 
 from __future__ import annotations
 
 import statistics
+import sys
 from pathlib import Path
 
 from harness import arguments, finish  # the benchmarks' shared library module
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--history", type=int, nargs="+", default=[1, 3, 5, 10, 20])
     parser.add_argument("--judge", type=int, default=2000, help="most examples judged")
     args = parser.parse_args(argv)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     result = run(args, console)
     return finish(console, report(result), result, args.json_path)
 
@@ -84,6 +86,7 @@ def run(args, console: Console) -> dict:
             raise RuntimeError(f"max_history {h} renders {len(held.targets)} of {len(chosen)} examples")
         with console.status(f"max_history {h}: ranking {len(chosen)} examples…"):
             ranks[h] = held.ranks(model, planner.catalogue, pipeline.weight_for)
+            alone = held.ranks(model, planner.catalogue, lambda _: 0.0)  # weight 0: the reranker alone
         batches = [
             tokenizer.collate([held.instructions[i]], title_of, row_of, text_of)
             for i in _evenly(len(chosen), TIMED)
@@ -100,9 +103,13 @@ def run(args, console: Console) -> dict:
                 "forward_ms": round(statistics.median(forward) * 1000, 1),
                 "ndcg10": round(float(ndcg.mean()), 4),
                 "hr10": round(float(hr.mean()), 4),
+                "ndcg10_reranker_alone": round(float(ndcg_hr(alone)[0].mean()), 4),
             }
         )
     for row in rows:
+        if row["max_history"] == served:
+            row["gain_vs_served"], row["p_better"] = 0.0, None
+            continue
         paired = judge(ranks[row["max_history"]], ranks[served], min_margin=0.0, confidence=0.5)
         row["gain_vs_served"] = round(paired.metrics["gain_ndcg@10"], 4)
         row["p_better"] = round(paired.metrics["p_better"], 3)
@@ -146,6 +153,7 @@ def report(result: dict) -> Table:
         "HR@10",
         "NDCG@10 vs served",
         "P(gain > 0)",
+        "NDCG@10 reranker alone",
     ):
         table.add_column(name, justify="right")
     for row in result["lengths"]:
@@ -157,7 +165,8 @@ def report(result: dict) -> Table:
             f"{row['ndcg10']:.4f}",
             f"{row['hr10']:.4f}",
             f"{row['gain_vs_served']:+.4f}",
-            f"{row['p_better']:.2f}",
+            "—" if row["p_better"] is None else f"{row['p_better']:.2f}",
+            f"{row['ndcg10_reranker_alone']:.4f}",
         )
     return table
 
