@@ -33,6 +33,7 @@ from streams.kafka.compat import (
     flush_the_whole_buffer,
     hide_sasl_tokens,
     pause_after_empty_fetch,
+    rejoin_on_empty_assignment,
     rejoin_on_stale_commit,
     seek_uncommitted_to_the_start,
     seek_with_flow_stopped,
@@ -94,6 +95,7 @@ def create_app(settings: Settings, services: Services, *, web_port: int | None =
     if settings.kafka.empty_fetch_pause_s:
         pause_after_empty_fetch(settings.kafka.empty_fetch_pause_s)
     hide_sasl_tokens()
+    rejoin_on_empty_assignment()  # a member the leader did not know of joins again instead of dying
     close_fetcher_quietly()  # a stop with the broker gone must not wait out Faust's stop timeout
     seek_with_flow_stopped()  # records fetched during a rebalance's seek must not be dropped unhandled
     seek_uncommitted_to_the_start()  # ... nor those of a partition nothing was committed on

@@ -83,6 +83,16 @@ setting) the patch seeks those partitions of the app's own topics to their first
 position is the table recovery's to set); the records handed out already come again and are absorbed as
 duplicates. Under "latest" it changes nothing: where that position was is not known any more. Against a real
 Kafka too.
+
+10. `rejoin_on_empty_assignment` (patches aiokafka's CoordinatorGroupRebalance.perform_group_join): a
+member that the group leader did not know of when it assigned (two workers joining one generation at once
+on noida-db) gets empty bytes from SyncGroup, and aiokafka's `_on_join_complete` fails to decode them
+("unpack requires a buffer of 2 bytes"): its coordinator routine dies and the worker never rejoins, so it
+never becomes healthy (tests/integration/test_stream_failover.py, twice in many runs). Every assignor,
+Faust's included, encodes an assignment for each member it knows, even one without partitions, so empty
+bytes mean "not known": the patch treats them as a failed join, and aiokafka backs off and joins again,
+which starts a generation that includes it. Against a real Kafka, where this does not happen, it changes
+nothing.
 """
 
 from __future__ import annotations
@@ -134,6 +144,26 @@ def _translated(partition: tuple) -> tuple:
         )
         return (number, REBALANCE_IN_PROGRESS, *rest)
     return partition
+
+
+def rejoin_on_empty_assignment() -> None:
+    """Install the perform_group_join patch (process-wide, idempotent): see the module docstring."""
+    from aiokafka.consumer.group_coordinator import CoordinatorGroupRebalance
+
+    if getattr(CoordinatorGroupRebalance.perform_group_join, "_instructrec_shim", False):
+        return
+    original = CoordinatorGroupRebalance.perform_group_join
+
+    @functools.wraps(original)
+    async def perform_group_join(self):
+        joined = await original(self)
+        if joined is not None and not joined[1]:
+            log.warning("the group leader gave this member no assignment at all: joining the group again")
+            return None  # what aiokafka does after a failed join: back off, join again
+        return joined
+
+    perform_group_join._instructrec_shim = True
+    CoordinatorGroupRebalance.perform_group_join = perform_group_join
 
 
 def pause_after_empty_fetch(pause_s: float) -> None:

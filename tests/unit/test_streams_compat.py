@@ -1,7 +1,8 @@
 """The Faust patches in streams.kafka.compat that keep records from reaching the streams during a seek (its
 effect under load runs in the integration broker-restart test), put a partition nothing was committed on
 back to its first offset at that seek (its effect runs in the integration crash test), and keep an offset commit from overtaking the
-messages still in the producer buffer (its effect runs in the integration crash test)."""
+messages still in the producer buffer (its effect runs in the integration crash test); and the aiokafka
+patch that makes a member the group leader did not know of join again instead of dying."""
 
 from __future__ import annotations
 
@@ -13,7 +14,12 @@ from faust.transport.consumer import Consumer, ThreadDelegateConsumer
 from faust.transport.producer import ProducerBuffer
 from faust.types import TP
 
-from streams.kafka.compat import flush_the_whole_buffer, seek_uncommitted_to_the_start, seek_with_flow_stopped
+from streams.kafka.compat import (
+    flush_the_whole_buffer,
+    rejoin_on_empty_assignment,
+    seek_uncommitted_to_the_start,
+    seek_with_flow_stopped,
+)
 
 QUERIES = TP("queries", 0)
 
@@ -192,3 +198,21 @@ async def test_a_flush_waits_only_for_what_was_queued_before_it() -> None:
         assert topic.published == [first, *later]
     finally:
         await buffer.stop()
+
+
+async def test_empty_assignment_bytes_make_the_member_join_again_and_real_ones_pass_through(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from aiokafka.consumer.group_coordinator import CoordinatorGroupRebalance
+
+    async def joined(self):  # what SyncGroup handed back: (protocol, this member's assignment bytes)
+        return self.answer
+
+    monkeypatch.setattr(CoordinatorGroupRebalance, "perform_group_join", joined)
+    rejoin_on_empty_assignment()
+    rejoin_on_empty_assignment()  # idempotent: one wrapper
+    join = CoordinatorGroupRebalance.perform_group_join
+    assert await join(SimpleNamespace(answer=("faust", b""))) is None  # a failed join: aiokafka joins again
+    assigned = ("faust", b"\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00")  # version 0, no partitions
+    assert await join(SimpleNamespace(answer=assigned)) == assigned
+    assert await join(SimpleNamespace(answer=None)) is None
