@@ -85,8 +85,8 @@ def run(args, console: Console) -> dict:
         if len(held.targets) != len(chosen):  # judgeable or not whatever the history shows: a bug if not
             raise RuntimeError(f"max_history {h} renders {len(held.targets)} of {len(chosen)} examples")
         with console.status(f"max_history {h}: ranking {len(chosen)} examples…"):
-            ranks[h] = held.ranks(model, planner.catalogue, pipeline.weight_for)
-            alone = held.ranks(model, planner.catalogue, lambda _: 0.0)  # weight 0: the reranker alone
+            ranks[h] = held.ranks_under(model, planner.catalogue, pipeline.weight_for)
+            alone = held.ranks_under(model, planner.catalogue, lambda _: 0.0)  # weight 0: the reranker alone
         batches = [
             tokenizer.collate([held.instructions[i]], title_of, row_of, text_of)
             for i in _evenly(len(chosen), TIMED)

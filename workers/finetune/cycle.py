@@ -80,7 +80,7 @@ class Split:
     holdout: list[Example]
     trained_to: int  # the newest example id trained on (the next cycle starts after it)
     new: int  # how many of `train` are new since the last cycle
-    holdout_to: int = 0  # the newest example id when the cycle split (the holdout's end)
+    holdout_to: int  # the newest example id when the cycle split (the holdout's end)
 
 
 def split_examples(store: ExampleStore, since: int, config: FinetuneSettings, seed: int) -> Split:
@@ -306,7 +306,9 @@ class Judgeable:
     texts: list[str | None]
     examples: list[int]  # which of the examples given each one renders
 
-    def ranks(self, model: Reranker, catalogue: Catalogue, weight_for: Callable[[str | None], float]):
+    def ranks_under(
+        self, model: Reranker, catalogue: Catalogue, weight_for: Callable[[str | None], float]
+    ) -> np.ndarray:
         """Each chosen item's 0-based rank under `model`, fused with the prior at the served weight."""
         title_of, row_of, text_of = catalogue_lookups(model, catalogue)
         raw = score(model, self.instructions, title_of, row_of, text_of=text_of)
@@ -368,8 +370,8 @@ def gate(
     """Both models on the held-out examples, as served: the request rendered over its candidates (served ones
     for feedback, the plan's for clicks), fused with the prior at the served weight."""
     held = judgeable(holdout, planner, k, seed)
-    cand = held.ranks(candidate, planner.catalogue, weight_for)
-    inc = held.ranks(incumbent, planner.catalogue, weight_for)
+    cand = held.ranks_under(candidate, planner.catalogue, weight_for)
+    inc = held.ranks_under(incumbent, planner.catalogue, weight_for)
     verdict = judge(cand, inc, min_margin=config.min_margin, confidence=config.confidence, seed=seed)
     return Judged(verdict, cand, inc)
 
