@@ -91,8 +91,8 @@ on noida-db) gets empty bytes from SyncGroup, and aiokafka's `_on_join_complete`
 never becomes healthy (tests/integration/test_stream_failover.py, twice in many runs). Every assignor,
 Faust's included, encodes an assignment for each member it knows, even one without partitions, so empty
 bytes mean "not known": the patch treats them as a failed join, and aiokafka backs off and joins again,
-which starts a generation that includes it. Against a real Kafka, where this does not happen, it changes
-nothing.
+which starts a generation that includes it. Kafka hands the leader every member of the generation, so
+there it should never fire (reasoned from the protocol, not tried: no Kafka here).
 """
 
 from __future__ import annotations
