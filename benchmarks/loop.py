@@ -8,9 +8,9 @@ learns from it, gates what it learned and hot-swaps it into Triton.
 2. Its own broker, tritonserver (the initial reranker as version 1, exported calibrated: precision and
    threads measured on this machine, `details.calibration`; later versions inherit the choice) and Qdrant
    (every item of the dataset, so items first seen later are findable by text); one stream worker; the
-   fine-tune worker as its own
-   process (`python -m workers.finetune`, `threads` 1 at `nice` 10), told to learn only from interactions
-   after the split (`since_ts`: the initial model has seen the rest).
+   fine-tune worker as its own process (`python -m workers.finetune`, `threads` 1 unless `--threads`, at
+   `nice` 10; `--cycle-examples` and `--replay` as deployed unless given: `details.finetune`), told to learn
+   only from interactions after the split (`since_ts`: the initial model has seen the rest).
 3. The first 70% replayed as clicks (contexts and histories), then the last 30% in time order at `--rate`
    events per second, with a query before every `--query-every`-th interaction of a user (a share with an
    intention text) and the interaction naming it, as a click on a served list does.
@@ -75,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--method", choices=["auto", "lora", "full"], default="auto", help="the fine-tune worker's method"
     )
+    # What a cycle trains on and with: FinetuneSettings' defaults unless given (benchmarks/finetune_curve.py
+    # measures what more fresh examples per candidate buy).
+    parser.add_argument("--cycle-examples", type=int, default=None, help="most examples a cycle prepares")
+    parser.add_argument("--replay", type=float, default=None, help="share of a cycle's older examples")
+    parser.add_argument("--threads", type=int, default=None, help="the fine-tune worker's torch threads")
     parser.add_argument("--quick", action="store_true", help="a short run: few users, small cycles")
     args = parser.parse_args(argv)
     if args.quick:
@@ -94,8 +99,9 @@ def run(root: Path, args, console: Console) -> dict:
 
     dataset = load(DATASET, root=args.data_root)
     early, cut, timings = initial_pipeline(root, dataset, args.users, args.minutes, console)
+    chosen = {"cycle_examples": args.cycle_examples, "replay": args.replay, "threads": args.threads}
     cycles_config = small_cycles(args.every, args.holdout, args.budget, cut).model_copy(
-        update={"method": args.method}
+        update={"method": args.method, **{k: v for k, v in chosen.items() if v is not None}}
     )
     finetune = None
     with pipeline_services(root, dataset, args.data_root, cycles_config, console, calibrate_on=early) as (
@@ -124,6 +130,17 @@ def run(root: Path, args, console: Console) -> dict:
     result["details"] = {
         "split_ts": cut,
         "method": args.method,
+        "finetune": cycles_config.model_dump(
+            include={
+                "every_examples",
+                "holdout",
+                "budget_minutes",
+                "cycle_examples",
+                "replay",
+                "threads",
+                "nice",
+            }
+        ),
         "early": early.describe(),
         "later_events": len(after),
         "load_average": os.getloadavg(),
