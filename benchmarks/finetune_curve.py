@@ -12,21 +12,16 @@ the holdout, as a challenger carried over cycles trains (`workers.finetune.cycle
 chunk the gate judges it against version 1 on the same holdout (the newest `--holdout` examples, never
 trained on), both as Triton serves them: NDCG@10 and HR@10 fused at the served weight, the paired gain with
 its bootstrap P(gain > 0), and NDCG@10 of the reranker alone (fusion weight 0), where what it learned is not
-diluted by the retriever; and the same with the candidate's weight against the retriever re-tuned, as the
-gate does (`workers.finetune.gate.refit_scale`: the factor on its scores, judged cross-fitted), beside
-version 1 itself re-tuned (the control: what the weight alone buys). Only examples whose chosen item the plan
-retrieves become training instances (a fifth or so of the clicks examples, `workers.finetune.cycle.prepare`):
-"examples" counts stored examples, "instances" what trained, and "examples/s" is instances per second (as
-the loop benchmark reports it).
+diluted by the retriever. Only examples whose chosen item the plan retrieves become training instances (a
+fifth or so of the clicks examples, `workers.finetune.cycle.prepare`): "examples" counts stored examples,
+"instances" what trained, and "examples/s" is instances per second (as the loop benchmark reports it).
 
 The chunks end where the holdout starts: the first is the oldest of the examples trained on, the last the
 newest (the examples the loop's cycles train on are the newest too). Nothing else may run meanwhile.
 
-JSON keys: holdout, judged, incumbent → {ndcg10, hr10, ndcg10_reranker_alone, scale, gain_ndcg10_refit,
-gain_se_refit} (version 1 itself re-tuned: the control), points → list of
+JSON keys: holdout, judged, incumbent → {ndcg10, hr10, ndcg10_reranker_alone}, points → list of
 {examples, instances, train_s, examples_per_s, loss_first, loss_last, ndcg10, hr10, gain_ndcg10,
-gain_se, p_better, ndcg10_reranker_alone, scale, ndcg10_refit, gain_ndcg10_refit, gain_se_refit,
-p_better_refit}.
+gain_se, p_better, ndcg10_reranker_alone}.
 """
 
 from __future__ import annotations
@@ -70,7 +65,7 @@ def run(args, console: Console) -> dict:
     from instructrec.planner import OfflinePlanner
     from instructrec.serving.options import ServingOptions
     from workers.finetune import cycle
-    from workers.finetune.gate import fused_ranks, judge, ndcg_hr, refit_scale, standard_error
+    from workers.finetune.gate import judge, ndcg_hr, standard_error
     from workers.finetune.store import ExampleStore
 
     torch.set_num_threads(args.threads)
@@ -95,13 +90,8 @@ def run(args, console: Console) -> dict:
         held = cycle.judgeable(holdout, planner)
     incumbent = cycle.as_served(Reranker.from_pretrained(weights), served)
     with console.status(f"version 1 on {len(held.targets)} judged examples…"):
-        base_raw = held.scores(incumbent, planner.catalogue)
-        base = fused_ranks(base_raw, held.priors, held.weights(pipeline.weight_for), held.targets)
-        base_alone = fused_ranks(base_raw, held.priors, held.weights(lambda _: 0.0), held.targets)
-        # The control: version 1 itself re-tuned, so that a gain of the weight alone is not read as learning.
-        base_scale, base_refit = refit_scale(
-            base_raw, held.priors, held.weights(pipeline.weight_for), held.targets
-        )
+        base = held.ranks_under(incumbent, planner.catalogue, pipeline.weight_for)
+        base_alone = held.ranks_under(incumbent, planner.catalogue, lambda _: 0.0)
     candidate = Reranker.from_pretrained(weights)
     points, seen, start = [], 0, 0
     for n, size in enumerate(args.chunks):
@@ -119,12 +109,10 @@ def run(args, console: Console) -> dict:
         trained = cycle.train_candidate(candidate, prepared, planner.catalogue, config, UNBOUNDED_S)
         seen += len(chunk)
         with console.status(f"chunk {n + 1}: judging…"):
-            raw = held.scores(cycle.as_served(candidate, served), planner.catalogue)
-            ranked = fused_ranks(raw, held.priors, held.weights(pipeline.weight_for), held.targets)
-            alone = fused_ranks(raw, held.priors, held.weights(lambda _: 0.0), held.targets)
-            scale, refit = refit_scale(raw, held.priors, held.weights(pipeline.weight_for), held.targets)
+            judged = cycle.as_served(candidate, served)
+            ranked = held.ranks_under(judged, planner.catalogue, pipeline.weight_for)
+            alone = held.ranks_under(judged, planner.catalogue, lambda _: 0.0)
         verdict = judge(ranked, base, min_margin=0.0, confidence=0.5, seed=args.seed)
-        refitted = judge(refit, base, min_margin=0.0, confidence=0.5, seed=args.seed)
         ndcg, hr = ndcg_hr(ranked)
         point = {
             "examples": seen,
@@ -139,11 +127,6 @@ def run(args, console: Console) -> dict:
             "gain_se": round(standard_error(ndcg_hr(ranked)[0] - ndcg_hr(base)[0]), 4),
             "p_better": round(verdict.metrics["p_better"], 3),
             "ndcg10_reranker_alone": round(float(ndcg_hr(alone)[0].mean()), 4),
-            "scale": scale,
-            "ndcg10_refit": round(refitted.metrics["candidate_ndcg@10"], 4),
-            "gain_ndcg10_refit": round(refitted.metrics["gain_ndcg@10"], 4),
-            "gain_se_refit": round(standard_error(ndcg_hr(refit)[0] - ndcg_hr(base)[0]), 4),
-            "p_better_refit": round(refitted.metrics["p_better"], 3),
         }
         console.print(point)
         points.append(point)
@@ -159,9 +142,6 @@ def run(args, console: Console) -> dict:
             "ndcg10": round(float(ndcg.mean()), 4),
             "hr10": round(float(hr.mean()), 4),
             "ndcg10_reranker_alone": round(float(ndcg_hr(base_alone)[0].mean()), 4),
-            "scale": base_scale,
-            "gain_ndcg10_refit": round(float((ndcg_hr(base_refit)[0] - ndcg_hr(base)[0]).mean()), 4),
-            "gain_se_refit": round(standard_error(ndcg_hr(base_refit)[0] - ndcg_hr(base)[0]), 4),
         },
         "points": points,
         "mean_gain_ndcg10": round(float(np.mean([p["gain_ndcg10"] for p in points])), 4),
@@ -175,8 +155,7 @@ def report(result: dict) -> Table:
             f"fine-tuning version 1 on the replay's examples ({result['threads']} threads, "
             f"{result['epochs']} epoch per chunk), judged on {result['judged']} of the newest "
             f"{result['holdout']} as served ({result['precision']}); version 1: NDCG@10 {inc['ndcg10']:.4f}, "
-            f"HR@10 {inc['hr10']:.4f}, reranker alone {inc['ndcg10_reranker_alone']:.4f}; itself re-tuned: "
-            f"factor {inc['scale']:g}, gain {inc['gain_ndcg10_refit']:+.4f} ± {inc['gain_se_refit']:.4f}"
+            f"HR@10 {inc['hr10']:.4f}, reranker alone {inc['ndcg10_reranker_alone']:.4f}"
         )
     )
     for name in (
@@ -189,10 +168,6 @@ def report(result: dict) -> Table:
         "gain ± se",
         "P(gain > 0)",
         "NDCG@10 reranker alone",
-        "re-tuned: factor",
-        "NDCG@10",
-        "gain ± se",
-        "P(gain > 0)",
     ):
         table.add_column(name, justify="right")
     for p in result["points"]:
@@ -206,10 +181,6 @@ def report(result: dict) -> Table:
             f"{p['gain_ndcg10']:+.4f} ± {p['gain_se']:.4f}",
             f"{p['p_better']:.2f}",
             f"{p['ndcg10_reranker_alone']:.4f}",
-            f"{p['scale']:g}",
-            f"{p['ndcg10_refit']:.4f}",
-            f"{p['gain_ndcg10_refit']:+.4f} ± {p['gain_se_refit']:.4f}",
-            f"{p['p_better_refit']:.2f}",
         )
     return table
 

@@ -323,11 +323,6 @@ class FinetuneSettings(BaseModel):
         0.002, ge=-1, description="NDCG@10 the candidate must gain on the holdout (< 0: tests)"
     )
     confidence: float = Field(0.9, ge=0, lt=1, description="paired bootstrap: P(gain > 0) needed to accept")
-    refit_scale: bool = Field(
-        True,
-        description="the gate re-tunes the candidate's weight against the retriever's prior (a factor on its "
-        "scores, cross-fitted on the holdout) and an accepted version serves with it",
-    )
     # A cycle's few hundred examples move the served version by less than the gate can see on a CPU; a
     # rejected candidate that is not clearly worse goes on learning in the next cycle instead of being thrown
     # away, and is judged against the served version again on newer examples.

@@ -50,9 +50,6 @@ class RerankerConfig:
     yes: str = "yes"
     no: str = "no"
     item_dropout: float = 0.1  # training only: drop collaborative vectors so the text path keeps learning
-    # A factor on every score: the version's say against the retriever's prior where the two are fused. The
-    # fine-tune gate re-tunes it for each version it accepts (`workers.finetune.gate.refit_scale`).
-    score_scale: float = 1.0
 
 
 class Reranker(nn.Module):
@@ -191,7 +188,7 @@ class Reranker(nn.Module):
         hidden = self._decode(dec_embeds, batch, enc_hidden)
         last = torch.gather(hidden, 1, batch.cand_last.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         yes_no = self._verbalize(last)
-        scores = (yes_no[..., 0] - yes_no[..., 1]) * self.config.score_scale
+        scores = yes_no[..., 0] - yes_no[..., 1]
         return scores.masked_fill(~batch.cand_mask, float("-inf"))
 
     def _item_embeds(self, rows: torch.Tensor, train: bool) -> torch.Tensor:

@@ -25,7 +25,7 @@ from workers.finetune.cycle import (
     split_examples,
     sweep,
 )
-from workers.finetune.gate import Verdict, fused_ranks, judge, ranks, refit_scale
+from workers.finetune.gate import Verdict, judge, ranks
 from workers.finetune.ingest import ingest
 from workers.finetune.store import Batch, Example, ExampleStore, peek
 
@@ -173,48 +173,6 @@ def test_the_gate_accepts_a_real_gain_and_rejects_noise_and_losses() -> None:
     assert not judge(worse, incumbent, min_margin=0.002, confidence=0.9).accepted
     assert not judge(noise, incumbent, min_margin=0.02, confidence=0.9).accepted
     assert not judge(np.array([]), np.array([]), min_margin=0, confidence=0.5).accepted
-
-
-def lists_where_the_reranker_is_right(n: int, strength: float):
-    """`n` lists of 10: the reranker puts the chosen item (position 0) first by `strength`, the prior
-    puts it fourth."""
-    raw = [np.r_[strength, np.zeros(9)] for _ in range(n)]
-    prior = [np.r_[1.0, 3.0, 2.0, 1.5, np.zeros(6)] for _ in range(n)]
-    return raw, prior, [1.0] * n, [0] * n
-
-
-def test_the_refit_gives_a_reranker_that_knows_better_more_say_against_the_prior() -> None:
-    raw, prior, weights, targets = lists_where_the_reranker_is_right(40, strength=1.0)
-    assert (fused_ranks(raw, prior, weights, targets) > 0).all()  # at its trained weight it loses
-    scale, crossed = refit_scale(raw, prior, weights, targets)
-    assert scale > 1 and (crossed == 0).all()
-    assert (fused_ranks(raw, prior, weights, targets, scale) == 0).all()
-
-
-def test_the_refit_keeps_the_trained_weight_when_no_factor_ranks_better() -> None:
-    raw, prior, weights, targets = lists_where_the_reranker_is_right(10, strength=50.0)
-    scale, crossed = refit_scale(raw, prior, weights, targets)
-    assert scale == 1.0 and (crossed == 0).all()
-
-
-def test_the_refit_judges_each_half_under_the_factor_the_other_half_chose() -> None:
-    # Even examples need a factor above 2 (the reranker is right, the prior wrong); odd ones one below 0.75
-    # (the reranker prefers a wrong item the prior rightly ranks last). Cross-fitted, each half is ranked
-    # under the other's choice, as an unseen example would be.
-    raw, prior, weights, targets = lists_where_the_reranker_is_right(20, strength=1.0)
-    for i in range(1, 20, 2):
-        raw[i], prior[i] = np.r_[0.0, 4.0, np.zeros(8)], np.r_[3.0, np.zeros(9)]
-    even_best = refit_scale(raw[0::2], prior[0::2], weights[0::2], targets[0::2])[0]
-    odd_best = refit_scale(raw[1::2], prior[1::2], weights[1::2], targets[1::2])[0]
-    assert even_best > 2 and odd_best < 0.75
-    _, crossed = refit_scale(raw, prior, weights, targets)
-    assert (
-        crossed[0::2] == fused_ranks(raw[0::2], prior[0::2], weights[0::2], targets[0::2], odd_best)
-    ).all()
-    assert (
-        crossed[1::2] == fused_ranks(raw[1::2], prior[1::2], weights[1::2], targets[1::2], even_best)
-    ).all()
-    assert (crossed > 0).all()  # every example ranked worse than in sample: the choice is judged honestly
 
 
 def test_a_rejected_candidate_carries_on_unless_clearly_worse_or_carried_long_enough() -> None:

@@ -131,16 +131,6 @@ def test_save_and_load_round_trip(tmp_path, tokenizer, dataset):
     assert all(after[i] == pytest.approx(before[i], abs=1e-5) for i in before)
 
 
-def test_a_score_scale_multiplies_every_score_and_is_saved_with_the_version(tmp_path, tokenizer, dataset):
-    model = tiny_bert(tokenizer)
-    ins = request_instruction(dataset.histories[2][:8], list(range(5, 25)), seed=1)
-    (before,) = scores_by_item(model, dataset, [ins])
-    model.config.score_scale = 2.5
-    model.save_pretrained(tmp_path / "m")
-    (after,) = scores_by_item(Reranker.from_pretrained(tmp_path / "m"), dataset, [ins])
-    assert all(after[i] == pytest.approx(2.5 * before[i], abs=1e-4) for i in before)
-
-
 def test_lora_trains_only_adapters_and_round_trips(tmp_path, tokenizer, dataset):
     base = tiny_t5(tokenizer)
     base.save_pretrained(tmp_path / "base")

@@ -54,7 +54,7 @@ from instructrec.instructions import (
     request_instruction,
 )
 from instructrec.model.reranker import Reranker
-from instructrec.model.scoring import score
+from instructrec.model.scoring import fuse, score
 from instructrec.model.training import (
     TrainConfig,
     fit_examples,
@@ -66,7 +66,7 @@ from instructrec.model.training import (
 from instructrec.planner import OfflinePlanner
 from instructrec.serving.options import ServingOptions
 from instructrec.serving.scorer import prepare as prepare_for_serving
-from workers.finetune.gate import Verdict, fused_ranks, judge, ndcg_hr, refit_scale
+from workers.finetune.gate import Verdict, judge, ranks
 from workers.finetune.store import Example, ExampleStore
 
 log = logging.getLogger(__name__)
@@ -293,7 +293,6 @@ class Judged:
     verdict: Verdict
     candidate_ranks: np.ndarray
     incumbent_ranks: np.ndarray
-    scale: float = 1.0  # the factor the candidate's scores take when it serves (`gate.refit_scale`)
 
 
 @dataclass(frozen=True)
@@ -311,16 +310,10 @@ class Judgeable:
         self, model: Reranker, catalogue: Catalogue, weight_for: Callable[[str | None], float]
     ) -> np.ndarray:
         """Each chosen item's 0-based rank under `model`, fused with the prior at the served weight."""
-        return fused_ranks(self.scores(model, catalogue), self.priors, self.weights(weight_for), self.targets)
-
-    def scores(self, model: Reranker, catalogue: Catalogue) -> list[np.ndarray]:
-        """The reranker's own scores of each request's candidates (before fusion)."""
         title_of, row_of, text_of = catalogue_lookups(model, catalogue)
-        return score(model, self.instructions, title_of, row_of, text_of=text_of)
-
-    def weights(self, weight_for: Callable[[str | None], float]) -> list[float]:
-        """The served fusion weight of each request (it depends on the request's text)."""
-        return [weight_for(t) for t in self.texts]
+        raw = score(model, self.instructions, title_of, row_of, text_of=text_of)
+        fused = [fuse(r, p, weight_for(t)) for r, p, t in zip(raw, self.priors, self.texts, strict=True)]
+        return ranks(fused, self.targets)
 
 
 def judgeable(
@@ -375,20 +368,12 @@ def gate(
     seed: int = 0,
 ) -> Judged:
     """Both models on the held-out examples, as served: the request rendered over its candidates (served ones
-    for feedback, the plan's for clicks), fused with the prior at the served weight — the candidate's scores
-    at the factor `refit_scale` chooses when `config.refit_scale`, judged cross-fitted."""
+    for feedback, the plan's for clicks), fused with the prior at the served weight."""
     held = judgeable(holdout, planner, k, seed)
-    weights = held.weights(weight_for)
-    raw = held.scores(candidate, planner.catalogue)
+    cand = held.ranks_under(candidate, planner.catalogue, weight_for)
     inc = held.ranks_under(incumbent, planner.catalogue, weight_for)
-    as_trained = fused_ranks(raw, held.priors, weights, held.targets)
-    scale, cand = 1.0, as_trained
-    if config.refit_scale and held.targets:
-        scale, cand = refit_scale(raw, held.priors, weights, held.targets)
     verdict = judge(cand, inc, min_margin=config.min_margin, confidence=config.confidence, seed=seed)
-    unscaled = ndcg_hr(as_trained)[0].mean() - ndcg_hr(inc)[0].mean() if held.targets else float("nan")
-    metrics = {**verdict.metrics, "score_scale": scale, "gain_ndcg@10_unscaled": float(unscaled)}
-    return Judged(replace(verdict, metrics=metrics), cand, inc, scale)
+    return Judged(verdict, cand, inc)
 
 
 def as_served(reranker: Reranker, options: ServingOptions) -> Reranker:

@@ -5,12 +5,6 @@ on (prequential) — by NDCG@10 and HR@10 of the chosen item among that example'
 prior as serving fuses. The decision is paired: per example, the candidate's NDCG@10 minus the incumbent's;
 the candidate is accepted only if the mean gain is at least `min_margin` and a paired bootstrap puts the gain
 above zero with probability `confidence`. Noise does not promote a model; a worse one never passes.
-
-Fusion weights are tuned offline for the first version (`experiment.tune_fusion`); a fine-tuned version's
-scores can deserve more or less of a say against the prior. `refit_scale` picks the factor on the
-candidate's scores (its temperature against the prior) with the best NDCG@10, and the ranks it returns for
-judging are cross-fitted — each half of the holdout ranked under the factor chosen on the other half — so
-the choice is judged out of sample like everything else the gate sees.
 """
 
 from __future__ import annotations
@@ -21,11 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from instructrec.model.scoring import fuse
-
 K = 10
-# Factors on a candidate's scores `refit_scale` chooses among: √2 apart, at most 4× either way.
-SCALES = (0.25, 0.35, 0.5, 0.71, 1.0, 1.41, 2.0, 2.83, 4.0)
 
 
 def ranks(scores: Sequence[np.ndarray], targets: Sequence[int]) -> np.ndarray:
@@ -37,39 +27,6 @@ def ndcg_hr(rank: np.ndarray, k: int = K) -> tuple[np.ndarray, np.ndarray]:
     hit = rank < k
     ndcg = np.where(hit, 1.0 / np.log2(rank + 2.0), 0.0)
     return ndcg, hit.astype(float)
-
-
-def fused_ranks(
-    raw: Sequence[np.ndarray],
-    priors: Sequence[np.ndarray],
-    weights: Sequence[float],
-    targets: Sequence[int],
-    scale: float = 1.0,
-) -> np.ndarray:
-    """Each target's rank once the reranker's `raw` scores, times `scale`, are fused with the prior."""
-    fused = [fuse(scale * r, p, w) for r, p, w in zip(raw, priors, weights, strict=True)]
-    return ranks(fused, targets)
-
-
-def refit_scale(
-    raw: Sequence[np.ndarray],
-    priors: Sequence[np.ndarray],
-    weights: Sequence[float],
-    targets: Sequence[int],
-    scales: Sequence[float] = SCALES,
-) -> tuple[float, np.ndarray]:
-    """The factor on the reranker's scores with the best NDCG@10 over all the examples (ties: the one
-    nearest 1), and each example's rank under the factor chosen on the other half (alternate examples)."""
-    by_scale = {s: fused_ranks(raw, priors, weights, targets, s) for s in scales}
-    ndcg = {s: ndcg_hr(r)[0] for s, r in by_scale.items()}
-    nearest_one = sorted(scales, key=lambda s: abs(math.log(s)))
-
-    def best(where: np.ndarray) -> float:
-        return max(nearest_one, key=lambda s: ndcg[s][where].mean() if where.any() else 0.0)
-
-    half = np.arange(len(targets)) % 2 == 1
-    crossed = np.where(half, by_scale[best(~half)], by_scale[best(half)])
-    return best(np.ones(len(targets), dtype=bool)), crossed
 
 
 @dataclass(frozen=True)

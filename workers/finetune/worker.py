@@ -276,10 +276,8 @@ class FinetuneWorker:
             self.pipeline.weight_for,
             self.config,
         )
-        verdict = judged.verdict
-        if verdict.accepted:  # it serves at the weight it was judged at; a challenger trains on as it was
-            candidate.config.score_scale *= judged.scale
         out = cycles.save_candidate(candidate.cpu(), self.work / f"cycle-{cycle_id}")
+        verdict = judged.verdict
         carried += 1
         metrics = {
             **verdict.metrics,
