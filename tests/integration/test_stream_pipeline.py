@@ -15,6 +15,7 @@ import base64
 import json
 import os
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -33,6 +34,25 @@ from workers.replay import ReplayConfig, replay, replay_events
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture(scope="module")
+def replayed(worker: WorkerProcess, settings: Settings, dataset) -> list[ClickEvent]:
+    """The first three users' clicks, replayed once for the module and applied by the worker before any test
+    that asks for a user with a history runs, whichever of them runs first (or alone, with `-k`)."""
+    events = replay_events(dataset, ReplayConfig(users=3, max_per_user=25, query_every=0))
+    loop = asyncio.new_event_loop()  # its own: the tests' loops are pytest-asyncio's
+    try:
+        loop.run_until_complete(replay(settings.kafka, events, progress=False))
+    finally:
+        loop.close()
+    histories = {u: len({e.item_id for e in events if e.user_id == u}) for u in {e.user_id for e in events}}
+    deadline = time.monotonic() + TIMEOUT_S  # clicks and queries are separate topics: let the clicks land
+    for user, length in histories.items():
+        while len(http("GET", worker.url(f"/users/{user}/context"))[1].get("history", ())) < length:
+            assert time.monotonic() < deadline, f"{user}'s clicks not applied within {TIMEOUT_S:g} s"
+            time.sleep(0.5)
+    return events
+
+
 # ------------------------------------------------------------------------------------------------ tests
 
 
@@ -46,19 +66,10 @@ async def test_the_catalog_is_indexed(worker: WorkerProcess, settings: Settings,
 
 
 async def test_a_replayed_user_gets_recommendations_without_consumed_items(
-    worker: WorkerProcess, settings: Settings, dataset, reranker_version: str
+    replayed: list[ClickEvent], settings: Settings, reranker_version: str
 ) -> None:
-    events = replay_events(dataset, ReplayConfig(users=3, max_per_user=25, query_every=0))
-    await replay(settings.kafka, events, progress=False)
-    users = sorted({e.user_id for e in events})
-    consumed = {u: {e.item_id for e in events if e.user_id == u} for u in users}
-    async with asyncio.timeout(TIMEOUT_S):  # clicks and queries are separate topics: let the clicks land
-        for user in users:
-            while len(http("GET", worker.url(f"/users/{user}/context"))[1].get("history", ())) < len(
-                consumed[user]
-            ):
-                await asyncio.sleep(0.5)
-
+    users = sorted({e.user_id for e in replayed})
+    consumed = {u: {e.item_id for e in replayed if e.user_id == u} for u in users}
     queries = [QueryEvent(user_id=u, k=10) for u in users]
     queries.append(QueryEvent(user_id=users[0], k=5, text="a 1990s sci-fi thriller"))
     got = await ask(settings, queries)
@@ -75,7 +86,7 @@ async def test_a_replayed_user_gets_recommendations_without_consumed_items(
 
 
 async def test_a_text_request_is_answered_with_compliant_reasoned_items(
-    worker: WorkerProcess, dataset
+    worker: WorkerProcess, dataset, replayed: list[ClickEvent]
 ) -> None:
     """A free-text request through POST /recommend: every item satisfies what it asks (the category, the
     period, the exclusion), says why, and the answer carries the instruction the model scored."""
@@ -93,7 +104,9 @@ async def test_a_text_request_is_answered_with_compliant_reasoned_items(
     assert any(r.startswith("because you watched ") for item in answer["items"] for r in item["reasons"])
 
 
-async def test_post_recommend_and_the_other_views(worker: WorkerProcess, dataset) -> None:
+async def test_post_recommend_and_the_other_views(
+    worker: WorkerProcess, dataset, replayed: list[ClickEvent]
+) -> None:
     user = dataset.users[0]
     status, answer = http(
         "POST", worker.url("/recommend"), {"user_id": user, "k": 3, "text": "something funny"}
@@ -193,7 +206,7 @@ def test_cli_produce_and_subscribe(
 
 
 async def test_the_try_it_page_in_a_headless_browser(
-    worker: WorkerProcess, dataset, reranker_version: str, tmp_path: Path
+    worker: WorkerProcess, dataset, replayed: list[ClickEvent], reranker_version: str, tmp_path: Path
 ) -> None:
     """The page at `/` in a real chromium: pick a replayed user from the suggestions, type a request, submit,
     and read what the page shows; the screenshot is kept as a test artefact. (Before the test that stops
